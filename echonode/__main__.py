@@ -1,0 +1,5 @@
+import sys
+
+from echonode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""The ``echonode`` command.
+
+Each subcommand lives in ``echonode/commands/<name>.py`` and exposes
+``register(subparsers, parents)``; modules must import lightly (no torch at import
+time) so ``echonode serve`` and ``echonode --help`` stay fast.
+
+Exit codes: 0 success, 1 failure while running, 2 usage error, 3 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from echonode import __version__
+from echonode.config import ConfigError, Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+COMMAND_MODULES = (
+    "echonode.commands.serve",     # serve
+    "echonode.commands.status",    # status
+    "echonode.commands.worker",    # worker
+    "echonode.commands.models",    # models, embed
+    "echonode.commands.analyze",   # analyze
+    "echonode.commands.phantom",   # phantom
+    "echonode.commands.train",     # train, eval, calibrate
+    "echonode.commands.outbox",    # outbox
+    "echonode.commands.demo",      # demo
+)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The Settings for a parsed command line (``--config`` plus the environment)."""
+    return load_settings(getattr(args, "config", None))
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs dataset contents at DEBUG; keep it at WARNING so no PHI reaches logs.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE",
+                        help="TOML configuration file (default: $ECHONODE_CONFIG, else built-in defaults)")
+    parser = argparse.ArgumentParser(
+        prog="echonode",
+        description="DICOM node that brings the EchoCLIP echocardiography model into the PACS workflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"echonode {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not built yet
+                continue
+            raise
+        mod.register(sub, [common])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        rc = args.func(args)
+    except ConfigError as exc:
+        print(f"echonode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK if rc is None else int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

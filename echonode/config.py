@@ -1,0 +1,304 @@
+"""One typed settings object for the whole node.
+
+Settings come from, in increasing priority:
+
+1. the defaults below (embedded: SQLite and local broker under ``data_dir``),
+2. a TOML file (``--config FILE`` or ``ECHONODE_CONFIG``),
+3. environment variables ``ECHONODE_<SECTION>__<KEY>`` (double underscore between
+   section and key, e.g. ``ECHONODE_NODE__PORT=104``) or ``ECHONODE_<KEY>`` for
+   top-level keys (e.g. ``ECHONODE_DATA_DIR``).
+
+The object is built once by the CLI and passed down; no module reads a global.
+Every section is a frozen dataclass; unknown keys are an error that names the key,
+so a typo in a hospital's config file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """A calling AE title allowed to associate, optionally bound to host addresses."""
+
+    ae_title: str
+    hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """Mutual DICOM TLS (PS3.15 B.1 / B.9). Off unless ``cert`` and ``key`` are given."""
+
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = ""  # trusted CA bundle for peer certificates; required for mutual TLS
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM SCP: who we are and whom we accept."""
+
+    ae_title: str = "ECHONODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    # Calling AE allow-list. Empty + allow_any_calling_ae=True accepts any AE (the
+    # embedded default for a laptop); the production example config denies by default.
+    allow_any_calling_ae: bool = True
+    allowed: tuple[AllowedPeer, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = 16
+    min_free_mb: int = 1024  # below this C-STORE answers 0xA700 Out of Resources
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 30.0
+    acse_timeout_s: float = 30.0
+    max_pdu: int = 0  # 0 = unlimited
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True)
+class SelectSettings:
+    """Which instances are A4C clips worth analysing."""
+
+    # Regular expressions (case-insensitive) matched against SeriesDescription,
+    # ImageComments, ProtocolName and similar free-text attributes.
+    a4c_text_patterns: tuple[str, ...] = (r"\bA4C\b", r"\bAP(ICAL)?\s*4", r"4\s*-?\s*CH(AMBER)?", r"\b4CH\b")
+    skip_text_patterns: tuple[str, ...] = (r"\bA2C\b", r"\bPLAX\b", r"\bPSAX\b", r"\bA3C\b", r"\bA5C\b", r"SUBCOSTAL", r"\bSSN\b")
+    # What to do with cine clips that carry no view information: "analyse" or "skip".
+    unknown_view_policy: str = "analyse"
+    min_frames: int = 2
+
+
+@dataclass(frozen=True)
+class StableSettings:
+    """When a study counts as complete."""
+
+    delay_s: float = 60.0
+    poll_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the EchoCLIP bundles live and how inference runs."""
+
+    models_dir: str = ""  # default: <data_dir>/models
+    clip_model: str = "echo-clip"  # bundle name under models_dir, or an absolute path
+    r_model: str = "echo-clip-r"
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16
+    channel_order: str = "bgr"  # bgr reproduces the published reference pipeline
+    sector_mask: bool = False
+    frames: int = 20  # frames 0,2,...,38 as in the reference
+    frame_stride: int = 2
+    promptcam_tasks: tuple[str, ...] = ("pacemaker", "impella", "tavr", "mitraclip")
+    tasks_file: str = ""  # site overrides of the task catalogue (TOML)
+    allow_demo_model: bool = True  # use the tiny phantom-trained model when no weights are installed
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A PACS (or viewer) that receives our SR and Secondary Capture objects."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = ""  # default: node.ae_title
+    storage_commitment: bool = False
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    destinations: tuple[Destination, ...] = ()
+    max_attempts: int = 8
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 900.0
+    commitment_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Celery. Empty broker_url = the embedded broker on local storage."""
+
+    broker_url: str = ""
+    result_backend: str = ""
+    visibility_timeout_s: int = 7200
+    embedded_worker: bool = True  # `echonode serve` starts a worker itself
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9112
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = "./echonode-data"
+    database_url: str = ""  # default: sqlite:///<data_dir>/echonode.sqlite3
+    log_level: str = "INFO"
+    node: NodeSettings = field(default_factory=NodeSettings)
+    select: SelectSettings = field(default_factory=SelectSettings)
+    stable: StableSettings = field(default_factory=StableSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+    # ---- derived paths (never stored, always computed from data_dir) ----
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def storage_path(self) -> Path:
+        return self.data_path / "instances"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.data_path / "quarantine"
+
+    @property
+    def results_path(self) -> Path:
+        return self.data_path / "results"
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.model.models_dir).expanduser().resolve() if self.model.models_dir else self.data_path / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.data_path / "cache"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'echonode.sqlite3'}"
+
+    @property
+    def broker(self) -> str:
+        return self.queue.broker_url or f"sqla+sqlite:///{self.data_path / 'broker.sqlite3'}"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _env_tree(env: Mapping[str, str]) -> dict:
+    tree: dict = {}
+    for name, value in env.items():
+        if not name.startswith("ECHONODE_") or name == "ECHONODE_CONFIG":
+            continue
+        path = name[len("ECHONODE_"):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build Settings from defaults, an optional TOML file, the environment and overrides."""
+    env = os.environ if env is None else env
+    data: dict = {}
+    path = path or env.get("ECHONODE_CONFIG") or None
+    if path:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+        # relative data_dir in a file is relative to the file
+        if "data_dir" in data and not Path(str(data["data_dir"])).is_absolute():
+            data["data_dir"] = str((p.parent / str(data["data_dir"])).resolve())
+    data = _merge(data, _env_tree(env))
+    if overrides:
+        data = _merge(data, overrides)
+    return _build(Settings, data, "")
+
+
+def settings_as_dict(settings: Settings) -> dict:
+    return dataclasses.asdict(settings)
