@@ -75,7 +75,8 @@ class SelectSettings:
     # Regular expressions (case-insensitive) matched against SeriesDescription,
     # ImageComments, ProtocolName and similar free-text attributes.
     a4c_text_patterns: tuple[str, ...] = (r"\bA4C\b", r"\bAP(ICAL)?\s*4", r"4\s*-?\s*CH(AMBER)?", r"\b4CH\b")
-    skip_text_patterns: tuple[str, ...] = (r"\bA2C\b", r"\bPLAX\b", r"\bPSAX\b", r"\bA3C\b", r"\bA5C\b", r"SUBCOSTAL", r"\bSSN\b")
+    skip_text_patterns: tuple[str, ...] = (r"\bA2C\b", r"\bPLAX\b", r"\bPSAX\b", r"\bA3C\b", r"\bA5C\b", r"SUBCOSTAL", r"\bSSN\b",
+                                      r"\bPS\s*LAX\b", r"\bPS\s*SAX\b", r"PARASTERNAL", r"\bA2CH\b", r"\bA3CH\b")
     # What to do with cine clips that carry no view information: "analyse" or "skip".
     unknown_view_policy: str = "analyse"
     min_frames: int = 2
@@ -104,7 +105,10 @@ class ModelSettings:
     frame_stride: int = 2
     promptcam_tasks: tuple[str, ...] = ("pacemaker", "impella", "tavr", "mitraclip")
     tasks_file: str = ""  # site overrides of the task catalogue (TOML)
-    allow_demo_model: bool = True  # use the tiny phantom-trained model when no weights are installed
+    # Use the tiny phantom-trained demo model when no EchoCLIP weights are installed. Off by
+    # default: a hospital node must never send demo results into its PACS silently; only
+    # `echonode demo` (or an explicit `model.allow_demo_model = true`) turns it on.
+    allow_demo_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,12 @@ class QueueSettings:
     result_backend: str = ""
     visibility_timeout_s: int = 7200
     embedded_worker: bool = True  # `echonode serve` starts a worker itself
+    embedded_worker_device: str = ""  # default: model.device
+    # A running job whose worker stopped heart-beating for lease_s is re-queued (or failed
+    # after max_attempts worker losses): kill -9 / OOM of a worker loses no study.
+    lease_s: float = 120.0
+    heartbeat_s: float = 10.0
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
