@@ -1,0 +1,662 @@
+"""Any stored ultrasound object (or a video file) → uint8 RGB frames ``(T, H, W, 3)``.
+
+This module speaks DICOM and never imports torch. It turns the pixel data of an
+ultrasound instance, whatever its transfer syntax and photometric interpretation,
+into the one form the model side consumes: RGB, 8 bits per channel, frames first.
+
+Decoding
+    pydicom 3's pixel decoders (``pydicom.pixels``) with the installed plugins
+    (GDCM, pylibjpeg + libjpeg/openjpeg/rle, pyjpegls, Pillow) for native little and
+    big endian, deflated, RLE, JPEG baseline/extended/lossless, JPEG-LS and
+    JPEG 2000. JPEG XL (1.2.840.10008.1.2.4.110/111/112), which pydicom 3.0 does not
+    know, is decoded frame by frame with ``imagecodecs.jpegxl_decode`` when the
+    installed imagecodecs has JPEG XL; otherwise :class:`FrameDecodeError` says so.
+    Only the requested frames are decoded (``indices``); fragments of encapsulated
+    frames are located through the Basic Offset Table, the Extended Offset Table or,
+    without either, by JPEG/JPEG-LS/JPEG 2000 end-of-image markers (PS3.5 A.4).
+
+Colour (PS3.3 C.7.6.3.1.2)
+    * YBR_FULL / YBR_FULL_422 → RGB with the ITU-R BT.601 full-range transform. The
+      decoders report whether they already converted (JPEG decoders usually do);
+      we follow pydicom's report, so no stream is converted twice.
+    * YBR_ICT / YBR_RCT → RGB by the JPEG 2000 decoder's inverse component transform.
+    * RGB, planar configuration 0 or 1 → RGB.
+    * PALETTE COLOR → RGB through the (segmented or linear) palette LUTs; 16-bit LUT
+      entries are scaled to 8 bits (``round(v / 257)``) unless every entry is
+      ≤ 255, in which case the LUT really holds 8-bit values (a common writer quirk).
+    * MONOCHROME2 / MONOCHROME1 → grey RGB (R = G = B); MONOCHROME1 is inverted.
+      Data of more than 8 bits is scaled to 8 bits with the first VOI window
+      (Window Center/Width, PS3.3 C.11.2.1.2.1) when present, otherwise with the
+      min–max of the decoded frames; 8-bit data is used as stored (as the published
+      pipeline reads its videos).
+
+Timing
+    ``frame_time_ms``: the attribute named by Frame Increment Pointer, else Frame
+    Time, Frame Time Vector (mean of its non-zero entries), Cine Rate, Recommended
+    Display Frame Rate; ``None`` when none is present. Videos: the container's FPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Clip",
+    "FrameDecodeError",
+    "load_clip",
+    "count_frames",
+    "frame_time_ms",
+    "sector_mask",
+    "apply_mask",
+    "VIDEO_SUFFIXES",
+]
+
+VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".m4v", ".mov", ".mkv", ".wmv", ".mpg", ".mpeg", ".webm"})
+
+JPEGXL_SYNTAXES = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+}
+
+# What to install when pydicom has no working plugin for a transfer syntax.
+_INSTALL_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg + pylibjpeg-libjpeg, python-gdcm or Pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg + pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg + pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg + pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg + pylibjpeg-libjpeg, pyjpegls or python-gdcm",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg + pylibjpeg-libjpeg, pyjpegls or python-gdcm",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg + pylibjpeg-openjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg + pylibjpeg-openjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg + pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (or nothing: pydicom's own RLE decoder)",
+}
+
+
+class FrameDecodeError(Exception):
+    """The pixel data of an object cannot be turned into frames.
+
+    ``reason`` is a short, user-facing explanation (no patient data), e.g.
+    ``"no pixel data"`` or ``"no decoder installed for JPEG XL (…); install …"``.
+    """
+
+    def __init__(self, reason: str, source: str | None = None):
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+
+@dataclass
+class Clip:
+    """Decoded frames of one clip.
+
+    ``frames`` is ``(T, H, W, 3)`` uint8 RGB; ``indices[i]`` is the source frame
+    number of ``frames[i]``; ``n_frames`` is how many frames the source holds.
+    """
+
+    frames: np.ndarray
+    indices: list[int]
+    n_frames: int
+    frame_time_ms: float | None = None
+    source: str = "dicom"  # "dicom" | "video"
+    photometric: str | None = None  # as stored (DICOM), before conversion to RGB
+    transfer_syntax: str | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)  # sector mask, when applied
+
+    @property
+    def fps(self) -> float | None:
+        return 1000.0 / self.frame_time_ms if self.frame_time_ms else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_dataset(obj) -> bool:
+    from pydicom.dataset import Dataset
+
+    return isinstance(obj, Dataset)
+
+
+def _looks_like_video(path: Path) -> bool:
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return False
+    # RIFF....AVI  /  ....ftyp (MP4/MOV)  /  EBML (MKV/WebM)
+    return head[:4] == b"RIFF" or head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3"
+
+
+def _read_dataset(path: Path, *, pixels: bool):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # charset typos and similar are not our business here
+            if pixels:
+                return pydicom.dcmread(path)
+            # Large elements (pixel data) are deferred: presence is known, bytes are not read.
+            return pydicom.dcmread(path, defer_size=1024)
+    except InvalidDicomError as exc:
+        raise FrameDecodeError(f"not a DICOM file ({exc})", str(path)) from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise FrameDecodeError(f"cannot read DICOM file: {exc}", str(path)) from exc
+
+
+def _has_pixels(ds) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _n_frames(ds) -> int:
+    try:
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n = 1
+    return max(n, 1)
+
+
+def count_frames(path_or_dataset) -> int:
+    """Number of frames in a DICOM object or video, without decoding pixel data.
+
+    DICOM: Number of Frames (1 when absent); 0 when the object has no pixel data.
+    Video: the container's frame count (counted by grabbing when the container has none).
+    """
+    if _is_dataset(path_or_dataset):
+        ds = path_or_dataset
+    else:
+        path = Path(path_or_dataset)
+        if _looks_like_video(path):
+            return _video_count(path)
+        ds = _read_dataset(path, pixels=False)
+    return _n_frames(ds) if _has_pixels(ds) else 0
+
+
+def frame_time_ms(ds) -> float | None:
+    """Time between frames in milliseconds from the Cine module, or None."""
+
+    def _ft():
+        v = ds.get("FrameTime")
+        return float(v) if v not in (None, "") and float(v) > 0 else None
+
+    def _ftv():
+        v = ds.get("FrameTimeVector")
+        if v is None or v == "":
+            return None
+        vals = [float(x) for x in (v if not isinstance(v, (str, bytes, int, float)) else [v])]
+        vals = [x for x in vals if x > 0]  # the first entry is 0 by definition
+        return float(np.mean(vals)) if vals else None
+
+    def _rate(keyword):
+        def f():
+            v = ds.get(keyword)
+            return 1000.0 / float(v) if v not in (None, "") and float(v) > 0 else None
+
+        return f
+
+    by_tag = {
+        0x00181063: _ft,
+        0x00181065: _ftv,
+        0x00180040: _rate("CineRate"),
+        0x00082144: _rate("RecommendedDisplayFrameRate"),
+    }
+    order = [_ft, _ftv, _rate("CineRate"), _rate("RecommendedDisplayFrameRate")]
+    fip = ds.get("FrameIncrementPointer")
+    if fip is not None:
+        tags = [fip] if isinstance(fip, int) else list(fip)
+        for t in tags:
+            fn = by_tag.get(int(t))
+            if fn is not None:
+                order.insert(0, fn)
+    for fn in order:
+        try:
+            val = fn()
+        except (TypeError, ValueError):
+            val = None
+        if val is not None:
+            return val
+    return None
+
+
+def _normalise_indices(indices: Iterable[int] | None, n: int, source: str) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    out = [int(i) for i in indices]
+    bad = [i for i in out if i < 0 or i >= n]
+    if bad:
+        raise IndexError(f"{source}: frame indices {bad[:5]} out of range for {n} frame(s)")
+    return out
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def _to_uint8_scaled(arr: np.ndarray, bits: int) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if bits <= 8:
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    a = np.clip(arr.astype(np.float32), 0, 2**bits - 1) * (255.0 / (2**bits - 1))
+    return np.rint(a).astype(np.uint8)
+
+
+def _palette_table(ds, dtype) -> tuple[np.ndarray, int]:
+    """(K, 3) uint8 RGB table and the first mapped value, from the palette LUTs."""
+    from pydicom.pixels import apply_color_lut
+
+    desc = ds.get("RedPaletteColorLookupTableDescriptor")
+    if desc is None:
+        raise FrameDecodeError("PALETTE COLOR without Red Palette Color Lookup Table Descriptor")
+    n_entries = int(desc[0]) or 65536
+    first = int(desc[1])
+    values = np.arange(first, first + n_entries)
+    if np.issubdtype(dtype, np.signedinteger):
+        values = values.astype(np.int64)
+    values = values.astype(dtype, copy=False)
+    try:
+        table = apply_color_lut(values, ds)[..., :3]
+    except Exception as exc:  # malformed LUTs: say so instead of a deep stack
+        raise FrameDecodeError(f"cannot apply the palette colour LUTs: {exc}") from exc
+    if table.dtype != np.uint8:
+        if int(table.max()) <= 255:  # 16-bit descriptor, 8-bit values (writer quirk)
+            table = table.astype(np.uint8)
+        else:
+            table = np.rint(table.astype(np.float32) / 257.0).astype(np.uint8)
+    return table, first
+
+
+def _mono_to_uint8(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if arr.dtype == np.uint8 or (bits <= 8 and arr.min() >= 0 and arr.max() <= 255):
+        out = arr.astype(np.uint8, copy=False)
+        if photometric == "MONOCHROME1":
+            out = 255 - out
+        return out
+    a = arr.astype(np.float64)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    a = a * slope + intercept
+    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if wc not in (None, "") and ww not in (None, ""):
+        c = float(wc[0] if hasattr(wc, "__len__") and not isinstance(wc, str) else wc)
+        w = float(ww[0] if hasattr(ww, "__len__") and not isinstance(ww, str) else ww)
+        w = max(w, 1.0)
+        # PS3.3 C.11.2.1.2.1 (LINEAR)
+        y = ((a - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
+    else:
+        lo, hi = float(a.min()), float(a.max())
+        y = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    out = np.rint(np.clip(y, 0, 255)).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _to_rgb(stack: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Decoded frames (T, H, W[, S]) in ``photometric`` → (T, H, W, 3) uint8 RGB."""
+    from pydicom.pixels import convert_color_space
+
+    bits = int(ds.get("BitsStored", 8) or 8)
+    pi = photometric.upper().strip()
+    if pi in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"):
+        if stack.ndim != 4 or stack.shape[-1] != 3:
+            raise FrameDecodeError(f"{pi} data decoded to shape {stack.shape[1:]}, expected 3 samples per pixel")
+        if pi in ("YBR_FULL", "YBR_FULL_422"):
+            # Only reached when a decoder left the data in YBR (pydicom converts when it can).
+            stack = np.stack([convert_color_space(f, pi, "RGB") for f in stack])
+        elif pi != "RGB":
+            raise FrameDecodeError(f"decoded data still in {pi}; no conversion to RGB available")
+        return _to_uint8_scaled(stack, bits)
+    if pi == "PALETTE COLOR":
+        table, first = _palette_table(ds, stack.dtype)
+        idx = np.clip(stack.astype(np.int64) - first, 0, len(table) - 1)
+        return table[idx]
+    if pi in ("MONOCHROME1", "MONOCHROME2"):
+        if stack.ndim == 4:
+            stack = stack[..., 0]
+        grey = _mono_to_uint8(stack, ds, pi)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    raise FrameDecodeError(f"unsupported Photometric Interpretation {photometric!r}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _jpegxl_decoder():
+    """imagecodecs' JPEG XL decoder, or None when not installed / built without JPEG XL."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    try:
+        if not imagecodecs.JPEGXL.available:
+            return None
+    except AttributeError:
+        return None
+    return imagecodecs.jpegxl_decode
+
+
+def _decode_jpegxl(ds, wanted: list[int], n: int, tsuid: str) -> tuple[np.ndarray, str]:
+    from pydicom.encaps import get_frame
+
+    name = JPEGXL_SYNTAXES[tsuid]
+    decode = _jpegxl_decoder()
+    if decode is None:
+        raise FrameDecodeError(
+            f"no decoder installed for {name} ({tsuid}); install imagecodecs built with JPEG XL"
+        )
+    eot = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        eot = (bytes(ds.ExtendedOffsetTable), bytes(ds.ExtendedOffsetTableLengths))
+    frames = []
+    for i in wanted:
+        try:
+            data = get_frame(ds.PixelData, i, number_of_frames=n, extended_offsets=eot)
+            arr = decode(data)
+        except Exception as exc:
+            raise FrameDecodeError(f"{name} frame {i} could not be decoded: {exc}") from exc
+        if arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        frames.append(arr)
+    stack = np.stack(frames)
+    # libjxl returns RGB for colour images (a recompressed YBR JPEG is reconstructed to RGB
+    # pixels) and grey for single-channel ones.
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if spp == 3:
+        out_pi = "RGB"
+    else:
+        out_pi = pi if pi in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR") else "MONOCHROME2"
+    return stack, out_pi
+
+
+def _decode_dicom(ds, wanted: list[int], n: int, source: str) -> tuple[np.ndarray, str]:
+    """Decode the frames ``wanted`` (sorted, unique) → (stack, photometric of the stack)."""
+    from pydicom.pixels import get_decoder
+
+    tsuid = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if not tsuid:
+        raise FrameDecodeError("no Transfer Syntax UID in the file meta information")
+    if tsuid in JPEGXL_SYNTAXES:
+        return _decode_jpegxl(ds, wanted, n, tsuid)
+    try:
+        decoder = get_decoder(tsuid)
+    except (NotImplementedError, ValueError) as exc:
+        raise FrameDecodeError(f"no decoder for transfer syntax {tsuid}: {exc}") from exc
+    if not decoder.is_available:
+        hint = _INSTALL_HINTS.get(tsuid, "a pydicom pixel-data plugin for it")
+        raise FrameDecodeError(
+            f"no decoder installed for {decoder.UID.name} ({tsuid}); install {hint}"
+        )
+    pi_out = str(ds.get("PhotometricInterpretation", "")).strip()
+    frames = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for arr, changes in decoder.iter_array(ds, indices=wanted, as_rgb=True):
+                pi_out = str(changes.get("photometric_interpretation", pi_out))
+                frames.append(arr)
+    except FrameDecodeError:
+        raise
+    except Exception as exc:
+        raise FrameDecodeError(f"pixel data could not be decoded ({decoder.UID.name}): {exc}") from exc
+    return np.stack(frames), pi_out
+
+
+def _load_dicom(ds, indices, source: str) -> Clip:
+    if not _has_pixels(ds):
+        raise FrameDecodeError("no pixel data", source)
+    if "PixelData" not in ds:
+        raise FrameDecodeError("float pixel data is not an ultrasound image", source)
+    n = _n_frames(ds)
+    order = _normalise_indices(indices, n, source)
+    wanted = sorted(set(order))
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    tsuid = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else None
+    if not wanted:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        return Clip(np.zeros((0, rows, cols, 3), np.uint8), [], n, frame_time_ms(ds), "dicom", pi or None, tsuid)
+    try:
+        stack, pi_dec = _decode_dicom(ds, wanted, n, source)
+        rgb = _to_rgb(stack, ds, pi_dec)
+    except FrameDecodeError as exc:
+        if exc.source is None:
+            raise FrameDecodeError(exc.reason, source) from exc
+        raise
+    if order != wanted:
+        pos = {f: k for k, f in enumerate(wanted)}
+        rgb = rgb[[pos[i] for i in order]]
+    return Clip(
+        frames=np.ascontiguousarray(rgb),
+        indices=order,
+        n_frames=n,
+        frame_time_ms=frame_time_ms(ds),
+        source="dicom",
+        photometric=pi or None,
+        transfer_syntax=tsuid,
+    )
+
+
+# --------------------------------------------------------------------------- video
+
+
+def _open_video(path: Path):
+    import cv2
+
+    if not path.is_file():
+        raise FrameDecodeError("video file not found", str(path))
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise FrameDecodeError("OpenCV cannot open this video (unsupported container or codec)", str(path))
+    return cap
+
+
+def _video_count(path: Path) -> int:
+    import cv2
+
+    cap = _open_video(path)
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if n <= 0:
+            n = 0
+            while cap.grab():
+                n += 1
+        return n
+    finally:
+        cap.release()
+
+
+def _load_video(path: Path, indices) -> Clip:
+    import cv2
+
+    cap = _open_video(path)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        n_meta = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        wanted_set = None if indices is None else {int(i) for i in indices}
+        if wanted_set is not None and any(i < 0 for i in wanted_set):
+            raise IndexError(f"{path}: negative frame index")
+        last = None if wanted_set is None else (max(wanted_set) if wanted_set else -1)
+        got: dict[int, np.ndarray] = {}
+        i = 0
+        while last is None or i <= last:
+            if wanted_set is None or i in wanted_set:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                got[i] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            else:
+                if not cap.grab():
+                    break
+            i += 1
+        # Frames really present: all read (indices=None) or the container's count.
+        n = i if indices is None else max(n_meta, i)
+        if indices is None:
+            order = list(range(i))
+        else:
+            order = [int(k) for k in indices]
+            missing = [k for k in order if k not in got]
+            if missing:
+                raise IndexError(f"{path}: frame indices {missing[:5]} out of range for {n} frame(s)")
+        if order:
+            frames = np.stack([got[k] for k in order])
+        else:
+            w = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+            h = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+            frames = np.zeros((0, h, w, 3), np.uint8)
+        if indices is None and not order:
+            raise FrameDecodeError("video has no decodable frames", str(path))
+    finally:
+        cap.release()
+    return Clip(
+        frames=np.ascontiguousarray(frames),
+        indices=order,
+        n_frames=n,
+        frame_time_ms=(1000.0 / fps) if fps > 0 else None,
+        source="video",
+        photometric=None,
+        transfer_syntax=None,
+    )
+
+
+# --------------------------------------------------------------------------- public
+
+
+def load_clip(path_or_dataset, indices: Sequence[int] | None = None, *, sector_mask: bool = False) -> Clip:
+    """Decode frames of a DICOM object (path or :class:`pydicom.Dataset`) or a video file.
+
+    ``indices`` selects source frames (in the order given; ``None`` = all); only those
+    frames are decoded. Raises :class:`FrameDecodeError` (with ``.reason``) when the
+    object has no pixel data or cannot be decoded, and ``IndexError`` for indices out
+    of range. ``sector_mask=True`` blanks everything outside the ultrasound sector
+    (see :func:`sector_mask`); the published pipeline does not mask, so it is off by
+    default.
+    """
+    ds = None
+    if _is_dataset(path_or_dataset):
+        ds = path_or_dataset
+        src = str(getattr(ds, "filename", None) or "<dataset>")
+        clip = _load_dicom(ds, indices, src)
+    else:
+        path = Path(os.fspath(path_or_dataset))
+        if _looks_like_video(path):
+            clip = _load_video(path, indices)
+        else:
+            if not path.is_file():
+                raise FrameDecodeError("file not found", str(path))
+            ds = _read_dataset(path, pixels=True)
+            clip = _load_dicom(ds, indices, str(path))
+    if sector_mask and len(clip.frames):
+        m = _sector_mask_impl(clip.frames, ds)
+        clip.frames = apply_mask(clip.frames, m)
+        clip.mask = m
+    return clip
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _region_mask(ds, h: int, w: int) -> np.ndarray | None:
+    """Union of the 2D regions (Region Spatial Format 1) of the US Region Sequence.
+
+    Returns None when there is no such region, or when a region lies outside the
+    image (the pixel data was resized without updating the regions).
+    """
+    regions = ds.get("SequenceOfUltrasoundRegions") if ds is not None else None
+    if not regions:
+        return None
+    mask = np.zeros((h, w), bool)
+    found = False
+    for r in regions:
+        try:
+            if int(r.get("RegionSpatialFormat", -1)) != 1:
+                continue
+            x0, y0 = int(r.RegionLocationMinX0), int(r.RegionLocationMinY0)
+            x1, y1 = int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if x0 < 0 or y0 < 0 or x1 >= w or y1 >= h or x1 < x0 or y1 < y0:
+            return None
+        mask[y0 : y1 + 1, x0 : x1 + 1] = True
+        found = True
+    return mask if found else None
+
+
+def _content_mask(frames: np.ndarray) -> np.ndarray:
+    """The ultrasound sector from image content.
+
+    Pixels that change over time (or, for a single frame, that are not black) are
+    opened morphologically (removing thin lines: ECG trace, calipers, text strokes);
+    the largest connected region is taken and filled to its convex hull. Falls back to
+    "everything" when nothing plausible is found, so masking never blanks a clip.
+    """
+    import cv2
+
+    t, h, w = frames.shape[:3]
+    grey = frames.max(axis=-1) if frames.ndim == 4 else frames
+    if t >= 2:
+        cand = (grey.max(axis=0).astype(np.int16) - grey.min(axis=0)) > 12
+        if cand.mean() < 0.02:  # (nearly) static clip: use brightness instead
+            cand = grey.mean(axis=0) > 12
+    else:
+        cand = grey[0] > 12
+    k = max(3, int(round(min(h, w) / 60)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    opened = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    opened = cv2.morphologyEx(opened, cv2.MORPH_CLOSE, kernel)
+    n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    if n_lab <= 1:
+        return np.ones((h, w), bool)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[biggest, cv2.CC_STAT_AREA] < 0.02 * h * w:
+        return np.ones((h, w), bool)
+    pts = cv2.findNonZero((labels == biggest).astype(np.uint8))
+    hull = cv2.convexHull(pts)
+    mask = np.zeros((h, w), np.uint8)
+    cv2.fillConvexPoly(mask, hull, 1)
+    return mask.astype(bool)
+
+
+def _sector_mask_impl(frames: np.ndarray, ds=None) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3 and frames.shape[-1] == 3:  # one (H, W, 3) frame
+        frames = frames[None]
+    h, w = frames.shape[1:3]
+    m = _region_mask(ds, h, w)
+    return m if m is not None else _content_mask(frames)
+
+
+def sector_mask(frames: np.ndarray, ds=None) -> np.ndarray:
+    """Boolean (H, W) mask of the ultrasound sector (True = keep).
+
+    From the 2D regions of the Sequence of Ultrasound Regions (PS3.3 C.8.5.5) when
+    ``ds`` has them and they fit the image, otherwise from the image content
+    (see :func:`_content_mask`). ``frames``: (T, H, W, 3) or (T, H, W).
+    """
+    return _sector_mask_impl(frames, ds)
+
+
+def apply_mask(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A copy of ``frames`` (T, H, W[, C]) with pixels outside ``mask`` set to 0."""
+    frames = np.asarray(frames)
+    mask = np.asarray(mask, bool)
+    if mask.shape != frames.shape[1:3]:
+        raise ValueError(f"mask shape {mask.shape} does not match frames {frames.shape[1:3]}")
+    m = mask[None, :, :, None] if frames.ndim == 4 else mask[None]
+    return np.where(m, frames, 0).astype(frames.dtype, copy=False)
