@@ -1,0 +1,115 @@
+"""``echonode serve``: the DICOM SCP in the foreground, plus the stable-study scheduler.
+
+Start-up: migrate the database, open the spool, start the SCP, start the scheduler,
+then every hook in :data:`START_HOOKS` (the pipeline adds the embedded worker there).
+SIGTERM/SIGINT: stop listening, let in-flight associations finish (up to
+``--drain`` seconds), stop the services in reverse order, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+LOG = logging.getLogger("echonode.serve")
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@dataclass
+class ServeContext:
+    """What a start-up hook may use: the settings and the running ingest services."""
+
+    settings: Any
+    sessions: Any = None
+    spool: Any = None
+    scp: Any = None
+    scheduler: Any = None
+    extras: dict = field(default_factory=dict)
+
+
+#: ``hook(ctx) -> Stoppable | None``, called in order after the SCP and scheduler started.
+START_HOOKS: list[Callable[[ServeContext], Optional[Stoppable]]] = []
+
+
+class _Stop:
+    def __init__(self, fn: Callable[[], None], name: str):
+        self.fn, self.name = fn, name
+
+    def stop(self) -> None:
+        self.fn()
+
+
+def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, list[Stoppable]]:
+    """Start everything ``serve`` runs; returns the context and the services to stop (in order)."""
+    from echonode.dicom.scp import EchoSCP
+    from echonode.dicom.spool import Spool
+    from echonode.pipeline.stable import StableScheduler
+    from echonode.store import db
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    db.migrate(settings.db_url)
+    engine = db.get_engine(settings.db_url)
+    sessions = db.session_factory(engine)
+    ctx = ServeContext(settings=settings, sessions=sessions)
+    ctx.spool = Spool(settings, sessions)
+    services: list[Stoppable] = []
+    ctx.scp = EchoSCP(settings, ctx.spool)
+    ctx.scp.start()
+    services.append(_Stop(lambda: ctx.scp.stop(drain_s), "scp"))
+    ctx.scheduler = StableScheduler(settings, sessions).start()
+    services.append(ctx.scheduler)
+    for hook in START_HOOKS:
+        svc = hook(ctx)
+        if svc is not None:
+            services.append(svc)
+    services.append(_Stop(engine.dispose, "database"))
+    return ctx, services
+
+
+def stop_services(services: list[Stoppable]) -> None:
+    # the SCP first (no new data), then the rest; each failure is logged, the others still stop
+    for svc in services:
+        try:
+            svc.stop()
+        except Exception:
+            LOG.exception("error while stopping %s", getattr(svc, "name", type(svc).__name__))
+
+
+def register(sub, parents):
+    p = sub.add_parser("serve", parents=parents, help="run the DICOM node (SCP + scheduler) in the foreground",
+                       description="Run the DICOM SCP in the foreground; stop with SIGTERM or Ctrl-C.")
+    p.add_argument("--drain", type=float, default=10.0, metavar="SECONDS",
+                   help="on stop, wait this long for in-flight associations (default 10)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from echonode.cli import settings_from_args, setup_logging
+
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level)
+    stop = threading.Event()
+
+    def _signal(signum, _frame):
+        LOG.info("signal %s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        ctx, services = start_services(settings, drain_s=args.drain)
+    except OSError as exc:
+        LOG.error("cannot start: %s", exc)
+        return 1
+    LOG.info("echonode ready: AE %s port %d, data in %s", settings.node.ae_title, ctx.scp.port, settings.data_path)
+    while not stop.wait(0.5):
+        pass
+    stop_services(services)
+    LOG.info("echonode stopped")
+    return 0

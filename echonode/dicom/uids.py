@@ -1,0 +1,39 @@
+"""DICOM UID validation (PS3.5 §9.1) before a UID is used in a file name or a path.
+
+A UID is one or more numeric components separated by ``.``, at most 64 characters,
+with no leading zero in a component unless the component is exactly ``0``. Anything
+else (``..``, ``/``, spaces, letters, trailing NUL/space padding that survived
+decoding) is refused, so a hostile or broken sender can never steer a path.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["UIDError", "is_valid_uid", "check_uid"]
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+MAX_UID_LEN = 64
+
+
+class UIDError(ValueError):
+    """A UID is missing or not a valid DICOM UID."""
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a str that is a valid DICOM UID (PS3.5 §9.1)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_UID_LEN and _UID_RE.match(value) is not None
+
+
+def check_uid(value: object, name: str) -> str:
+    """Return ``value`` if it is a valid UID, else raise :class:`UIDError` naming the attribute."""
+    if value is None or value == "":
+        raise UIDError(f"{name} is missing")
+    if not isinstance(value, str):
+        value = str(value)
+    if len(value) > MAX_UID_LEN:
+        raise UIDError(f"{name} is longer than {MAX_UID_LEN} characters")
+    if not _UID_RE.match(value):
+        # never echo the raw value: it may be hostile; show a safe repr, truncated
+        raise UIDError(f"{name} is not a valid UID: {value[:64]!r}")
+    return value

@@ -1,0 +1,121 @@
+"""Engines, sessions and schema migrations.
+
+* :func:`make_engine` — SQLite (default, WAL, ``synchronous=FULL`` so a committed row
+  survives power loss, ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
+  failing) or PostgreSQL by URL.
+* :func:`session_factory` — a ``sessionmaker`` bound to an engine.
+* :func:`migrate` — ``alembic upgrade head``, configured in code so it works from an
+  installed package (no ``alembic.ini`` needed); call it at start-up.
+
+Importing this module imports every table module that exists (``models``, ``outbox``,
+``results``), so ``Base.metadata`` is complete wherever the store is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from echonode.store.base import Base
+
+for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.results"):
+    try:
+        importlib.import_module(_mod)
+    except ModuleNotFoundError as _exc:  # a table module not written yet
+        if _exc.name != _mod:
+            raise
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+__all__ = ["Base", "make_engine", "session_factory", "migrate", "is_sqlite", "get_engine"]
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """A new Engine for ``url``; SQLite gets WAL, full fsync and immediate write locks."""
+    if is_sqlite(url):
+        u = make_url(url)
+        if u.database and u.database != ":memory:":
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": 60, "check_same_thread": False}
+        connect_args.update(kwargs.pop("connect_args", {}))
+        engine = create_engine(url, connect_args=connect_args, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):  # pragma: no cover - trivial
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def get_engine(url: str) -> Engine:
+    """A process-wide cached engine for ``url`` (one pool per URL)."""
+    with _engines_lock:
+        eng = _engines.get(url)
+        if eng is None:
+            eng = _engines[url] = make_engine(url)
+        return eng
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` (default: the newest)."""
+    from alembic import command
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # several processes (serve, worker) may start at once: migrate one at a time
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(4242001)")
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()

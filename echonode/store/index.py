@@ -1,0 +1,234 @@
+"""SQL side of receiving an instance: patient/study/series/instance upserts, history.
+
+Called by ``echonode.dicom.spool`` (which owns files and DICOM parsing); this module
+owns the SQL. One transaction per instance; ``place_file`` runs inside it, after the
+duplicate check and before the commit, so a committed row always names a durable file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from sqlalchemy import case, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from echonode.store.models import (STUDY_RECEIVING, Instance, InstanceHistory, Patient, Series, Study,
+                                   utcnow)
+
+_INSTANCE_ATTRS = ("instance_number", "image_type", "rows", "columns", "number_of_frames",
+                   "frame_time_ms", "cine_rate", "photometric", "manufacturer", "model_name")
+
+
+@dataclass
+class InstanceRecord:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: Optional[str]
+    decision: str
+    reason: str
+    view_code: Optional[str] = None
+    view_name: Optional[str] = None
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class RecordOutcome:
+    duplicate: bool = False
+    replaced: bool = False
+    path: str = ""
+    old_path: Optional[str] = None
+
+
+def record_instance(sessions, rec: InstanceRecord, place_file: Callable[[], None], *,
+                    exists: Callable[[str], bool] = lambda p: True, retries: int = 5) -> RecordOutcome:
+    """Index one stored instance; retries on unique-key races and busy databases."""
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            return _record_once(sessions, rec, place_file, exists)
+        except (IntegrityError, OperationalError) as exc:
+            last = exc
+            time.sleep(0.05 * (attempt + 1))
+    assert last is not None
+    raise last
+
+
+def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOutcome:
+    a = rec.attrs
+    with sessions() as session, session.begin():
+        existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).first()
+        if existing is not None and existing.sha256 == rec.sha256 and exists(existing.path):
+            return RecordOutcome(duplicate=True, path=existing.path)
+        place_file()
+        study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
+        now = utcnow()
+        values = dict(series_pk=series_pk, study_pk=study_pk, sop_class_uid=rec.sop_class_uid,
+                      transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path, size=rec.size,
+                      sha256=rec.sha256, received_at=now, calling_ae=rec.calling_ae, decision=rec.decision,
+                      reason=rec.reason, view_code=rec.view_code, view_name=rec.view_name,
+                      **{k: a.get(k) for k in _INSTANCE_ATTRS})
+        if existing is None:
+            session.add(Instance(sop_instance_uid=rec.sop_instance_uid, replaced_count=0, **values))
+            return RecordOutcome(path=rec.path)
+        session.add(InstanceHistory(
+            sop_instance_uid=rec.sop_instance_uid, old_sha256=existing.sha256, new_sha256=rec.sha256,
+            old_size=existing.size, old_received_at=existing.received_at, old_calling_ae=existing.calling_ae,
+            replaced_at=now, calling_ae=rec.calling_ae))
+        old_path = existing.path
+        for k, v in values.items():
+            setattr(existing, k, v)
+        existing.replaced_count = (existing.replaced_count or 0) + 1
+        return RecordOutcome(replaced=True, path=rec.path, old_path=old_path)
+
+
+def _upsert_hierarchy(session, a: dict, study_uid: str, series_uid: str) -> tuple[int, int]:
+    now = utcnow()
+    pid, issuer = (a.get("patient_id") or "")[:64], (a.get("issuer") or "")[:64]
+    patient = session.scalars(select(Patient).where(Patient.patient_id == pid, Patient.issuer == issuer)).first()
+    if patient is None:
+        patient = Patient(patient_id=pid, issuer=issuer, birth_date=a.get("birth_date"), sex=a.get("sex"),
+                          created_at=now)
+        session.add(patient)
+        session.flush()
+    else:
+        if a.get("birth_date") and not patient.birth_date:
+            patient.birth_date = a["birth_date"]
+        if a.get("sex") and not patient.sex:
+            patient.sex = a["sex"]
+    study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    if study_pk is None:
+        study = Study(study_instance_uid=study_uid, patient_pk=patient.id, study_date=a.get("study_date"),
+                      study_time=a.get("study_time"), accession_number=a.get("accession_number"),
+                      study_id=a.get("study_id"), study_description=a.get("study_description"),
+                      state=STUDY_RECEIVING, version=1, first_received_at=now, last_received_at=now)
+        session.add(study)
+        session.flush()
+        study_pk = study.id
+    else:
+        # One atomic statement: if a scheduler just made the study stable/queued, the row lock
+        # serialises us behind it and the version moves on, so a new job follows later.
+        session.execute(
+            update(Study).where(Study.id == study_pk).values(
+                last_received_at=now,
+                version=case((Study.state == STUDY_RECEIVING, Study.version), else_=Study.version + 1),
+                state=STUDY_RECEIVING,
+            ).execution_options(synchronize_session=False))
+    series_pk = session.scalar(select(Series.id).where(Series.series_instance_uid == series_uid))
+    if series_pk is None:
+        series = Series(series_instance_uid=series_uid, study_pk=study_pk, modality=a.get("modality"),
+                        series_number=a.get("series_number"), series_description=a.get("series_description"))
+        session.add(series)
+        session.flush()
+        series_pk = series.id
+    return study_pk, series_pk
+
+
+# --------------------------------------------------------------------------- stable studies
+
+@dataclass
+class CreatedJob:
+    job_id: int
+    study_pk: int
+    study_instance_uid: str
+    study_version: int
+
+
+def stabilise_studies(sessions, delay_s: float, *, now=None, limit: int = 100) -> tuple[list[CreatedJob], int]:
+    """Mark studies with no instance for ``delay_s`` stable; create one job per (study, version).
+
+    Safe with several schedulers on one database: each study moves out of ``receiving``
+    by a conditional UPDATE (only one writer sees rowcount 1), and ``analysis_jobs`` has a
+    unique (study, version) key as a second guard. Returns (jobs created, studies stabilised).
+    """
+    import datetime as dt
+
+    from echonode.store.models import (DECISION_ANALYSE, JOB_QUEUED, STUDY_QUEUED, STUDY_STABLE,
+                                       AnalysisJob)
+
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=float(delay_s))
+    with sessions() as session:
+        candidates = session.execute(
+            select(Study.id, Study.version, Study.study_instance_uid)
+            .where(Study.state == STUDY_RECEIVING, Study.last_received_at <= cutoff)
+            .order_by(Study.last_received_at).limit(limit)).all()
+    created: list[CreatedJob] = []
+    stabilised = 0
+    for study_pk, version, uid in candidates:
+        try:
+            with sessions() as session, session.begin():
+                res = session.execute(
+                    update(Study).where(Study.id == study_pk, Study.state == STUDY_RECEIVING,
+                                        Study.version == version, Study.last_received_at <= cutoff)
+                    .values(state=STUDY_STABLE, stable_at=now)
+                    .execution_options(synchronize_session=False))
+                if res.rowcount != 1:
+                    continue  # another scheduler won, or an instance just arrived
+                stabilised += 1
+                n = session.scalar(select(func_count()).select_from(Instance).where(
+                    Instance.study_pk == study_pk, Instance.decision == DECISION_ANALYSE))
+                if not n:
+                    continue
+                job = AnalysisJob(study_pk=study_pk, study_instance_uid=uid, study_version=version,
+                                  state=JOB_QUEUED, attempts=0, created_at=now, updated_at=now)
+                session.add(job)
+                session.flush()
+                session.execute(update(Study).where(Study.id == study_pk).values(state=STUDY_QUEUED)
+                                .execution_options(synchronize_session=False))
+                created.append(CreatedJob(job.id, study_pk, uid, version))
+        except IntegrityError:
+            continue  # the job for this version exists already
+    return created, stabilised
+
+
+def func_count():
+    from sqlalchemy import func
+
+    return func.count()
+
+
+# --------------------------------------------------------------------------- status
+
+def collect_status(session, *, study_limit: int = 200) -> dict:
+    """Counts and per-study state for ``echonode status`` (other areas add keys to the dict)."""
+    from sqlalchemy import func
+
+    from echonode.store.models import JOB_STATES, AnalysisJob
+
+    counts_ = {
+        "patients": int(session.scalar(select(func.count()).select_from(Patient)) or 0),
+        "studies": int(session.scalar(select(func.count()).select_from(Study)) or 0),
+        "series": int(session.scalar(select(func.count()).select_from(Series)) or 0),
+        "instances": int(session.scalar(select(func.count()).select_from(Instance)) or 0),
+    }
+    # "studies" is both a count and a list in the contract; a JSON key holds one value:
+    # the top-level "studies" is the list, the integer is "study_count" and counts.studies.
+    out: dict = {"patients": counts_["patients"], "study_count": counts_["studies"],
+                 "series": counts_["series"], "instances": counts_["instances"], "counts": counts_}
+    counts = dict(session.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all())
+    out["jobs"] = {s: int(counts.get(s, 0)) for s in JOB_STATES}
+    for s, n in counts.items():
+        out["jobs"].setdefault(s, int(n))
+    inst = (select(Instance.study_pk, func.count().label("n"),
+                   func.sum(case((Instance.decision == "analyse", 1), else_=0)).label("a"))
+            .group_by(Instance.study_pk).subquery())
+    rows = session.execute(
+        select(Study.study_instance_uid, Study.state, Study.version, Study.study_date, Study.last_received_at,
+               func.coalesce(inst.c.n, 0), func.coalesce(inst.c.a, 0))
+        .outerjoin(inst, inst.c.study_pk == Study.id)
+        .order_by(Study.last_received_at.desc()).limit(study_limit)).all()
+    out["studies_listed"] = len(rows)
+    out["studies"] = [
+        {"study_instance_uid": uid, "instances": int(n), "clips_to_analyse": int(a), "state": state,
+         "version": version, "study_date": sdate,
+         "last_received_at": last.isoformat() + "Z" if last else None}
+        for uid, state, version, sdate, last, n, a in rows]
+    return out
