@@ -1,0 +1,374 @@
+"""Interpretation → Comprehensive 3D SR, TID 1500 Imaging Measurement Report (highdicom).
+
+Document layout (PS3.16 TID 1500; codes in :mod:`echonode.dicom.sr_codes`):
+
+* root CONTAINER (126000, DCM, "Imaging Measurement Report"), language en-US;
+* observer context: device observer (TID 1004) ``echonode`` with a UID derived from
+  the weights checksum and echonode version, manufacturer, model name;
+* procedure reported (40701008, SCT, "Echocardiography");
+* Imaging Measurements: one Measurement Group (TID 1501) per task, each with a
+  tracking identifier + tracking UID (TID 4108), algorithm identification (TID 4019:
+  EchoCLIP / EchoCLIP-R, bundle name and weights sha256, echonode version), the
+  coded method, finding / finding site, source images (the analysed clips and the
+  frames used), the NUM value (LVEF (18043-0, LN) in ``%``, PASP in ``mm[Hg]``),
+  the similarity score and threshold as NUMs, the CODE qualitative evaluation when
+  a call exists, and TEXT items stating the threshold source ("uncalibrated" spelled
+  out) and the method;
+* one further group for the EchoCLIP-R longitudinal comparison (prior study UID and
+  date, similarity, flags worded for review);
+* a (C0034375, UMLS, "Qualitative Evaluations") container with the disclaimer, the
+  DEMO banner when the model is the demo model, and processing notes.
+
+The SR lives in the analysed study (Study Instance UID and patient/study modules
+copied from the sources by highdicom) in a series of its own. SOP Instance UID and
+Series Instance UID are deterministic (:func:`echonode.dicom.result_uids.result_uid`),
+so re-running the same model version on the same study yields the same object.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterable, Optional, Sequence
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification, CodeContentItem, ContainerContentItem, FindingSite, Measurement,
+    MeasurementReport, MeasurementsAndQualitativeEvaluations, NumContentItem, ObservationContext,
+    ObserverContext, DeviceObserverIdentifyingAttributes, QualitativeEvaluation,
+    RelationshipTypeValues, SourceImageForMeasurementGroup, TextContentItem, TrackingIdentifier,
+    UIDRefContentItem, DateContentItem,
+)
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from echonode import __version__
+from echonode.dicom import sr_codes as C
+from echonode.dicom.result_uids import result_uid
+from echonode.dicom.uids import check_uid
+from echonode.interpretation import (
+    CALL_ABSENT, CALL_PRESENT, DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_NONE,
+    THRESHOLD_PUBLISHED, Interpretation, TaskResult,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_sr", "SRBuildError", "MANUFACTURER", "SR_SERIES_NUMBER", "sr_uids", "algorithm_name"]
+
+MANUFACTURER = "echonode"
+SR_SERIES_NUMBER = 9901
+CONTAINS = RelationshipTypeValues.CONTAINS
+
+
+class SRBuildError(ValueError):
+    """The Interpretation and the source datasets cannot make a valid SR."""
+
+
+def algorithm_name(architecture: str) -> str:
+    """The published model's name for an architecture id."""
+    if architecture == "echo-clip-r":
+        return "EchoCLIP-R"
+    if architecture == "tiny":
+        return "EchoCLIP (tiny demo)"
+    return "EchoCLIP"
+
+
+def sr_uids(interp: Interpretation) -> tuple[str, str]:
+    """(SOP Instance UID, Series Instance UID) of the SR for ``interp``."""
+    m = interp.model
+    return (result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sr"),
+            result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sr-series"))
+
+
+def device_uid(weights_sha256: str, version: str) -> str:
+    """The device observer UID: one per (weights, echonode version), study independent."""
+    digest = hashlib.sha256(f"echonode-device|{weights_sha256.lower()}|{version}".encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def _text(name, value: str, rel=CONTAINS) -> TextContentItem:
+    return TextContentItem(name=name, value=str(value), relationship_type=rel)
+
+
+def _fmt(x: Optional[float], nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _threshold_text(t: TaskResult, calibration: Optional[str]) -> str:
+    if t.threshold_source == THRESHOLD_CALIBRATED:
+        src = f"calibrated on local data ({calibration})" if calibration else "calibrated on local data"
+        return f"{src}; threshold {_fmt(t.threshold)}"
+    if t.threshold_source == THRESHOLD_PUBLISHED:
+        return f"published threshold {_fmt(t.threshold)} from the EchoCLIP reference code (not calibrated locally)"
+    if t.mode == "binary":
+        return ("uncalibrated: no threshold for this task; the score is reported without "
+                "a present/absent call")
+    return ("uncalibrated: zero-shot estimate, not calibrated on local data")
+
+
+def _algorithm(model, extra: Sequence[str] = ()) -> AlgorithmIdentification:
+    params = [f"bundle {model.name}", f"weights sha256 {model.weights_sha256}",
+              f"tokenizer {model.tokenizer}", f"echonode {model.echonode_version}"]
+    if model.calibration:
+        params.append(f"calibration {model.calibration}")
+    params.extend(extra)
+    return AlgorithmIdentification(
+        name=algorithm_name(model.architecture),
+        version=f"{model.name} {model.weights_sha256[:16]}",
+        parameters=params,
+        family=C.AI_FAMILY,
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _source_images(interp: Interpretation, by_uid: dict, only: Optional[Iterable[str]] = None):
+    items = []
+    wanted = set(only) if only else None
+    for clip in interp.clips:
+        if wanted is not None and clip.sop_instance_uid not in wanted:
+            continue
+        ds = by_uid.get(clip.sop_instance_uid)
+        if ds is None:
+            continue
+        n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        frames = [i + 1 for i in clip.frames_used if 0 <= i < n] if n > 1 else None
+        items.append(SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            referenced_frame_numbers=frames or None,
+        ))
+    return items
+
+
+def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict) -> MeasurementsAndQualitativeEvaluations:
+    m = interp.model
+    tc = C.codes_for(t.task_id, t.title, t.mode, t.unit)
+    tracking = TrackingIdentifier(
+        identifier=f"echonode {t.task_id}",
+        uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "tracking", index),
+    )
+    method = {"binary": C.METHOD_BINARY, "regression": C.METHOD_REGRESSION}.get(t.mode, C.METHOD_CATEGORICAL)
+    measurements = []
+    qualitative = []
+    notes = []
+
+    if tc.kind == "num" and t.value is not None:
+        measurements.append(Measurement(name=tc.concept, value=float(t.value),
+                                        unit=tc.unit or C.ucum(t.unit), method=method))
+    score = t.score
+    if score is None and t.category and t.category in t.scores:
+        score = t.scores[t.category]
+    if score is not None:
+        measurements.append(Measurement(name=C.SCORE, value=float(score), unit=C.UCUM_NO_UNITS, method=method))
+    if t.threshold is not None:
+        measurements.append(Measurement(name=C.THRESHOLD, value=float(t.threshold), unit=C.UCUM_NO_UNITS))
+
+    if tc.kind == "finding" and t.call in (CALL_PRESENT, CALL_ABSENT):
+        present = (t.call == CALL_PRESENT) != tc.negated
+        qualitative.append(QualitativeEvaluation(tc.concept, C.PRESENT if present else C.ABSENT))
+    elif tc.kind == "levels" and t.category:
+        code = C.level_code(tc.levels or C.SEVERITY_LEVELS, t.category)
+        if code is not None:
+            qualitative.append(QualitativeEvaluation(tc.concept, code))
+        notes.append(_text(C.CATEGORY_NOTE, f"{t.title}: {t.category}"))
+    elif tc.kind == "num" and t.category:
+        notes.append(_text(C.CATEGORY_NOTE, f"{t.title}: {t.category}"))
+    # derived flags (e.g. tamponade from the effusion levels, lvef_lt_50)
+    for key, flag in sorted(t.derived.items()):
+        dcode = C.DERIVED_CODES.get(key)
+        if dcode is not None and flag is not None:
+            qualitative.append(QualitativeEvaluation(dcode, C.PRESENT if flag else C.ABSENT))
+        word = "not determined" if flag is None else ("yes" if flag else "no")
+        notes.append(_text(C.DERIVED_NOTE, f"{key.replace('_', ' ')}: {word}"))
+    if t.scores:
+        notes.append(_text(C.LEVEL_SCORES, "; ".join(f"{k} {v:.3f}" for k, v in t.scores.items())))
+
+    method_text = f"{t.method}" + (f"; aggregation over clips: {t.aggregation}" if t.aggregation else "")
+    if t.task_id == "pulmonary_artery_pressure_continuous":
+        method_text += ("; zero-shot estimate of pulmonary artery systolic pressure, coded as right "
+                        "ventricular peak systolic pressure (its echo proxy)")
+    notes.insert(0, _text(C.THRESHOLD_SOURCE, _threshold_text(t, m.calibration)))
+    notes.insert(0, _text(C.METHOD_NOTE, f"{t.title}: {method_text}"))
+
+    per_clip_uids = [cv.sop_instance_uid for cv in t.per_clip] or None
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=tc.finding_type or (tc.concept if tc.kind != "num" else None),
+        method=method,
+        algorithm_id=_algorithm(m),
+        finding_sites=[FindingSite(tc.site)] if tc.site is not None else None,
+        measurements=measurements or None,
+        qualitative_evaluations=qualitative or None,
+        source_images=_source_images(interp, by_uid, per_clip_uids) or _source_images(interp, by_uid) or None,
+    )
+    group[0].ContentSequence.extend(notes)
+    return group
+
+
+def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
+    lon = interp.longitudinal
+    if lon is None:
+        return None
+    m = interp.model
+    tracking = TrackingIdentifier(
+        identifier="echonode longitudinal comparison",
+        uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "tracking", index),
+    )
+    ref = lon.reference
+    measurements = []
+    qualitative = []
+    notes = []
+    if ref is not None:
+        measurements.append(Measurement(name=C.LON_SIMILARITY, value=float(ref.similarity), unit=C.UCUM_NO_UNITS))
+    if lon.same_patient_threshold is not None:
+        measurements.append(Measurement(name=C.LON_SAME_THRESHOLD, value=float(lon.same_patient_threshold),
+                                        unit=C.UCUM_NO_UNITS))
+    if lon.change_threshold is not None:
+        measurements.append(Measurement(name=C.LON_CHANGE_THRESHOLD, value=float(lon.change_threshold),
+                                        unit=C.UCUM_NO_UNITS))
+    for flag, code, words in ((lon.possible_patient_mismatch, C.LON_MISMATCH,
+                               ("embedding similarity is below the same-patient threshold: please check "
+                                "that the prior study belongs to this patient",
+                                "no sign of a patient mismatch against the prior study")),
+                              (lon.marked_change, C.LON_CHANGE,
+                               ("embedding similarity is below the change threshold: the images differ "
+                                "markedly from the prior study; please compare",
+                                "no marked change against the prior study"))):
+        if flag is None:
+            notes.append(_text(code, "not assessed (no calibrated threshold or no prior study)"))
+        else:
+            qualitative.append(QualitativeEvaluation(code, C.YES if flag else C.NO))
+            notes.append(_text(code, words[0] if flag else words[1]))
+    for p in lon.priors:
+        role = ", ".join(r for r, on in (("most recent", p.most_recent), ("most similar", p.most_similar)) if on)
+        date = f"{p.study_date[:4]}-{p.study_date[4:6]}-{p.study_date[6:8]}" if len(p.study_date) == 8 else "unknown date"
+        notes.append(_text(C.LON_PRIOR, f"prior study {p.study_instance_uid} of {date}: similarity "
+                                        f"{p.similarity:.3f}" + (f" ({role})" if role else "")))
+    if ref is not None:
+        notes.append(UIDRefContentItem(name=C.STUDY_INSTANCE_UID, value=check_uid(ref.study_instance_uid,
+                                       "prior StudyInstanceUID"), relationship_type=CONTAINS))
+        if len(ref.study_date) == 8 and ref.study_date.isdigit():
+            import datetime
+            notes.append(DateContentItem(name=C.STUDY_DATE, value=datetime.date(
+                int(ref.study_date[:4]), int(ref.study_date[4:6]), int(ref.study_date[6:8])),
+                relationship_type=CONTAINS))
+    src = {THRESHOLD_CALIBRATED: "thresholds calibrated on local data",
+           THRESHOLD_PUBLISHED: "published thresholds",
+           THRESHOLD_NONE: "uncalibrated: no thresholds, flags not assessed"}.get(lon.threshold_source,
+                                                                                  lon.threshold_source)
+    notes.append(_text(C.THRESHOLD_SOURCE, src))
+    notes.append(_text(C.LON_NOTE, lon.note))
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        method=C.private("LON-COS", "EchoCLIP-R study embedding cosine similarity"),
+        algorithm_id=_algorithm(lon.model),
+        measurements=measurements or None,
+        qualitative_evaluations=qualitative or None,
+        source_images=_source_images(interp, by_uid) or None,
+    )
+    group[0].ContentSequence.extend(notes)
+    return group
+
+
+def _check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
+    study = check_uid(interp.study_instance_uid, "Interpretation.study_instance_uid")
+    if not sources:
+        raise SRBuildError("build_sr: no source datasets; the SR copies patient and study from them")
+    by_uid = {}
+    for ds in sources:
+        s = check_uid(getattr(ds, "StudyInstanceUID", None), "source StudyInstanceUID")
+        if s != study:
+            raise SRBuildError("build_sr: a source dataset belongs to another study "
+                               f"(StudyInstanceUID {s} != {study})")
+        uid = check_uid(getattr(ds, "SOPInstanceUID", None), "source SOPInstanceUID")
+        check_uid(getattr(ds, "SOPClassUID", None), "source SOPClassUID")
+        by_uid[uid] = ds
+    clip_uids = {c.sop_instance_uid for c in interp.clips}
+    if clip_uids and not clip_uids & set(by_uid):
+        raise SRBuildError("build_sr: none of the analysed clips is among the source datasets")
+    return by_uid
+
+
+def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
+    """Header-only copies of the sources (no pixel data is needed for evidence)."""
+    out = []
+    for ds in sources:
+        e = Dataset()
+        for elem in ds:
+            if elem.tag.group in (0x7FE0,) or elem.tag == 0x00280000:
+                continue
+            e.add(elem)
+        out.append(e)
+    return out
+
+
+def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
+    """The TID 1500 Comprehensive 3D SR for ``interp`` (a pydicom Dataset, not yet written).
+
+    ``sources``: the analysed instances (pixel data not needed); all must be in
+    ``interp.study_instance_uid``. Raises :class:`SRBuildError` otherwise.
+    """
+    by_uid = _check_sources(interp, sources)
+    m = interp.model
+    sop_uid, series_uid = sr_uids(interp)
+
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid(m.weights_sha256, m.echonode_version),
+            name="echonode",
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{algorithm_name(m.architecture)} {m.name}"[:64],
+        ),
+    )
+    groups = []
+    index = 0
+    for t in interp.tasks.values():
+        groups.append(_task_group(interp, t, index, by_uid))
+        index += 1
+    lon = _longitudinal_group(interp, index, by_uid)
+    if lon is not None:
+        groups.append(lon)
+
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=C.ECHOCARDIOGRAPHY,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    # TID 1500 row 12: CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
+    qe = ContainerContentItem(name=C.QUALITATIVE_EVALUATIONS, relationship_type=CONTAINS)
+    items = []
+    if interp.demo:
+        items.append(_text(C.DEMO_BANNER, DEMO_BANNER))
+    items.append(_text(C.DISCLAIMER, interp.disclaimer))
+    for w in interp.warnings:
+        items.append(_text(C.PROCESSING_NOTE, w))
+    qe.ContentSequence = items
+    report[0].ContentSequence.append(qe)
+
+    description = (f"{DEMO_BANNER} EchoCLIP SR" if interp.demo
+                   else "EchoCLIP zero-shot SR for physician review")[:64]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=_evidence(list(by_uid.values())),
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=description,
+        coding_schemes=[CodingSchemeIdentificationItem(
+            designator=C.PRIVATE_SCHEME, name=C.PRIVATE_SCHEME_NAME,
+            responsible_organization=C.PRIVATE_SCHEME_ORG)],
+    )
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    sr.ManufacturerModelName = "echonode"
+    sr.SoftwareVersions = [__version__, m.weights_sha256[:16]]
+    return sr
