@@ -635,13 +635,12 @@ def _region_mask(ds, h: int, w: int) -> np.ndarray | None:
     return mask if found else None
 
 
-def _content_mask(frames: np.ndarray) -> np.ndarray:
-    """The ultrasound sector from image content.
+def _content_mask(frames: np.ndarray) -> np.ndarray | None:
+    """The ultrasound sector from image content, or None when nothing plausible is found.
 
     Pixels that change over time (or, for a single frame, that are not black) are
     opened morphologically (removing thin lines: ECG trace, calipers, text strokes);
-    the largest connected region is taken and filled to its convex hull. Falls back to
-    "everything" when nothing plausible is found, so masking never blanks a clip.
+    the largest connected region is taken and filled to its convex hull.
     """
     import cv2
 
@@ -659,10 +658,10 @@ def _content_mask(frames: np.ndarray) -> np.ndarray:
     opened = cv2.morphologyEx(opened, cv2.MORPH_CLOSE, kernel)
     n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     if n_lab <= 1:
-        return np.ones((h, w), bool)
+        return None
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if stats[biggest, cv2.CC_STAT_AREA] < 0.02 * h * w:
-        return np.ones((h, w), bool)
+        return None
     pts = cv2.findNonZero((labels == biggest).astype(np.uint8))
     hull = cv2.convexHull(pts)
     mask = np.zeros((h, w), np.uint8)
@@ -675,16 +674,29 @@ def _sector_mask_impl(frames: np.ndarray, ds=None) -> np.ndarray:
     if frames.ndim == 3 and frames.shape[-1] == 3:  # one (H, W, 3) frame
         frames = frames[None]
     h, w = frames.shape[1:3]
-    m = _region_mask(ds, h, w)
-    return m if m is not None else _content_mask(frames)
+    region = _region_mask(ds, h, w)
+    if region is not None:
+        # The region rectangle still holds text and markers burned in beside the fan:
+        # refine it by content inside the rectangle; keep the rectangle if that fails.
+        inside = apply_mask(frames, region)
+        content = _content_mask(inside)
+        if content is not None:
+            content &= region
+            if content.sum() >= 0.2 * region.sum():
+                return content
+        return region
+    content = _content_mask(frames)
+    return content if content is not None else np.ones((h, w), bool)
 
 
 def sector_mask(frames: np.ndarray, ds=None) -> np.ndarray:
     """Boolean (H, W) mask of the ultrasound sector (True = keep).
 
-    From the 2D regions of the Sequence of Ultrasound Regions (PS3.3 C.8.5.5) when
-    ``ds`` has them and they fit the image, otherwise from the image content
-    (see :func:`_content_mask`). ``frames``: (T, H, W, 3) or (T, H, W).
+    From the 2D regions (Region Spatial Format 1) of the Sequence of Ultrasound
+    Regions (PS3.3 C.8.5.5) when ``ds`` has them and they fit the image, refined by
+    the image content inside them; otherwise from the image content alone (see
+    :func:`_content_mask`). When nothing plausible is found the mask keeps everything,
+    so masking never blanks a clip. ``frames``: (T, H, W, 3) or (T, H, W).
     """
     return _sector_mask_impl(frames, ds)
 
