@@ -1,0 +1,85 @@
+"""PromptCAM Secondary Capture overlays: valid (dciodvfy), same study, burned-in legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from echonode.dicom.overlays import blend, build_overlays, jet, render_overlay
+from echonode.dicom.result_uids import result_uid
+from tests.fixtures.interp import dciodvfy, make_interpretation, make_sources
+
+
+@pytest.fixture(scope="module")
+def sources(realworld_dir):
+    return make_sources(realworld_dir)
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_overlays_valid_same_study_own_series(sources, tmp_path, demo):
+    interp = make_interpretation(sources, demo=demo)
+    scs = build_overlays(interp, sources)
+    assert len(scs) == len(interp.promptcams) == 2
+    m = interp.model
+    for i, (sc, cam) in enumerate(zip(scs, interp.promptcams)):
+        path = tmp_path / f"sc{i}.dcm"
+        sc.save_as(path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [] and warnings == []
+        back = pydicom.dcmread(path)
+        assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert back.StudyInstanceUID == interp.study_instance_uid
+        assert back.PatientID == sources[0].PatientID
+        assert back.SeriesInstanceUID not in {s.SeriesInstanceUID for s in sources}
+        assert back.SeriesInstanceUID == result_uid(interp.study_instance_uid, m.weights_sha256,
+                                                    m.echonode_version, "sc-series")
+        assert back.SOPInstanceUID == result_uid(interp.study_instance_uid, m.weights_sha256,
+                                                 m.echonode_version, "sc", i)
+        assert back.BurnedInAnnotation == "YES"
+        assert back.PhotometricInterpretation == "RGB" and back.SamplesPerPixel == 3
+        assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == cam.sop_instance_uid
+        assert back.SourceImageSequence[0].ReferencedFrameNumber == cam.frame_index + 1
+        assert ("DEMO MODEL" in back.SeriesDescription) is demo
+        px = back.pixel_array
+        h, w = cam.frame.shape[:2]
+        assert px.shape[1] == w and px.shape[0] > h  # legend band below the image
+    assert len({sc.SOPInstanceUID for sc in scs}) == 2
+
+
+def test_demo_banner_is_burned_in(sources):
+    """The demo render differs from the clinical one in the banner rows: red pixels appear."""
+    clinical = make_interpretation(sources, demo=False)
+    demo = make_interpretation(sources, demo=True)
+    a = render_overlay(clinical, clinical.promptcams[0])
+    b = render_overlay(demo, demo.promptcams[0])
+    h = clinical.promptcams[0].frame.shape[0]
+    # top banner across the image: dark red background
+    top = b[2:10, :, :].astype(int)
+    assert np.mean((top[..., 0] > 100) & (top[..., 1] < 40) & (top[..., 2] < 40)) > 0.5
+    assert not np.array_equal(a[:h], b[:h])
+    # legend: the first text line is the demo banner, drawn in red (the colour bar is lower)
+    def red(rows):
+        rows = rows.astype(int)
+        return np.any((rows[..., 0] > 200) & (rows[..., 1] < 100) & (rows[..., 2] < 100))
+    assert red(b[h + 2:h + 20])
+    assert not red(a[h + 2:h + 20])
+
+
+def test_heatmap_is_blended_where_salient():
+    frame = np.full((40, 60, 3), 100, np.uint8)
+    heat = np.zeros((40, 60), np.float32)
+    heat[10:20, 10:20] = 1.0
+    out = blend(frame, heat)
+    assert np.array_equal(out[30:, 40:], frame[30:, 40:])  # cold: unchanged
+    hot = out[15, 15].astype(int)
+    assert hot[0] > 100 and hot[2] < 100  # jet red blended in
+    assert tuple(jet(np.array([0.0]))[0]) == (0, 0, 128) or jet(np.array([0.0]))[0, 2] > 100
+    assert tuple(jet(np.array([1.0]))[0])[0] > 100 and jet(np.array([1.0]))[0, 2] == 0
+    with pytest.raises(ValueError, match="does not match"):
+        blend(frame, np.zeros((5, 5), np.float32))
+
+
+def test_no_promptcams_no_overlays(sources):
+    interp = make_interpretation(sources, promptcams=False)
+    assert build_overlays(interp, sources) == []
