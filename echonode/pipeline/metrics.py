@@ -1,0 +1,204 @@
+"""Prometheus metrics (plain-text exposition format 0.0.4) and ``/healthz``.
+
+Two kinds of numbers:
+
+* in-process counters of the node process (associations, instances and bytes received,
+  delivery outcomes, dispatched jobs), incremented through :data:`REGISTRY`;
+* gauges read from SQL at scrape time (jobs by state, job durations, stored instances
+  and bytes, outbox rows by state), so they are right whichever process did the work
+  (the node, an embedded worker, or GPU workers on other machines).
+
+``serve_metrics(settings, stop)`` runs the HTTP endpoint on ``metrics.host:metrics.port``
+(loopback by default): ``GET /metrics`` and ``GET /healthz`` (200 ``ok`` when the
+database answers, else 503 with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Optional
+
+log = logging.getLogger("echonode.metrics")
+
+# job duration histogram buckets (seconds)
+DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items())) + "}"
+
+
+def _num(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    if float(v).is_integer():
+        return str(int(v))
+    return repr(float(v))
+
+
+class Registry:
+    """Thread-safe counters: ``inc(name, value=1, **labels)``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[tuple, float]] = {}
+        self._help: dict[str, str] = {}
+
+    def describe(self, name: str, help_text: str) -> None:
+        self._help[name] = help_text
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            series[key] = series.get(key, 0.0) + float(value)
+
+    def get(self, name: str, **labels: str) -> float:
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self._lock:
+            return self._counters.get(name, {}).get(key, 0.0)
+
+    def render(self) -> list[str]:
+        lines: list[str] = []
+        with self._lock:
+            items = {n: dict(s) for n, s in self._counters.items()}
+        for name in sorted(set(items) | set(self._help)):
+            lines.append(f"# HELP {name} {self._help.get(name, name)}")
+            lines.append(f"# TYPE {name} counter")
+            for key, val in sorted(items.get(name, {}).items()):
+                lines.append(f"{name}{_labels(dict(key))} {_num(val)}")
+        return lines
+
+
+REGISTRY = Registry()
+REGISTRY.describe("echonode_associations_total", "DICOM associations handled by this node process, by result")
+REGISTRY.describe("echonode_instances_received_total", "C-STORE requests answered, by status")
+REGISTRY.describe("echonode_received_bytes_total", "Bytes of instances stored by this node process")
+REGISTRY.describe("echonode_jobs_dispatched_total", "Analysis jobs sent to the queue by this node process")
+REGISTRY.describe("echonode_deliveries_total", "Delivery attempts of result objects, by outcome")
+
+
+def _gauge(lines: list[str], name: str, help_text: str, values: Iterable[tuple[dict, float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} gauge")
+    for labels, v in values:
+        lines.append(f"{name}{_labels(labels)} {_num(v)}")
+
+
+def _histogram(lines: list[str], name: str, help_text: str, samples: list[float]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    for b in DURATION_BUCKETS:
+        lines.append(f'{name}_bucket{{le="{_num(b)}"}} {sum(1 for s in samples if s <= b)}')
+    lines.append(f'{name}_bucket{{le="+Inf"}} {len(samples)}')
+    lines.append(f"{name}_sum {_num(round(sum(samples), 6))}")
+    lines.append(f"{name}_count {len(samples)}")
+
+
+def sql_metrics(session_factory) -> list[str]:
+    """Gauges and the job-duration histogram, read from SQL."""
+    from echonode.store import results as rs
+
+    lines: list[str] = []
+    with session_factory() as s:
+        counts = rs.job_counts(s)
+        totals = rs.ingest_totals(s)
+        durations = rs.job_durations(s)
+        outbox = _outbox_counts(s)
+    _gauge(lines, "echonode_jobs", "Analysis jobs by state", [({"state": k}, v) for k, v in sorted(counts.items())])
+    _gauge(lines, "echonode_instances_stored", "Instances in the index", [({}, totals["instances"])])
+    _gauge(lines, "echonode_stored_bytes", "Bytes of stored instances", [({}, totals["bytes"])])
+    _histogram(lines, "echonode_job_duration_seconds", "Analysis job run time (most recent 1000 done jobs)",
+               durations)
+    if outbox is not None:
+        _gauge(lines, "echonode_outbox", "Result objects in the outbox by state",
+               [({"state": k}, v) for k, v in sorted(outbox.items())])
+    return lines
+
+
+def _outbox_counts(session) -> Optional[dict[str, int]]:
+    try:
+        from echonode.store import outbox
+    except ImportError:
+        return None
+    fn = getattr(outbox, "counts_by_state", None) or getattr(outbox, "state_counts", None)
+    if fn is None:
+        return None
+    try:
+        return {str(k): int(v) for k, v in dict(fn(session)).items()}
+    except Exception:  # pragma: no cover - a metrics scrape never fails on the outbox
+        log.debug("outbox counts unavailable", exc_info=True)
+        return None
+
+
+def render(session_factory=None, extra: Optional[Callable[[], list[str]]] = None) -> str:
+    lines = REGISTRY.render()
+    if session_factory is not None:
+        lines += sql_metrics(session_factory)
+    if extra is not None:
+        lines += extra()
+    return "\n".join(lines) + "\n"
+
+
+def health(session_factory) -> tuple[bool, str]:
+    from sqlalchemy import text
+    try:
+        with session_factory() as s:
+            s.execute(text("SELECT 1"))
+        return True, "ok"
+    except Exception as exc:
+        return False, f"database unavailable: {type(exc).__name__}"
+
+
+class MetricsServer:
+    """``/metrics`` and ``/healthz`` in a background thread."""
+
+    def __init__(self, host: str, port: int, session_factory, extra: Optional[Callable[[], list[str]]] = None,
+                 health_extra: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
+        sf, ex, hx = session_factory, extra, health_extra
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    try:
+                        body, code = render(sf, ex).encode(), 200
+                    except Exception as exc:
+                        body, code = f"# metrics unavailable: {type(exc).__name__}\n".encode(), 500
+                    ctype = "text/plain; version=0.0.4; charset=utf-8"
+                elif path == "/healthz":
+                    ok, msg = health(sf)
+                    if ok and hx is not None:
+                        ok, msg = hx()
+                    body, code, ctype = (msg + "\n").encode(), (200 if ok else 503), "text/plain; charset=utf-8"
+                else:
+                    body, code, ctype = b"not found\n", 404, "text/plain; charset=utf-8"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):  # quiet: no access log lines
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

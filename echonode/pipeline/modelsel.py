@@ -1,0 +1,78 @@
+"""Which model bundles the pipeline uses, and what to tell the user when there is none.
+
+Order: the EchoCLIP bundle found by ``echonode.model.bundle.resolve_model(settings)``
+(``model.clip_model`` under ``models_dir``, or an absolute path); else, only when
+``model.allow_demo_model = true`` (``echonode demo`` sets it; the default is false), the
+tiny phantom-trained demo bundle shipped in ``echonode/data/demo-model`` — whose every
+output says DEMO MODEL — NOT FOR CLINICAL USE. Otherwise jobs wait in state
+``waiting_model`` with :func:`no_model_message`, and run once a model is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from echonode.config import Settings
+
+log = logging.getLogger("echonode.pipeline")
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-model"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    clip: Optional[Any]          # Bundle, or None when no model is available
+    r: Optional[Any]             # EchoCLIP-R Bundle (longitudinal comparison), optional
+    demo: bool
+    message: str                 # why there is no model / which model is used
+
+    @property
+    def available(self) -> bool:
+        return self.clip is not None
+
+
+def no_model_message(settings: Settings, detail: str = "") -> str:
+    where = settings.models_path
+    msg = (f"no EchoCLIP model installed (looked for '{settings.model.clip_model}' in {where})"
+           + (f": {detail}" if detail else "") + ". Analysis jobs wait in state waiting_model and run once "
+           "a model is installed: `echonode models import <published weights file or folder>` "
+           "(or `echonode models download` on a machine with internet access). "
+           "For a demonstration only, set model.allow_demo_model = true "
+           "(tiny demo model, DEMO MODEL — NOT FOR CLINICAL USE).")
+    return msg
+
+
+def _resolve(settings: Settings, which: str):
+    from echonode.model.bundle import resolve_model
+    return resolve_model(settings, which=which)
+
+
+def choose_models(settings: Settings, *, verify: bool = False) -> ModelChoice:
+    """The bundles to use now. Never raises for a missing model; a broken one is reported."""
+    detail = ""
+    try:
+        clip = _resolve(settings, "clip")
+    except Exception as exc:  # BundleError: a broken bundle must not look like "absent"
+        clip, detail = None, f"{type(exc).__name__}: {exc}"
+    try:
+        r = _resolve(settings, "r") if clip is not None else None
+    except Exception as exc:
+        log.warning("EchoCLIP-R bundle unusable, longitudinal comparison off: %s", exc)
+        r = None
+    if clip is not None and getattr(clip, "demo", False) and not settings.model.allow_demo_model:
+        return ModelChoice(None, None, False, no_model_message(
+            settings, "the installed bundle is a demo model and model.allow_demo_model is false"))
+    if clip is not None:
+        return ModelChoice(clip, r, bool(getattr(clip, "demo", False)),
+                           f"model {getattr(clip, 'name', '?')} ({str(getattr(clip, 'weights_sha256', ''))[:12]})")
+    if settings.model.allow_demo_model and DEMO_MODEL_DIR.is_dir():
+        from echonode.model.bundle import Bundle
+        try:
+            demo = Bundle.open(DEMO_MODEL_DIR, verify=verify)
+        except Exception as exc:
+            return ModelChoice(None, None, False, no_model_message(settings, f"demo model unusable: {exc}"))
+        return ModelChoice(demo, None, True, "DEMO MODEL — NOT FOR CLINICAL USE (no EchoCLIP weights installed)")
+    return ModelChoice(None, None, False, no_model_message(settings, detail))

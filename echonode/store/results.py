@@ -1,0 +1,469 @@
+"""Pipeline tables and the pipeline's SQL: interpretations, study embeddings, job dispatch.
+
+Schema revision ``0003_results`` (``store/migrations/versions/0003_results.py``)
+creates exactly these tables; change both together.
+
+* ``interpretations``   one row per analysis job: the Interpretation as JSON (the
+  contract of ``echonode.interpretation``), the model checksum and when it was made.
+* ``study_embeddings``  EchoCLIP-R study embeddings (float32 bytes) keyed by study and
+  model checksum, with a *patient key* (sha256 of issuer + PatientID, so no patient
+  identifier is copied into this table) and the study date: the priors of a later study
+  of the same patient come from here.
+* ``job_dispatch``      the pipeline's bookkeeping for ``analysis_jobs`` rows (table of the
+  ingest area): when a job was turned into a Celery message, by which process, and the
+  running worker's heartbeat. A row is *claimed* with a conditional UPDATE, so several
+  node processes never send the same job twice, and a worker that died (heartbeat
+  older than the lease) is detected from SQL alone, whatever the broker.
+
+Job state transitions of the pipeline (``queued → running → done|failed``,
+``queued ⇄ waiting_model``) are conditional UPDATEs here too: a task that finds its job
+already running elsewhere or done does nothing, which makes every task idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from sqlalchemy import (DateTime, ForeignKey, Integer, LargeBinary, String, Text, Boolean,
+                        UniqueConstraint, and_, delete, func, or_, select, update)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from echonode.store.base import Base
+from echonode.store.models import (JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STATES,
+                                   JOB_WAITING_MODEL, DECISION_ANALYSE, AnalysisJob, Instance,
+                                   Patient, Series, Study, utcnow)
+
+
+class InterpretationRow(Base):
+    __tablename__ = "interpretations"
+    __table_args__ = (UniqueConstraint("job_id", name="uq_interpretations_job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("analysis_jobs.id"), nullable=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    demo: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    interpretation: Mapped[str] = mapped_column(Text, nullable=False)   # Interpretation.to_json()
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
+
+
+class StudyEmbedding(Base):
+    __tablename__ = "study_embeddings"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "model_sha256",
+                                       name="uq_study_embeddings_study_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    patient_key: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    study_date: Mapped[str] = mapped_column(String(8), nullable=False, default="")
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)   # float32, little endian
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class JobDispatch(Base):
+    __tablename__ = "job_dispatch"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("analysis_jobs.id"), primary_key=True)
+    dispatches: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    dispatched_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+    dispatched_by: Mapped[Optional[str]] = mapped_column(String(128))
+    task_id: Mapped[Optional[str]] = mapped_column(String(64))
+    worker: Mapped[Optional[str]] = mapped_column(String(128))
+    heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def patient_key(patient_id: Optional[str], issuer: Optional[str]) -> str:
+    """A stable key for (PatientID, IssuerOfPatientID) that is not the identifier itself."""
+    raw = f"{issuer or ''}\x00{patient_id or ''}".encode("utf-8")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _vec_to_bytes(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(np.asarray(v, dtype="<f4").reshape(-1)).tobytes()
+
+
+def _bytes_to_vec(b: bytes, dim: int) -> np.ndarray:
+    v = np.frombuffer(b, dtype="<f4")
+    if v.size != dim:
+        raise ValueError(f"stored embedding has {v.size} values, expected {dim}")
+    return v.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- study context
+
+@dataclass(frozen=True)
+class ClipRow:
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    path: str                 # relative to data_dir (as stored by ingest)
+    number_of_frames: Optional[int]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything a worker needs from SQL to analyse one job (no pixels)."""
+
+    job_id: int
+    state: str
+    study_instance_uid: str
+    study_version: int
+    study_date: str
+    patient_key: str
+    clips: tuple[ClipRow, ...]          # instances with decision "analyse"
+    all_paths: tuple[str, ...]          # every instance of the study (relative paths)
+
+
+def job_context(session: Session, job_id: int) -> Optional[JobContext]:
+    job = session.get(AnalysisJob, job_id)
+    if job is None:
+        return None
+    study = session.get(Study, job.study_pk)
+    pkey = patient_key("", "")
+    if study is not None and study.patient_pk is not None:
+        pat = session.get(Patient, study.patient_pk)
+        if pat is not None:
+            pkey = patient_key(pat.patient_id, pat.issuer)
+    rows = session.execute(
+        select(Instance, Series.series_instance_uid)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Instance.study_pk == job.study_pk)
+        .order_by(Series.series_number, Instance.instance_number, Instance.id)
+    ).all()
+    clips = tuple(ClipRow(i.sop_instance_uid, s_uid, i.sop_class_uid, i.path, i.number_of_frames)
+                  for i, s_uid in rows if i.decision == DECISION_ANALYSE)
+    return JobContext(job_id=job.id, state=job.state, study_instance_uid=job.study_instance_uid,
+                      study_version=job.study_version,
+                      study_date=(study.study_date or "") if study is not None else "",
+                      patient_key=pkey, clips=clips, all_paths=tuple(i.path for i, _ in rows))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def _dispatch_row(session: Session, job_id: int) -> JobDispatch:
+    row = session.get(JobDispatch, job_id)
+    if row is None:
+        row = JobDispatch(job_id=job_id, dispatches=0)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def ensure_dispatch_rows(session: Session) -> int:
+    """Create the (unclaimed) dispatch row of every queued job that has none. Returns how many."""
+    missing = session.execute(
+        select(AnalysisJob.id).outerjoin(JobDispatch, JobDispatch.job_id == AnalysisJob.id)
+        .where(AnalysisJob.state == JOB_QUEUED, JobDispatch.job_id.is_(None))
+    ).scalars().all()
+    for jid in missing:
+        session.add(JobDispatch(job_id=jid, dispatches=0))
+    if missing:
+        try:
+            session.flush()
+        except Exception:  # another process created them first; the caller retries next tick
+            session.rollback()
+            return 0
+    return len(missing)
+
+
+def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 100) -> list[tuple[int, int]]:
+    """Queued jobs never sent, or sent so long ago that the message must be lost.
+
+    Returns ``(job_id, dispatches)`` pairs; claim each with :func:`claim_dispatch`.
+    """
+    cutoff = utcnow() - dt.timedelta(seconds=redispatch_after_s)
+    rows = session.execute(
+        select(JobDispatch.job_id, JobDispatch.dispatches)
+        .join(AnalysisJob, AnalysisJob.id == JobDispatch.job_id)
+        .where(AnalysisJob.state == JOB_QUEUED,
+               or_(JobDispatch.dispatched_at.is_(None), JobDispatch.dispatched_at < cutoff))
+        .order_by(AnalysisJob.id).limit(limit)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def claim_dispatch(session: Session, job_id: int, seen_dispatches: int, who: str, task_id: str) -> bool:
+    """Conditional UPDATE: True for exactly one caller per (job, dispatch number)."""
+    res = session.execute(
+        update(JobDispatch)
+        .where(JobDispatch.job_id == job_id, JobDispatch.dispatches == seen_dispatches)
+        .values(dispatches=seen_dispatches + 1, dispatched_at=utcnow(), dispatched_by=who[:128],
+                task_id=task_id[:64])
+    )
+    return res.rowcount == 1
+
+
+def reset_dispatch(session: Session, job_ids: Iterable[int]) -> None:
+    """Forget that these jobs were sent (they are queued again and will be re-sent)."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(JobDispatch).where(JobDispatch.job_id.in_(ids))
+                        .values(dispatched_at=None, worker=None, heartbeat_at=None))
+
+
+# --------------------------------------------------------------------------- job transitions
+
+def start_job(session: Session, job_id: int, worker: str) -> bool:
+    """queued → running (attempts + 1). False if the job is not queued (done, running elsewhere…)."""
+    now = utcnow()
+    res = session.execute(
+        update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_QUEUED)
+        .values(state=JOB_RUNNING, attempts=AnalysisJob.attempts + 1, started_at=now,
+                updated_at=now, error=None, finished_at=None)
+    )
+    if res.rowcount != 1:
+        return False
+    row = _dispatch_row(session, job_id)
+    row.worker = worker[:128]
+    row.heartbeat_at = now
+    return True
+
+
+def heartbeat(session: Session, job_id: int, worker: str) -> bool:
+    res = session.execute(update(JobDispatch).where(JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128])
+                          .values(heartbeat_at=utcnow()))
+    return res.rowcount == 1
+
+
+def finish_job(session: Session, job_id: int, worker: str) -> bool:
+    """running → done, only by the worker that runs it."""
+    now = utcnow()
+    owned = select(JobDispatch.job_id).where(JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128])
+    res = session.execute(
+        update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_RUNNING,
+                                  AnalysisJob.id.in_(owned))
+        .values(state=JOB_DONE, finished_at=now, updated_at=now, error=None)
+    )
+    return res.rowcount == 1
+
+
+def fail_job(session: Session, job_id: int, error: str, worker: Optional[str] = None) -> bool:
+    """running (or queued) → failed with an error message."""
+    now = utcnow()
+    cond = [AnalysisJob.id == job_id, AnalysisJob.state.in_((JOB_RUNNING, JOB_QUEUED))]
+    if worker is not None:
+        cond.append(or_(AnalysisJob.state == JOB_QUEUED,
+                        AnalysisJob.id.in_(select(JobDispatch.job_id).where(
+                            JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128]))))
+    res = session.execute(update(AnalysisJob).where(*cond)
+                          .values(state=JOB_FAILED, error=error[:4000], finished_at=now, updated_at=now))
+    return res.rowcount == 1
+
+
+def set_waiting_model(session: Session, message: str, job_ids: Optional[Sequence[int]] = None) -> int:
+    """queued (or the given running jobs) → waiting_model with ``message``. Returns count."""
+    now = utcnow()
+    if job_ids is None:
+        cond = [AnalysisJob.state == JOB_QUEUED]
+    else:
+        cond = [AnalysisJob.id.in_(list(job_ids)), AnalysisJob.state.in_((JOB_QUEUED, JOB_RUNNING))]
+    ids = session.execute(select(AnalysisJob.id).where(*cond)).scalars().all()
+    if not ids:
+        return 0
+    res = session.execute(update(AnalysisJob).where(AnalysisJob.id.in_(ids), *cond)
+                          .values(state=JOB_WAITING_MODEL, error=message[:4000], updated_at=now))
+    reset_dispatch(session, ids)
+    return res.rowcount
+
+
+def release_waiting_model(session: Session) -> int:
+    """waiting_model → queued (a model is installed now). Returns count."""
+    ids = session.execute(select(AnalysisJob.id).where(AnalysisJob.state == JOB_WAITING_MODEL)).scalars().all()
+    if not ids:
+        return 0
+    res = session.execute(update(AnalysisJob).where(AnalysisJob.id.in_(ids), AnalysisJob.state == JOB_WAITING_MODEL)
+                          .values(state=JOB_QUEUED, error=None, updated_at=utcnow()))
+    reset_dispatch(session, ids)
+    return res.rowcount
+
+
+def reap_stale_jobs(session: Session, *, lease_s: float, max_attempts: int) -> tuple[list[int], list[int]]:
+    """Running jobs whose worker stopped heart-beating: back to queued, or failed after
+    ``max_attempts``. Returns ``(requeued_ids, failed_ids)``."""
+    cutoff = utcnow() - dt.timedelta(seconds=lease_s)
+    rows = session.execute(
+        select(AnalysisJob.id, AnalysisJob.attempts, JobDispatch.worker)
+        .outerjoin(JobDispatch, JobDispatch.job_id == AnalysisJob.id)
+        .where(AnalysisJob.state == JOB_RUNNING,
+               or_(JobDispatch.heartbeat_at.is_(None), JobDispatch.heartbeat_at < cutoff),
+               AnalysisJob.updated_at < cutoff)
+    ).all()
+    requeued, failed = [], []
+    now = utcnow()
+    for jid, attempts, worker in rows:
+        stale = and_(AnalysisJob.id == jid, AnalysisJob.state == JOB_RUNNING)
+        if attempts >= max_attempts:
+            res = session.execute(update(AnalysisJob).where(stale).values(
+                state=JOB_FAILED, finished_at=now, updated_at=now,
+                error=f"the worker stopped during analysis {attempts} time(s) (last: {worker or 'unknown'}); "
+                      f"giving up after queue.max_attempts={max_attempts}"))
+            if res.rowcount:
+                failed.append(jid)
+        else:
+            res = session.execute(update(AnalysisJob).where(stale).values(
+                state=JOB_QUEUED, updated_at=now,
+                error=f"worker {worker or 'unknown'} stopped during analysis; re-queued"))
+            if res.rowcount:
+                requeued.append(jid)
+    reset_dispatch(session, requeued)
+    return requeued, failed
+
+
+def retry_failed(session: Session, job_ids: Optional[Sequence[int]] = None) -> int:
+    cond = [AnalysisJob.state == JOB_FAILED]
+    if job_ids is not None:
+        cond.append(AnalysisJob.id.in_(list(job_ids)))
+    ids = session.execute(select(AnalysisJob.id).where(*cond)).scalars().all()
+    if not ids:
+        return 0
+    res = session.execute(update(AnalysisJob).where(AnalysisJob.id.in_(ids)).values(
+        state=JOB_QUEUED, attempts=0, error=None, updated_at=utcnow()))
+    reset_dispatch(session, ids)
+    return res.rowcount
+
+
+# --------------------------------------------------------------------------- results
+
+def save_interpretation(session: Session, job_id: Optional[int], interp: Any) -> int:
+    """Insert or replace the Interpretation of ``job_id`` (idempotent on re-runs)."""
+    payload = interp.to_json()
+    row = None
+    if job_id is not None:
+        row = session.execute(select(InterpretationRow).where(InterpretationRow.job_id == job_id)).scalar_one_or_none()
+    if row is None:
+        row = InterpretationRow(job_id=job_id, study_instance_uid=interp.study_instance_uid,
+                                model_sha256=interp.model.weights_sha256, demo=bool(interp.model.demo),
+                                interpretation=payload)
+        session.add(row)
+    else:
+        row.study_instance_uid = interp.study_instance_uid
+        row.model_sha256 = interp.model.weights_sha256
+        row.demo = bool(interp.model.demo)
+        row.interpretation = payload
+        row.created_at = utcnow()
+    session.flush()
+    return row.id
+
+
+def latest_interpretation(session: Session, study_uid: str) -> Optional[dict]:
+    row = session.execute(select(InterpretationRow).where(InterpretationRow.study_instance_uid == study_uid)
+                          .order_by(InterpretationRow.created_at.desc(), InterpretationRow.id.desc())
+                          .limit(1)).scalar_one_or_none()
+    return None if row is None else json.loads(row.interpretation)
+
+
+def recent_results(session: Session, limit: int = 10) -> list[dict]:
+    """Newest interpretations, summarised for ``echonode status`` (no patient data)."""
+    rows = session.execute(select(InterpretationRow).order_by(InterpretationRow.created_at.desc(),
+                                                              InterpretationRow.id.desc()).limit(limit)).scalars().all()
+    out = []
+    for r in rows:
+        d = json.loads(r.interpretation)
+        tasks = d.get("tasks", {})
+        lvef = tasks.get("lvef", {}).get("value") if isinstance(tasks.get("lvef"), dict) else None
+        lon = d.get("longitudinal") or {}
+        out.append({
+            "job_id": r.job_id, "study_instance_uid": r.study_instance_uid,
+            "created_at": r.created_at.isoformat(timespec="seconds") + "Z",
+            "model": (d.get("model") or {}).get("name", ""), "model_sha256": r.model_sha256[:12],
+            "demo": bool(r.demo), "clips": len(d.get("clips", ())), "lvef": lvef,
+            "priors": len(lon.get("priors", ()) or ()),
+        })
+    return out
+
+
+def save_study_embedding(session: Session, study_uid: str, pkey: str, study_date: str, model_sha256: str,
+                         vector: np.ndarray) -> None:
+    vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+    row = session.execute(select(StudyEmbedding).where(StudyEmbedding.study_instance_uid == study_uid,
+                                                       StudyEmbedding.model_sha256 == model_sha256)).scalar_one_or_none()
+    if row is None:
+        session.add(StudyEmbedding(study_instance_uid=study_uid, patient_key=pkey, study_date=study_date or "",
+                                   model_sha256=model_sha256, dim=int(vec.size), vector=_vec_to_bytes(vec)))
+    else:
+        row.patient_key, row.study_date, row.dim, row.vector = pkey, study_date or "", int(vec.size), _vec_to_bytes(vec)
+    session.flush()
+
+
+@dataclass(frozen=True)
+class PriorRow:
+    study_instance_uid: str
+    study_date: str
+    model_sha256: str
+    embedding: np.ndarray
+
+
+def prior_embeddings(session: Session, pkey: str, study_uid: str, study_date: str, model_sha256: str,
+                     limit: int = 20) -> list[PriorRow]:
+    """Earlier studies of the same patient (same PatientID + issuer) embedded with the same
+    EchoCLIP-R weights. "Earlier" is an earlier StudyDate; when either date is missing, a
+    study embedded before this one counts as earlier. Newest first."""
+    q = select(StudyEmbedding).where(StudyEmbedding.patient_key == pkey,
+                                     StudyEmbedding.model_sha256 == model_sha256,
+                                     StudyEmbedding.study_instance_uid != study_uid)
+    if study_date:
+        q = q.where(or_(and_(StudyEmbedding.study_date != "", StudyEmbedding.study_date < study_date),
+                        StudyEmbedding.study_date == ""))
+    rows = session.execute(q.order_by(StudyEmbedding.study_date.desc(), StudyEmbedding.created_at.desc())
+                           .limit(limit)).scalars().all()
+    return [PriorRow(r.study_instance_uid, r.study_date, r.model_sha256, _bytes_to_vec(r.vector, r.dim)) for r in rows]
+
+
+# --------------------------------------------------------------------------- status / metrics
+
+def job_counts(session: Session) -> dict[str, int]:
+    counts = {s: 0 for s in JOB_STATES}
+    for state, n in session.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all():
+        counts[state] = int(n)
+    return counts
+
+
+def waiting_model_message(session: Session) -> Optional[str]:
+    return session.execute(select(AnalysisJob.error).where(AnalysisJob.state == JOB_WAITING_MODEL)
+                           .order_by(AnalysisJob.id.desc()).limit(1)).scalar_one_or_none()
+
+
+def job_durations(session: Session, limit: int = 1000) -> list[float]:
+    """Seconds from start to finish of the most recent finished jobs."""
+    rows = session.execute(select(AnalysisJob.started_at, AnalysisJob.finished_at)
+                           .where(AnalysisJob.state == JOB_DONE, AnalysisJob.started_at.is_not(None),
+                                  AnalysisJob.finished_at.is_not(None))
+                           .order_by(AnalysisJob.id.desc()).limit(limit)).all()
+    return [max(0.0, (f - s).total_seconds()) for s, f in rows]
+
+
+def failed_jobs(session: Session, limit: int = 10) -> list[dict]:
+    rows = session.execute(select(AnalysisJob).where(AnalysisJob.state == JOB_FAILED)
+                           .order_by(AnalysisJob.id.desc()).limit(limit)).scalars().all()
+    return [{"job_id": j.id, "study_instance_uid": j.study_instance_uid, "attempts": j.attempts,
+             "error": j.error or ""} for j in rows]
+
+
+def ingest_totals(session: Session) -> dict[str, int]:
+    n, size = session.execute(select(func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))).one()
+    return {"instances": int(n), "bytes": int(size)}
+
+
+# --------------------------------------------------------------------------- embedded broker upkeep
+
+def purge_consumed_broker_messages(broker_engine, older_than_s: float = 86400.0) -> int:
+    """kombu's SQLAlchemy transport marks consumed messages invisible and never deletes
+    them; delete those older than ``older_than_s`` (the job rows are the truth)."""
+    from sqlalchemy import text
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=older_than_s)
+    with broker_engine.begin() as conn:
+        try:
+            res = conn.execute(text("DELETE FROM kombu_message WHERE visible = :f AND sent_at < :c"),
+                               {"f": False, "c": cutoff})
+        except Exception:   # table not created yet
+            return 0
+        return res.rowcount or 0

@@ -1,0 +1,285 @@
+"""Pipeline units against real SQLite and PostgreSQL and real brokers (embedded SQLite, Redis).
+
+Job rows, dispatch claims (exactly once across dispatchers), the lease reaper, waiting
+for a model, priors from SQL, the Celery configuration and the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from echonode.config import load_settings
+from echonode.store import db
+from echonode.store import results as rs
+from echonode.store.models import AnalysisJob, Instance, Patient, Series, Study, utcnow
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'echonode.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    db.migrate(url)
+    yield url
+    with db._engines_lock:
+        eng = db._engines.pop(url, None)
+    if eng is not None:
+        eng.dispose()
+
+
+def settings_for(tmp_path, db_url, **queue):
+    return load_settings(env={}, overrides={
+        "data_dir": str(tmp_path / "data"), "database_url": db_url,
+        "queue": queue, "stable": {"poll_s": 0.2}, "metrics": {"port": 0},
+    })
+
+
+def make_job(Session, n: int, *, patient="P1", issuer="", date="20240101", state="queued") -> int:
+    with Session.begin() as s:
+        pat = s.query(Patient).filter_by(patient_id=patient, issuer=issuer).one_or_none()
+        if pat is None:
+            pat = Patient(patient_id=patient, issuer=issuer)
+            s.add(pat)
+            s.flush()
+        st = Study(study_instance_uid=f"1.2.826.0.1.3680043.10.1.{n}", patient_pk=pat.id, study_date=date,
+                   state="queued")
+        s.add(st)
+        s.flush()
+        se = Series(series_instance_uid=f"1.2.826.0.1.3680043.10.2.{n}", study_pk=st.id, modality="US")
+        s.add(se)
+        s.flush()
+        s.add(Instance(sop_instance_uid=f"1.2.826.0.1.3680043.10.3.{n}", series_pk=se.id, study_pk=st.id,
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                       number_of_frames=40, path=f"instances/x/{n}.dcm", size=10, sha256="0" * 64,
+                       decision="analyse", reason="test"))
+        job = AnalysisJob(study_pk=st.id, study_instance_uid=st.study_instance_uid, study_version=1, state=state)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def job_state(Session, job_id):
+    with Session() as s:
+        j = s.get(AnalysisJob, job_id)
+        return j.state, j.attempts, j.error
+
+
+# --------------------------------------------------------------------------- job rows
+
+def test_job_transitions_are_conditional(db_url):
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    with Session.begin() as s:
+        assert rs.start_job(s, jid, "w1")
+    with Session.begin() as s:
+        assert not rs.start_job(s, jid, "w2"), "a running job must not be claimed twice"
+    with Session.begin() as s:
+        assert not rs.finish_job(s, jid, "w2"), "only the owner may finish"
+        assert rs.finish_job(s, jid, "w1")
+    assert job_state(Session, jid)[:2] == ("done", 1)
+    with Session.begin() as s:
+        assert not rs.start_job(s, jid, "w3"), "a done job is never re-run by a re-delivered message"
+
+    ctx_id = make_job(Session, 2)
+    with Session() as s:
+        ctx = rs.job_context(s, ctx_id)
+    assert ctx.study_instance_uid.endswith(".2") and len(ctx.clips) == 1
+    assert ctx.patient_key == rs.patient_key("P1", "") and "P1" not in ctx.patient_key
+
+
+def test_reaper_requeues_then_fails(db_url):
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    with Session.begin() as s:
+        assert rs.start_job(s, jid, "w1")
+    with Session.begin() as s:   # fresh heartbeat: nothing to reap
+        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [])
+    old = utcnow() - dt.timedelta(seconds=600)
+    with Session.begin() as s:
+        s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
+        s.query(rs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+    with Session.begin() as s:
+        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([jid], [])
+    state, attempts, err = job_state(Session, jid)
+    assert state == "queued" and attempts == 1 and "stopped" in err
+    with Session.begin() as s:
+        assert rs.start_job(s, jid, "w2")
+        s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
+        s.query(rs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+    with Session.begin() as s:
+        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [jid])
+    state, attempts, err = job_state(Session, jid)
+    assert state == "failed" and attempts == 2 and "max_attempts=2" in err
+
+
+def test_priors_same_patient_earlier_same_model(db_url):
+    Session = db.session_factory(db.get_engine(db_url))
+    me = rs.patient_key("P1", "ISS")
+    other = rs.patient_key("P1", "OTHER")   # same PatientID, another issuer: another patient
+    v = np.arange(8, dtype=np.float32)
+    with Session.begin() as s:
+        rs.save_study_embedding(s, "1.1", me, "20200101", "A" * 64, v)
+        rs.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 1)
+        rs.save_study_embedding(s, "1.3", me, "20220101", "B" * 64, v)      # other weights
+        rs.save_study_embedding(s, "1.4", other, "20210101", "A" * 64, v)   # other patient
+        rs.save_study_embedding(s, "1.5", me, "20250101", "A" * 64, v)      # later study
+        rs.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 2)  # re-run replaces
+    with Session() as s:
+        pri = rs.prior_embeddings(s, me, "1.9", "20240101", "A" * 64)
+    assert [p.study_instance_uid for p in pri] == ["1.2", "1.1"]
+    np.testing.assert_array_equal(pri[0].embedding, v + 2)
+    assert pri[0].study_date == "20220101"
+
+
+def test_save_interpretation_idempotent(db_url, tmp_path):
+    from echonode.interpretation import Interpretation, ModelInfo, TaskResult
+
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    interp = Interpretation(study_instance_uid="1.2.826.0.1.3680043.10.1.1",
+                            model=ModelInfo("demo", "tiny", "c" * 64, "clip-bpe", "0.1.0", demo=True),
+                            clips=(), tasks={"lvef": TaskResult("lvef", "LVEF", "regression", "m", value=55.0)})
+    with Session.begin() as s:
+        a = rs.save_interpretation(s, jid, interp)
+    with Session.begin() as s:
+        b = rs.save_interpretation(s, jid, interp)
+    assert a == b
+    with Session() as s:
+        recent = rs.recent_results(s)
+        assert len(recent) == 1 and recent[0]["lvef"] == 55.0 and recent[0]["demo"] is True
+        assert rs.latest_interpretation(s, interp.study_instance_uid)["banner"].startswith("DEMO MODEL")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+class _Choice:
+    def __init__(self, ok):
+        self.available, self.message = ok, ("model x" if ok else
+                                             "no EchoCLIP model installed: `echonode models import`")
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_dispatch_exactly_once_across_dispatchers(db_url, tmp_path, broker, request, monkeypatch):
+    from echonode.pipeline import modelsel
+    from echonode.pipeline.celery_app import make_app, queue_depths
+    from echonode.pipeline.service import Dispatcher
+
+    broker_url = request.getfixturevalue("redis_url") if broker == "redis" else ""
+    settings = settings_for(tmp_path, db_url, broker_url=broker_url)
+    Session = db.session_factory(db.get_engine(db_url))
+    jobs = [make_job(Session, i) for i in range(6)]
+    monkeypatch.setattr(modelsel, "choose_models", lambda s, **k: _Choice(True))
+    apps = [make_app(settings, with_tasks=False) for _ in range(3)]
+    dispatchers = [Dispatcher(settings, Session, a, who=f"node{i}") for i, a in enumerate(apps)]
+    barrier = threading.Barrier(len(dispatchers))
+    sent = []
+
+    def go(d):
+        barrier.wait()
+        sent.append(d.tick()["sent"])
+        sent.append(d.tick()["sent"])   # a second pass (a restart) sends nothing new
+
+    threads = [threading.Thread(target=go, args=(d,)) for d in dispatchers]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert sum(sent) == len(jobs), sent
+    assert queue_depths(settings, apps[0])["analyze"] == len(jobs)
+    with Session() as s:
+        rows = s.query(rs.JobDispatch).all()
+        assert sorted(r.job_id for r in rows) == jobs and all(r.dispatches == 1 for r in rows)
+    for a in apps:
+        a.close()
+
+
+def test_waiting_model_then_released(db_url, tmp_path, monkeypatch, caplog):
+    from echonode.pipeline import modelsel
+    from echonode.pipeline.celery_app import make_app
+    from echonode.pipeline.service import Dispatcher
+
+    settings = settings_for(tmp_path, db_url)
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    # the real model selection with an empty models dir and demo not allowed
+    choice = modelsel.choose_models(settings)
+    assert not choice.available and "echonode models import" in choice.message
+    assert "allow_demo_model" in choice.message
+    app = make_app(settings, with_tasks=False)
+    d = Dispatcher(settings, Session, app)
+    with caplog.at_level("WARNING", logger="echonode.pipeline"):
+        out = d.tick()
+    assert out["waiting_model"] == 1 and out["sent"] == 0
+    state, _, err = job_state(Session, jid)
+    assert state == "waiting_model" and "echonode models import" in err
+    assert any("echonode models import" in r.getMessage() for r in caplog.records)
+    with Session() as s:
+        assert "echonode models import" in rs.waiting_model_message(s)
+    monkeypatch.setattr(modelsel, "choose_models", lambda s, **k: _Choice(True))
+    out = d.tick() if d.model_available(force=True) else None
+    assert out["released"] == 1 and out["sent"] == 1
+    assert job_state(Session, jid)[0] == "queued"
+    app.close()
+
+
+def test_demo_model_needs_explicit_opt_in(tmp_path):
+    from echonode.pipeline import modelsel
+
+    base = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
+    assert base.model.allow_demo_model is False
+    assert not modelsel.choose_models(base).available
+    if not modelsel.DEMO_MODEL_DIR.is_dir():
+        pytest.skip("demo model not shipped yet")
+    demo = modelsel.choose_models(base.replace(model=__import__("dataclasses").replace(base.model,
+                                                                                      allow_demo_model=True)))
+    assert demo.available and demo.demo and "NOT FOR CLINICAL USE" in demo.message
+
+
+# --------------------------------------------------------------------------- celery config
+
+def test_celery_long_task_settings(tmp_path):
+    from echonode.pipeline.celery_app import broker_kind, make_app
+
+    s = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
+    app = make_app(s)
+    c = app.conf
+    assert s.broker.startswith("sqla+sqlite:///") and broker_kind(s.broker) == "sqla"
+    assert c.task_acks_late and c.task_reject_on_worker_lost and c.worker_prefetch_multiplier == 1
+    assert c.task_routes["echonode.analyse_study"]["queue"] == "analyze"
+    assert c.task_routes["echonode.deliver"]["queue"] == "deliver"
+    assert "echonode.analyse_study" in app.tasks and "echonode.deliver" in app.tasks
+    r = load_settings(env={}, overrides={"data_dir": str(tmp_path),
+                                         "queue": {"broker_url": "redis://127.0.0.1:6379/3",
+                                                   "visibility_timeout_s": 9000}})
+    assert make_app(r, with_tasks=False).conf.broker_transport_options == {"visibility_timeout": 9000}
+    app.close()
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_metrics_and_health(db_url, tmp_path):
+    from echonode.pipeline.metrics import REGISTRY, MetricsServer
+
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    with Session.begin() as s:
+        rs.start_job(s, jid, "w")
+        rs.finish_job(s, jid, "w")
+    REGISTRY.inc("echonode_associations_total", result="accepted")
+    srv = MetricsServer("127.0.0.1", 0, Session).start()
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=10).read().decode()
+        assert 'echonode_jobs{state="done"} 1' in body
+        assert "echonode_job_duration_seconds_count 1" in body
+        assert "echonode_instances_stored 1" in body
+        assert 'echonode_associations_total{result="accepted"}' in body
+        assert urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10).read() == b"ok\n"
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=10)
+    finally:
+        srv.stop()
