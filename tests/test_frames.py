@@ -1,0 +1,428 @@
+"""echonode.dicom.frames on every real-world ultrasound file, plus the edge cases.
+
+No mocks of decoders: every file is decoded by the installed plugins. The only
+monkeypatch simulates an absent JPEG XL decoder, to check the error's reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+
+from echonode.dicom import frames as fr  # noqa: E402
+from echonode.dicom.frames import (  # noqa: E402
+    Clip,
+    FrameDecodeError,
+    apply_mask,
+    count_frames,
+    frame_time_ms,
+    load_clip,
+    sector_mask,
+)
+
+from conftest import ECHOCLIP_DATA, REALWORLD  # noqa: E402
+
+US_FILES = sorted(REALWORLD.glob("us_multiframe/*.dcm")) + sorted(REALWORLD.glob("us_singleframe/*.dcm"))
+SR_FILES = sorted(REALWORLD.glob("sr/*.dcm"))
+MF = REALWORLD / "us_multiframe"
+SF = REALWORLD / "us_singleframe"
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    """max |R-G|, |G-B|, |R-B| per pixel."""
+    a = rgb.astype(np.int16)
+    return np.max(np.abs(np.stack([a[..., 0] - a[..., 1], a[..., 1] - a[..., 2], a[..., 0] - a[..., 2]])), axis=0)
+
+
+def test_realworld_files_present():
+    assert len(US_FILES) == 26, f"expected 26 ultrasound files under {REALWORLD}, found {len(US_FILES)}"
+    assert len(SR_FILES) == 4
+
+
+# --------------------------------------------------------------------------- every file
+
+
+@pytest.mark.parametrize("path", US_FILES, ids=lambda p: p.name)
+def test_every_us_file_decodes_to_expected_shape(path):
+    ds = _read(path)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assert count_frames(path) == n
+    if ts in fr.JPEGXL_SYNTAXES and fr._jpegxl_decoder() is None:
+        with pytest.raises(FrameDecodeError) as ei:
+            load_clip(path)
+        assert "no decoder installed for JPEG XL" in ei.value.reason and ts in ei.value.reason
+        return
+    clip = load_clip(path)
+    assert isinstance(clip, Clip)
+    assert clip.frames.shape == (n, rows, cols, 3)
+    assert clip.frames.dtype == np.uint8
+    assert clip.indices == list(range(n))
+    assert clip.n_frames == n
+    assert clip.source == "dicom"
+    assert clip.transfer_syntax == ts
+    assert clip.photometric == ds.PhotometricInterpretation
+    # Real images: not a constant frame (a broken decode often is).
+    assert clip.frames[0].std() > 1.0
+
+
+@pytest.mark.parametrize("path", SR_FILES, ids=lambda p: p.name)
+def test_sr_files_have_no_pixel_data(path):
+    with pytest.raises(FrameDecodeError) as ei:
+        load_clip(path)
+    assert ei.value.reason == "no pixel data"
+    assert count_frames(path) == 0
+
+
+def test_jpegxl_decodes_with_imagecodecs_or_says_why(monkeypatch):
+    path = MF / "dcm4che__will-jxl.dcm"
+    if fr._jpegxl_decoder() is not None:
+        clip = load_clip(path, [0, 26])
+        assert clip.frames.shape == (2, 708, 1016, 3)
+        # Colour-flow clip: red and blue flow both present (a YBR/RGB mix-up loses this).
+        f = clip.frames.astype(np.int16)
+        red = (f[..., 0] > 150) & (f[..., 2] < 80)
+        blue = (f[..., 2] > 150) & (f[..., 0] < 80)
+        assert red.sum() > 500 and blue.sum() > 500
+    monkeypatch.setattr(fr, "_jpegxl_decoder", lambda: None)
+    with pytest.raises(FrameDecodeError) as ei:
+        load_clip(path)
+    assert ei.value.reason.startswith("no decoder installed for JPEG XL JPEG Recompression (1.2.840.10008.1.2.4.111)")
+    assert "imagecodecs" in ei.value.reason
+    assert str(path) in str(ei.value)
+
+
+# --------------------------------------------------------------------------- frame selection
+
+
+def test_index_selection_returns_only_requested_frames_in_order():
+    path = MF / "orthanc-tests__Issue16.dcm"  # JPEG baseline, 34 frames, BOT
+    full = load_clip(path)
+    sel = load_clip(path, [33, 0, 2, 2])
+    assert sel.indices == [33, 0, 2, 2]
+    assert sel.n_frames == 34
+    assert sel.frames.shape == (4, 430, 480, 3)
+    for k, i in enumerate(sel.indices):
+        np.testing.assert_array_equal(sel.frames[k], full.frames[i])
+    empty = load_clip(path, [])
+    assert empty.frames.shape == (0, 430, 480, 3)
+    with pytest.raises(IndexError):
+        load_clip(path, [34])
+    with pytest.raises(IndexError):
+        load_clip(path, [-1])
+
+
+def test_fragmented_frames_without_offset_table():
+    # 8 frames in 44 fragments of 8 KiB, empty Basic Offset Table (dcmcjpeg +fs 8).
+    path = MF / "dicomParser__IM00001.fragmented_no_bot_jpeg_baseline.50.dcm"
+    full = load_clip(path)
+    last = load_clip(path, [7, 3])
+    np.testing.assert_array_equal(last.frames[0], full.frames[7])
+    np.testing.assert_array_equal(last.frames[1], full.frames[3])
+    assert not np.array_equal(full.frames[7], full.frames[0])
+
+
+def test_analysis_indices_on_long_clip():
+    path = MF / "pydicom-data__color3d_jpeg_baseline.dcm"  # 120 frames, empty BOT
+    idx = list(range(0, 40, 2))
+    clip = load_clip(path, idx)
+    assert clip.indices == idx and clip.frames.shape == (20, 480, 640, 3)
+    one = load_clip(path, [38])
+    np.testing.assert_array_equal(one.frames[0], clip.frames[-1])
+
+
+def test_dataset_input_equals_path_input():
+    path = MF / "dcm4che__US-PAL-8-10x-echo.dcm"
+    a = load_clip(path, [1, 9])
+    b = load_clip(_read(path), [1, 9])
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert count_frames(_read(path)) == 10
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def test_frame_timing_from_files():
+    assert load_clip(MF / "pydicom__examples_ybr_color.dcm", [0]).frame_time_ms == pytest.approx(33.333)
+    # FrameTime 30 wins over CineRate 33 (Frame Increment Pointer names FrameTime).
+    assert load_clip(MF / "orthanc-tests__Issue16.dcm", [0]).frame_time_ms == pytest.approx(30.0)
+    ds = _read(MF / "dicomParser__IM00001.implicit_little_endian.dcm")
+    vec = [float(x) for x in ds.FrameTimeVector]
+    assert load_clip(ds, [0]).frame_time_ms == pytest.approx(np.mean([v for v in vec if v > 0]))
+    assert load_clip(SF / "dcm4che__YBR_422.dcm").frame_time_ms is None
+
+
+def test_frame_timing_attributes():
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    assert frame_time_ms(ds) is None
+    ds.RecommendedDisplayFrameRate = 25
+    assert frame_time_ms(ds) == pytest.approx(40.0)
+    ds.CineRate = 50
+    assert frame_time_ms(ds) == pytest.approx(20.0)
+    ds.FrameTimeVector = [0, 10, 30]
+    assert frame_time_ms(ds) == pytest.approx(20.0)
+    ds.FrameTime = 33.3
+    assert frame_time_ms(ds) == pytest.approx(33.3)
+    ds.FrameIncrementPointer = 0x00181065  # says: use the Frame Time Vector
+    assert frame_time_ms(ds) == pytest.approx(20.0)
+
+
+# --------------------------------------------------------------------------- colour
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        SF / "dcm4che__YBR_FULL-RLE.dcm",  # RLE, YBR_FULL, planar configuration 1
+        MF / "orthanc-tests__Issue16.dcm",  # JPEG baseline YBR_FULL_422 (grey echo)
+        MF / "pydicom-data__color3d_jpeg_baseline.dcm",
+        SF / "dcm4che__YBR_422.dcm",  # native YBR_FULL_422
+        SF / "orthanc-tests__jp2k91YBR-ICT.dcm",  # JPEG 2000 YBR_ICT
+    ],
+    ids=lambda p: p.name,
+)
+def test_grey_ultrasound_stays_grey(path):
+    """B-mode pixels must come out with R≈G≈B; a skipped or doubled YBR→RGB
+    conversion turns grey into green or purple."""
+    ds = _read(path)
+    clip = load_clip(ds, [0])
+    region = fr._region_mask(ds, ds.Rows, ds.Columns)  # the 2D tissue region (not the UI)
+    assert region is not None
+    f = clip.frames[0]
+    tissue = (f.max(axis=-1) > 30) & region
+    assert tissue.sum() > 1000
+    assert np.mean(_chroma(f)[tissue] <= 6) > 0.9
+
+
+def test_monochrome_is_grey():
+    f = load_clip(SF / "fo-dicom__GH364.dcm").frames[0]
+    assert np.array_equal(f[..., 0], f[..., 1]) and np.array_equal(f[..., 1], f[..., 2])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        SF / "dcm4che__US-RGB-8-esopecho.dcm",
+        MF / "dbdicom__UltrasoundPaletteColor_0020.dcm",
+        MF / "dicomParser__IM00001.fragmented_no_bot_jpeg_baseline.50.dcm",
+        SF / "orthanc-tests__2023-04-21-RLEPlanarConfigurationYBR_FULL.dcm",
+    ],
+    ids=lambda p: p.name,
+)
+def test_colour_doppler_files_have_colour(path):
+    f = load_clip(path, [0]).frames[0]
+    assert np.mean(_chroma(f) > 60) > 0.002
+
+
+def test_ybr_jpeg_matches_native_rgb_of_same_clip():
+    rgb = load_clip(MF / "dicomParser__IM00001.implicit_little_endian.dcm").frames.astype(np.int16)
+    jpg = load_clip(MF / "dicomParser__IM00001.fragmented_no_bot_jpeg_baseline.50.dcm").frames.astype(np.int16)
+    assert np.abs(rgb - jpg).mean() < 4.0
+    assert np.abs(rgb.mean(axis=(0, 1, 2)) - jpg.mean(axis=(0, 1, 2))).max() < 2.0
+
+
+def test_jpeg2000_lossy_matches_lossless():
+    a = load_clip(SF / "pydicom-data__US1_J2KI.dcm").frames.astype(np.int16)  # YBR_ICT
+    b = load_clip(SF / "pydicom-data__US1_J2KR.dcm").frames.astype(np.int16)  # YBR_RCT
+    assert np.abs(a - b).mean() < 3.0
+
+
+def test_palette_rle_equals_palette_jpegls():
+    a = load_clip(MF / "dcm4che__US-PAL-8-10x-echo.dcm")
+    b = load_clip(MF / "dcm4che__jpeg-ls-Palette.dcm")
+    np.testing.assert_array_equal(a.frames, b.frames)
+
+
+def test_palette_8bit_index_16bit_lut_by_hand():
+    path = SF / "orthanc-tests__Implicit-vr-us-palette.dcm"
+    ds = _read(path)
+    idx = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+    luts = [
+        np.frombuffer(getattr(ds, f"{c}PaletteColorLookupTableData"), "<u2")
+        for c in ("Red", "Green", "Blue")
+    ]
+    want = np.stack([np.rint(lut[idx] / 257.0) for lut in luts], axis=-1).astype(np.uint8)
+    np.testing.assert_array_equal(load_clip(path).frames[0], want)
+
+
+def test_palette_16bit_segmented_lut():
+    path = SF / "pydicom-data__gdcm-US-ALOKA-16.dcm"
+    ds = _read(path)
+    assert ds.BitsAllocated == 16 and "SegmentedRedPaletteColorLookupTableData" in ds
+    f = load_clip(path).frames[0]
+    assert f.shape == (480, 640, 3) and f.dtype == np.uint8
+    # The two B-mode regions (x 32..639, y 24..415) are grey and use the 8-bit range.
+    bmode = f[24:416, 32:640]
+    assert np.mean(_chroma(bmode) <= 6) > 0.95
+    assert bmode.max() > 200 and np.mean(bmode > 20) > 0.2
+
+
+def test_planar_configuration_1_rgb_big_endian_by_hand():
+    path = SF / "dcm4che__US-RGB-8-epicard.dcm"
+    ds = _read(path)
+    assert ds.PlanarConfiguration == 1 and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    raw = np.frombuffer(ds.PixelData, np.uint8)[: 3 * ds.Rows * ds.Columns]
+    want = raw.reshape(3, ds.Rows, ds.Columns).transpose(1, 2, 0)
+    np.testing.assert_array_equal(load_clip(path).frames[0], want)
+
+
+def test_deflated_transfer_syntax(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    src = SF / "dcm4che__US-RGB-8-esopecho.dcm"
+    ds = _read(src)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = tmp_path / "deflated.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    assert _read(out).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    np.testing.assert_array_equal(load_clip(out).frames, load_clip(src).frames)
+
+
+def _mono_ds(arr: np.ndarray, photometric: str, bits: int, **extra):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16 if bits > 8 else 8
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.PixelData = arr.astype(np.uint16 if bits > 8 else np.uint8).tobytes()
+    return ds
+
+
+def test_monochrome_16bit_window_and_minmax_and_monochrome1():
+    arr = np.array([[0, 1000, 2000, 4095]], np.uint16)
+    # VOI window centre 2048 width 4096 → linear ramp over 0..4095
+    win = load_clip(_mono_ds(arr, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096)).frames[0, 0, :, 0]
+    assert win[0] == 0 and win[-1] == 255 and 55 < win[1] < 70 and 120 < win[2] < 135
+    # No window: min–max of the decoded frames
+    mm = load_clip(_mono_ds(arr, "MONOCHROME2", 12)).frames[0, 0, :, 0]
+    np.testing.assert_array_equal(mm, np.rint(arr[0] * 255.0 / 4095).astype(np.uint8))
+    inv = load_clip(_mono_ds(arr, "MONOCHROME1", 12)).frames[0, 0, :, 0]
+    np.testing.assert_array_equal(inv, 255 - mm)
+    eight = load_clip(_mono_ds(np.array([[0, 7, 200]], np.uint8), "MONOCHROME2", 8)).frames[0, 0]
+    np.testing.assert_array_equal(eight, [[0, 0, 0], [7, 7, 7], [200, 200, 200]])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_not_dicom_and_truncated(tmp_path):
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 64 + b"not dicom at all" * 20)
+    with pytest.raises(FrameDecodeError):
+        load_clip(junk)
+    src = MF / "orthanc-tests__Issue16.dcm"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(FrameDecodeError):
+        load_clip(cut)
+    with pytest.raises(FrameDecodeError) as ei:
+        load_clip(tmp_path / "missing.dcm")
+    assert "not found" in ei.value.reason
+
+
+# --------------------------------------------------------------------------- video
+
+
+def test_avi_reading(echoclip_data):
+    import cv2
+
+    path = echoclip_data / "example_video.avi"
+    assert count_frames(path) == 113
+    clip = load_clip(path)
+    assert clip.source == "video"
+    assert clip.frames.shape == (113, 224, 224, 3) and clip.frames.dtype == np.uint8
+    assert clip.n_frames == 113 and clip.indices == list(range(113))
+    assert clip.frame_time_ms and clip.frame_time_ms > 0
+    cap = cv2.VideoCapture(str(path))
+    for _ in range(10):
+        cap.read()
+    ok, bgr = cap.read()
+    cap.release()
+    assert ok
+    np.testing.assert_array_equal(clip.frames[10], bgr[..., ::-1])  # RGB, not BGR
+    idx = list(range(0, 40, 2))
+    sel = load_clip(path, idx)
+    np.testing.assert_array_equal(sel.frames, clip.frames[idx])
+    with pytest.raises(IndexError):
+        load_clip(path, [113])
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _synthetic_echo(t=8, h=200, w=240, seed=0):
+    """A speckled fan that changes every frame, static burned-in text, a moving ECG dot."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    fan = np.zeros((h, w), np.uint8)
+    cv2.ellipse(fan, (w // 2, 10), (150, 150), 0, 50, 130, 1, -1)
+    for k in range(t):
+        speckle = rng.integers(20, 220, size=(h, w), dtype=np.uint8)
+        frames[k][fan.astype(bool)] = speckle[fan.astype(bool), None]
+        cv2.putText(frames[k], "HR 61 bpm", (2, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+        frames[k, h - 12 : h - 10, 5 + 20 * k : 9 + 20 * k] = 200  # ECG sweep
+    return frames, fan.astype(bool)
+
+
+def test_sector_mask_from_content():
+    frames, fan = _synthetic_echo()
+    m = sector_mask(frames)
+    assert m.shape == fan.shape and m.dtype == bool
+    assert np.mean(m[fan]) > 0.97  # keeps the sector
+    assert not m[:25, :100].any()  # text blanked
+    assert not m[-14:, :].any()  # ECG trace blanked
+    masked = apply_mask(frames, m)
+    assert masked[:, ~m].max() == 0
+    np.testing.assert_array_equal(masked[:, m], frames[:, m])
+
+
+def test_sector_mask_uses_us_regions_and_load_clip_option():
+    path = MF / "fo-dicom__DIRW0007.dcm"  # 2D region x 27..548, y 48..391, text inside it
+    idx = list(range(0, 40, 2))
+    plain = load_clip(path, idx)
+    clip = load_clip(path, idx, sector_mask=True)
+    m = clip.mask
+    assert m is not None and m.shape == (456, 576)
+    assert not m[:48].any() and not m[392:].any() and not m[:, 549:].any()
+    assert 0.15 < m.mean() < 0.5
+    assert not m[60:200, 450:548].any()  # the text column right of the fan
+    assert m[300, 288]  # the heart
+    assert clip.frames[:, ~m].max() == 0
+    np.testing.assert_array_equal(clip.frames[:, m], plain.frames[:, m])
+
+
+def test_sector_mask_on_video_and_out_of_image_regions(echoclip_data):
+    m = sector_mask(load_clip(echoclip_data / "example_video.avi", range(0, 40, 2)).frames)
+    assert 0.3 < m.mean() < 0.9 and not m[0, 0] and m[112, 112]
+    # examples_ybr_color was downscaled without updating its US regions: content is used.
+    path = MF / "pydicom__examples_ybr_color.dcm"
+    ds = _read(path)
+    assert fr._region_mask(ds, ds.Rows, ds.Columns) is None
+    clip = load_clip(path, range(0, 30, 2), sector_mask=True)
+    assert 0.1 < clip.mask.mean() < 0.6
