@@ -37,6 +37,15 @@ class ServeContext:
 START_HOOKS: list[Callable[[ServeContext], Optional[Stoppable]]] = []
 
 
+def _pipeline_hook(ctx: ServeContext) -> Optional[Stoppable]:
+    """The pipeline: dispatcher of analysis jobs, embedded worker, metrics (echonode.pipeline.service)."""
+    from echonode.pipeline.service import serve_hook
+    return serve_hook(ctx)
+
+
+START_HOOKS.append(_pipeline_hook)
+
+
 class _Stop:
     def __init__(self, fn: Callable[[], None], name: str):
         self.fn, self.name = fn, name
@@ -94,6 +103,9 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    if getattr(args, "config", None):  # the embedded worker (a child process) reads the same file
+        import os
+        os.environ["ECHONODE_CONFIG"] = os.path.abspath(args.config)
     stop = threading.Event()
 
     def _signal(signum, _frame):

@@ -24,6 +24,8 @@ def collect_status(settings, *, study_limit: int = 200) -> dict:
     try:
         with db.session_factory(engine)() as session:
             out = collect_store(session, study_limit=study_limit)
+            from echonode.pipeline.statusinfo import pipeline_status
+            out.update(pipeline_status(settings, session))
     finally:
         engine.dispose()
     out["data_dir"] = str(settings.data_path)
@@ -45,6 +47,9 @@ def run(args) -> int:
     print(f"patients {status['patients']}  studies {status['study_count']}  series {status['series']}  "
           f"instances {status['instances']}")
     print("jobs: " + "  ".join(f"{k} {v}" for k, v in status["jobs"].items()))
+    from echonode.pipeline.statusinfo import format_pipeline
+    for line in format_pipeline(status):
+        print(line)
     if status["studies"]:
         print(f"{'study instance uid':64}  {'instances':>9}  {'clips':>5}  state")
         for s in status["studies"]:

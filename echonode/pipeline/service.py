@@ -48,6 +48,7 @@ class Dispatcher:
         self._model_msg = ""
         self._last_deliver_kick = 0.0
         self._last_purge = 0.0
+        self._wake = threading.Event()
 
     # -- model presence (cheap, cached for MODEL_CHECK_S)
     def model_available(self, force: bool = False) -> bool:
@@ -158,6 +159,10 @@ class Dispatcher:
         finally:
             eng.dispose()
 
+    def wake(self, *_args) -> None:
+        """Run the next pass now (the stable-study scheduler calls this for each new job)."""
+        self._wake.set()
+
     def run(self, stop: threading.Event) -> None:
         poll = max(0.2, float(self.settings.stable.poll_s))
         while not stop.is_set():
@@ -165,7 +170,17 @@ class Dispatcher:
                 self.tick()
             except Exception:
                 log.exception("dispatcher pass failed; retrying in %.1f s", poll)
-            stop.wait(poll)
+            self._wake.wait(poll)
+            self._wake.clear()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the embedded worker gets SIGTERM when ``serve`` dies, even by kill -9."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 class EmbeddedWorker:
@@ -191,7 +206,8 @@ class EmbeddedWorker:
 
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)  # the child gets exactly our settings: same config file and environment
-        p = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=_die_with_parent)
         log.info("embedded worker started (pid %d, queues %s, device %s)", p.pid, self.queues, self.device)
         return p
 
@@ -250,8 +266,12 @@ class PipelineService:
         self.metrics = None
         if use_metrics:
             from echonode.pipeline.metrics import MetricsServer
-            self.metrics = MetricsServer(settings.metrics.host, settings.metrics.port, self.Session,
-                                         extra=extra_metrics)
+            try:
+                self.metrics = MetricsServer(settings.metrics.host, settings.metrics.port, self.Session,
+                                             extra=extra_metrics)
+            except OSError as exc:  # the node still serves DICOM without its metrics endpoint
+                log.error("metrics endpoint %s:%d not started: %s (set metrics.port, or metrics.enabled = false)",
+                          settings.metrics.host, settings.metrics.port, exc)
 
     def start(self) -> "PipelineService":
         from echonode.pipeline.celery_app import broker_kind
@@ -267,6 +287,7 @@ class PipelineService:
 
     def stop(self) -> None:
         self._stop.set()
+        self.dispatcher.wake()
         self._thread.join(timeout=10)
         if self.worker is not None:
             self.worker.stop()
@@ -281,3 +302,11 @@ class PipelineService:
 def start(settings: Settings, config_path: Optional[str] = None, **kw) -> PipelineService:
     """Start the pipeline services of ``echonode serve``; call ``.stop()`` on shutdown."""
     return PipelineService(settings, config_path=config_path, **kw).start()
+
+
+def serve_hook(ctx) -> PipelineService:
+    """``echonode serve`` start-up hook: dispatcher, embedded worker, metrics."""
+    svc = PipelineService(ctx.settings, config_path=os.environ.get("ECHONODE_CONFIG") or None)
+    if ctx.scheduler is not None and getattr(ctx.scheduler, "on_job", None) is None:
+        ctx.scheduler.on_job = svc.dispatcher.wake   # dispatch new jobs at once, not at the next poll
+    return svc.start()
