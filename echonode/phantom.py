@@ -235,9 +235,15 @@ def _radial_distance(X, Y, cx, cy, ax, ay, angle=0.0):
 
 
 def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, cols: int = 256,
-                frame_time_ms: float = 1000.0 / 30, seed: int = 0, ecg: bool = True) -> np.ndarray:
-    """Render a phantom A4C cine loop: uint8 RGB array (n_frames, rows, cols, 3)."""
+                frame_time_ms: float = 1000.0 / 30, seed: int = 0, ecg: bool = True,
+                anatomy_seed: Optional[int] = None) -> np.ndarray:
+    """Render a phantom A4C cine loop: uint8 RGB array (n_frames, rows, cols, 3).
+
+    ``anatomy_seed`` fixes the patient's own anatomy (chamber proportions, septum
+    position, sector set-up) across studies; ``seed`` drives speckle and cycle phase.
+    """
     rng = np.random.default_rng(seed)
+    arng = np.random.default_rng(anatomy_seed) if anatomy_seed is not None else rng
     H, W = int(rows), int(cols)
     px = 1.0 / H  # normalised units (depth 0..1) per pixel, isotropic
     xs = (np.arange(W) - W / 2 + 0.5) * px
@@ -246,15 +252,15 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
 
     # --- sector geometry (apex at the top centre)
     apex_y = 0.03
-    half_angle = math.radians(rng.uniform(36, 41))
-    depth = rng.uniform(0.80, 0.84)
+    half_angle = math.radians(arng.uniform(36, 41))
+    depth = arng.uniform(0.80, 0.84)
     R = np.hypot(X, Y - apex_y)
     TH = np.arctan2(X, Y - apex_y)
     sector = np.clip((half_angle - np.abs(TH)) / 0.012, 0, 1) * np.clip((depth - R) / 0.006, 0, 1)
     sector *= (Y > apex_y)
 
     # --- per-patient anatomy (normalised units), small random variation
-    j = lambda s: rng.normal(0, s)
+    j = lambda s: arng.normal(0, s)
     tilt = j(0.015)
     lv_scale = 1.0 + 0.14 * truth.lv_dilation
     rv_scale = 1.0 + 0.16 * truth.rv_dilation
@@ -291,11 +297,20 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
         g = (g + np.roll(g, 1, axis=-1) + np.roll(g, -1, axis=-1)) / 3.0
         return np.hypot(g[0], g[1]) * 1.7
     speck0 = rayleigh((H, W))
-    backdrop = 0.16 + 0.10 * (np.sin(X * 23 + rng.uniform(0, 6)) * np.sin(Y * 17 + rng.uniform(0, 6)))
+    backdrop = 0.16 + 0.10 * (np.sin(X * arng.uniform(15, 30) + arng.uniform(0, 6)) * np.sin(Y * arng.uniform(12, 24) + arng.uniform(0, 6)))
     backdrop = backdrop.astype(np.float32)
     gain = (1.05 - 0.45 * np.clip((R - 0.1) / 0.8, 0, 1)) * rng.uniform(0.9, 1.1)  # attenuation after TGC
     haze = 0.35 * np.exp(-(R / 0.07)) * (Y > apex_y)
-    noise_all = rayleigh((n_frames, H, W))
+    # per-frame decorrelating speckle: windows at random offsets into a small noise bank
+    # (much cheaper than drawing T fresh fields)
+    PAD = 24
+    bank = rayleigh((4, H + PAD, W + PAD))
+    offs = rng.integers(0, PAD, size=(n_frames, 3))
+    # chamber distance fields on a half-resolution grid (nearest upsampling), 4x cheaper
+    Xh, Yh = X[::2, ::2], Y[::2, ::2]
+
+    def up(a):
+        return np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)[:H, :W]
 
     frames = np.empty((n_frames, H, W, 3), dtype=np.uint8)
     sway = 0.006 * np.sin(2 * np.pi * phase + rng.uniform(0, 6))
@@ -350,11 +365,12 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
         d_blood = None
         d_shell = None
         for cx, cy, ax, ay, wall, an in chambers:
-            d = _radial_distance(X, Y, cx, cy, ax, ay, an)
+            d = _radial_distance(Xh, Yh, cx, cy, ax, ay, an)
             d_blood = d if d_blood is None else np.minimum(d_blood, d)
             sh = d - wall
             d_shell = sh if d_shell is None else np.minimum(d_shell, sh)
 
+        d_blood, d_shell = up(d_blood), up(d_shell)
         E = backdrop.copy()
         tissue = d_shell < 0
         E[tissue] = 0.42
@@ -426,8 +442,10 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
             cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.005, 1.0)
 
         # --- image formation: speckle, gain, haze, log compression, sector
-        sp = 0.7 * speck0 + 0.3 * noise_all[k]
-        I = (E * sp + haze) * gain + 0.015 * noise_all[k]
+        b, oy, ox = offs[k]
+        nk = bank[b % 4, oy:oy + H, ox:ox + W]
+        sp = 0.7 * speck0 + 0.3 * nk
+        I = (E * sp + haze) * gain + 0.015 * nk
         I = np.clip(I, 0.0, 1.2) / 1.2
         img = (255.0 * np.sqrt(I) * sector).astype(np.uint8)
         frames[k, :, :, 0] = img
@@ -578,7 +596,8 @@ class PhantomClip:
 
 
 def make_clip(seed: int, truth: Optional[PhantomTruth] = None, *, n_frames: int = 40, rows: int = 256,
-              cols: int = 256, frame_time_ms: Optional[float] = None) -> PhantomClip:
+              cols: int = 256, frame_time_ms: Optional[float] = None,
+              anatomy_seed: Optional[int] = None) -> PhantomClip:
     """Truth (drawn from ``seed`` unless given), frames and report for one clip."""
     rng = np.random.default_rng([int(seed), 1])
     if truth is None:
@@ -586,7 +605,8 @@ def make_clip(seed: int, truth: Optional[PhantomTruth] = None, *, n_frames: int 
     if frame_time_ms is None:
         frame_time_ms = float(rng.choice([1000 / 30, 1000 / 40, 1000 / 50]))
     frames = render_clip(truth, n_frames=n_frames, rows=rows, cols=cols, frame_time_ms=frame_time_ms,
-                         seed=int(np.random.default_rng([int(seed), 2]).integers(2**31)))
+                         seed=int(np.random.default_rng([int(seed), 2]).integers(2**31)),
+                         anatomy_seed=anatomy_seed)
     report = make_report(truth, np.random.default_rng([int(seed), 3]))
     return PhantomClip(frames, truth, report, float(frame_time_ms))
 
@@ -797,7 +817,8 @@ def generate_dataset(out: str | os.PathLike, n_studies: int, seed: int = 0, *, s
         name = f"PHANTOM^{_FIRST[pi % len(_FIRST)]}{pi + 1}"
         for si, (truth, date, proc) in enumerate(studies):
             cseed = int(np.random.default_rng([int(seed), pi, si]).integers(2**31))
-            clip = make_clip(cseed, truth, n_frames=n_frames, rows=rows, cols=cols)
+            clip = make_clip(cseed, truth, n_frames=n_frames, rows=rows, cols=cols,
+                             anatomy_seed=int(np.random.default_rng([int(seed), pi, 0xA7]).integers(2**31)))
             study_uid = _uid(seed, pid, si, "study")
             series_uid = _uid(seed, pid, si, "series")
             sop_uid = _uid(seed, pid, si, "sop")
