@@ -1,0 +1,487 @@
+"""Deliver result objects to the PACS: result files, outbox, C-STORE, storage commitment.
+
+Flow (every step durable, so a crash repeats nothing visible and loses nothing):
+
+1. :func:`write_results` writes each SR/SC to ``<results_path>/<study UID>/<SOP UID>.dcm``
+   (UIDs validated first; temp file → fsync → rename).
+2. :func:`enqueue` adds one outbox row per (object, destination) *before* anything is
+   sent (``echonode.store.outbox``; re-enqueueing the same SOP Instance UID resets its
+   row, it never duplicates it).
+3. :func:`deliver_pending` claims due rows, opens one association per destination,
+   sends each file by C-STORE and records the answer: Success → delivered (or
+   ``committing`` when the destination asks for storage commitment); a Warning status
+   (0xB000, 0xB006, 0xB007) counts as stored and is recorded; a Failure status, a
+   refused/aborted association or a timeout → retry with exponential backoff
+   (``delivery.backoff_initial_s`` doubling up to ``delivery.backoff_max_s``) and
+   ``dead`` after ``delivery.max_attempts``.
+4. Storage commitment (per destination ``storage_commitment = true``): after the
+   stores, an N-ACTION (Storage Commitment Push Model, PS3.4 Annex J) lists the sent
+   instances under a new Transaction UID. The PACS answers with an N-EVENT-REPORT on
+   the same association or, as Orthanc does, on a new association to our AE
+   (:class:`CommitmentListener`, or bind :func:`commitment_report_handler` in the
+   node's SCP). Only then is a row ``delivered``; rows without a report within
+   ``delivery.commitment_timeout_s`` are sent again.
+
+This module never imports torch; it writes no SQL itself (``echonode.store.outbox``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from echonode.config import Destination, Settings
+from echonode.dicom.uids import check_uid
+from echonode.store import outbox as ob
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "write_results", "enqueue", "deliver_pending", "publish", "DeliverySummary", "CommitmentListener",
+    "commitment_report_handler", "DeliveryError", "STORAGE_COMMITMENT_PUSH", "STORAGE_COMMITMENT_INSTANCE",
+]
+
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # well-known SOP Instance
+WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+KIND_BY_CLASS = {"1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.7": "sc"}
+
+
+class DeliveryError(RuntimeError):
+    """A result object cannot be written or enqueued."""
+
+
+# ------------------------------------------------------------------ result files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -> list[ob.OutboxObject]:
+    """Write each dataset to ``<results_path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+
+    UIDs are validated before they become path components; the write is atomic
+    (temp file, fsync, rename) so a reader never sees half a file.
+    """
+    root = Path(results_path)
+    out = []
+    for ds in datasets:
+        study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID")
+        sop = check_uid(getattr(ds, "SOPInstanceUID", None), "result SOPInstanceUID")
+        cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
+        folder = root / study
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{sop}.dcm"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(folder)
+        out.append(ob.OutboxObject(path=str(final), sop_instance_uid=sop, sop_class_uid=cls,
+                                   study_instance_uid=study, kind=KIND_BY_CLASS.get(cls, "")))
+    return out
+
+
+def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
+    p = Path(path)
+    try:
+        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=[
+            "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is refused
+        raise DeliveryError(f"{p}: not a readable DICOM file ({exc.__class__.__name__})") from None
+    cls = check_uid(getattr(ds, "SOPClassUID", None), f"{p.name}: SOPClassUID")
+    return ob.OutboxObject(path=str(p.resolve()),
+                           sop_instance_uid=check_uid(getattr(ds, "SOPInstanceUID", None), f"{p.name}: SOPInstanceUID"),
+                           sop_class_uid=cls,
+                           study_instance_uid=check_uid(getattr(ds, "StudyInstanceUID", None), f"{p.name}: StudyInstanceUID"),
+                           kind=KIND_BY_CLASS.get(cls, ""))
+
+
+def _dest_names(destinations: Sequence[Union[Destination, str]]) -> list[str]:
+    names = []
+    for d in destinations:
+        name = d.name if isinstance(d, Destination) else str(d)
+        if not name:
+            raise DeliveryError("a destination has no name")
+        names.append(name)
+    return names
+
+
+def enqueue(session, objects: Sequence[Union[Dataset, str, Path, ob.OutboxObject]],
+            destinations: Sequence[Union[Destination, str]], *,
+            results_path: Union[str, Path, None] = None,
+            now: Optional[dt.datetime] = None) -> list[int]:
+    """Outbox rows for every object × destination; returns the row ids. Commits.
+
+    ``objects``: Datasets (written under ``results_path`` first, which is then
+    required), paths of DICOM files already written, or :class:`OutboxObject`.
+    """
+    items: list[ob.OutboxObject] = []
+    datasets = [o for o in objects if isinstance(o, Dataset)]
+    if datasets:
+        if results_path is None:
+            raise DeliveryError("enqueue: Datasets need results_path to be written before they are enqueued")
+        items.extend(write_results(results_path, datasets))
+    for o in objects:
+        if isinstance(o, ob.OutboxObject):
+            items.append(o)
+        elif isinstance(o, (str, Path)):
+            items.append(_object_from_path(o))
+    names = _dest_names(destinations)
+    if not names or not items:
+        return []
+    return ob.add(session, items, names, now=now)
+
+
+def publish(settings: Settings, session, interp, sources: Sequence[Dataset]) -> list[Path]:
+    """Build the SR and PromptCAM overlays for ``interp``, write them under
+    ``settings.results_path`` and enqueue them for every configured destination.
+    Returns the written paths (in SR, overlays order)."""
+    from echonode.dicom.overlays import build_overlays
+    from echonode.dicom.sr import build_sr
+
+    datasets = [build_sr(interp, list(sources))] + build_overlays(interp, list(sources))
+    objs = write_results(settings.results_path, datasets)
+    if settings.delivery.destinations:
+        ob.add(session, objs, _dest_names(settings.delivery.destinations))
+    return [Path(o.path) for o in objs]
+
+
+# ------------------------------------------------------------------ delivery
+@dataclass
+class DeliverySummary:
+    claimed: int = 0
+    delivered: int = 0
+    committing: int = 0
+    warnings: int = 0
+    retrying: int = 0
+    dead: int = 0
+    expired_commitments: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def tls_context(dest: Destination) -> Optional[tuple[ssl.SSLContext, str]]:
+    """``tls_args`` for pynetdicom: TLS 1.2+, peer certificate verified against
+    ``tls.ca``, our certificate ``tls.cert``/``tls.key`` presented (mutual TLS)."""
+    t = dest.tls
+    if not t.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=t.ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if t.cert:
+        ctx.load_cert_chain(t.cert, t.key or None)
+    ctx.check_hostname = not _is_ip(dest.host)
+    return ctx, dest.host
+
+
+def _status_of(rsp: Optional[Dataset]) -> Optional[int]:
+    if rsp is None or "Status" not in rsp:
+        return None
+    return int(rsp.Status)
+
+
+def _make_ae(settings: Settings, dest: Destination):
+    from pynetdicom import AE
+
+    ae = AE(ae_title=dest.calling_ae or settings.node.ae_title)
+    ae.acse_timeout = settings.node.acse_timeout_s
+    ae.dimse_timeout = settings.node.dimse_timeout_s
+    ae.network_timeout = settings.node.network_timeout_s
+    return ae
+
+
+def _transfer_syntaxes(path: str) -> list[str]:
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        ts = str(meta.TransferSyntaxUID)
+    except Exception:  # noqa: BLE001
+        ts = ExplicitVRLittleEndian
+    out = [ts]
+    for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow], session,
+                summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
+                commitment_handler=None) -> None:
+    from pynetdicom import evt
+
+    d = settings.delivery
+    fail_kw = dict(max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
+                   backoff_max_s=d.backoff_max_s)
+
+    def failed(row, error, status=None, count=True):
+        state = ob.mark_failed(session, row.id, error, status, now=now_fn(), count_attempt=count,
+                               **fail_kw)
+        if state == ob.DEAD:
+            summary.dead += 1
+            log.error("outbox %d (%s to %s) is dead after %d attempts: %s", row.id, row.kind or "object",
+                      dest.name, d.max_attempts, error)
+        else:
+            summary.retrying += 1
+            log.warning("outbox %d to %s failed (%s); will retry", row.id, dest.name, error)
+
+    sendable = []
+    for row in rows:
+        if not Path(row.path).is_file():
+            ob.mark_failed(session, row.id, f"result file missing: {row.path}", None, now=now_fn(),
+                           max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0)
+            summary.dead += 1
+            continue
+        sendable.append(row)
+    if not sendable:
+        return
+
+    ae = _make_ae(settings, dest)
+    contexts = []
+    for row in sendable:
+        key = (row.sop_class_uid, tuple(_transfer_syntaxes(row.path)))
+        if key not in contexts:
+            contexts.append(key)
+    for cls, syntaxes in contexts[:120]:
+        ae.add_requested_context(cls, list(syntaxes))
+    if dest.storage_commitment:
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    handlers = []
+    if dest.storage_commitment and commitment_handler is not None:
+        handlers.append((evt.EVT_N_EVENT_REPORT, commitment_handler))
+    try:
+        tls_args = tls_context(dest)
+    except (OSError, ssl.SSLError) as exc:
+        for row in sendable:
+            failed(row, f"TLS configuration error: {exc}")
+        return
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                             evt_handlers=handlers or None)
+    except (OSError, ssl.SSLError) as exc:
+        for row in sendable:
+            failed(row, f"cannot connect to {dest.host}:{dest.port}: {exc.__class__.__name__}")
+        return
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "association aborted or connection failed"
+        for row in sendable:
+            failed(row, f"{why} by {dest.ae_title}@{dest.host}:{dest.port}")
+        return
+    stored: list[tuple[ob.OutboxRow, int]] = []
+    try:
+        for i, row in enumerate(sendable):
+            if not assoc.is_established:
+                failed(row, "association lost")
+                continue
+            try:
+                rsp = assoc.send_c_store(row.path, msg_id=(i % 65535) + 1)
+            except ValueError as exc:  # no accepted presentation context for this SOP class
+                failed(row, f"not accepted by {dest.ae_title}: {exc}")
+                continue
+            status = _status_of(rsp)
+            if status is None:
+                failed(row, "no C-STORE response (timeout or connection lost)")
+            elif status == 0x0000 or status in WARNING_STATUSES:
+                if status in WARNING_STATUSES:
+                    summary.warnings += 1
+                    log.warning("outbox %d: %s stored with warning status 0x%04X", row.id, dest.name, status)
+                stored.append((row, status))
+            else:
+                failed(row, f"C-STORE failed with status 0x{status:04X}", status)
+        if not stored:
+            return
+        if not dest.storage_commitment:
+            for row, status in stored:
+                note = "" if status == 0 else f"stored with warning status 0x{status:04X}"
+                ob.mark_delivered(session, row.id, status, now=now_fn(), note=note)
+                summary.delivered += 1
+            return
+        # storage commitment: N-ACTION on this association
+        tx = generate_uid()
+        req = Dataset()
+        req.TransactionUID = tx
+        refs = []
+        for row, _ in stored:
+            item = Dataset()
+            item.ReferencedSOPClassUID = row.sop_class_uid
+            item.ReferencedSOPInstanceUID = row.sop_instance_uid
+            refs.append(item)
+        req.ReferencedSOPSequence = refs
+        # rows must be 'committing' before the report can arrive
+        for row, status in stored:
+            ob.mark_committing(session, [row.id], tx, status, now=now_fn(),
+                               note="" if status == 0 else f"stored with warning status 0x{status:04X}")
+        try:
+            st, _reply = assoc.send_n_action(req, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+        except ValueError as exc:
+            st = None
+            log.warning("storage commitment not accepted by %s: %s", dest.name, exc)
+        status = _status_of(st)
+        if status != 0x0000:
+            err = ("storage commitment request refused" if status is None
+                   else f"storage commitment N-ACTION failed with status 0x{status:04X}")
+            for row, _ in stored:
+                failed(row, err, status, count=False)
+            return
+        summary.committing += len(stored)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def deliver_pending(settings: Settings, session_factory, now: Optional[dt.datetime] = None, *,
+                    limit: int = 500, commitment_handler=None) -> DeliverySummary:
+    """Send every due outbox row; returns what happened. Safe to call from several
+    workers and repeatedly (e.g. every few seconds from the scheduler).
+
+    ``now`` fixes the clock (tests); otherwise UTC now is read at each step.
+    ``commitment_handler``: an ``EVT_N_EVENT_REPORT`` handler for reports sent on the
+    same association (default: one that writes through ``session_factory``).
+    """
+    def now_fn() -> dt.datetime:
+        return now or ob.utcnow()
+
+    summary = DeliverySummary()
+    d = settings.delivery
+    dests = {x.name: x for x in d.destinations}
+    if commitment_handler is None:
+        commitment_handler = commitment_report_handler(settings, session_factory)
+    with session_factory() as session:
+        summary.expired_commitments = ob.expire_commitments(
+            session, d.commitment_timeout_s, max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
+            backoff_max_s=d.backoff_max_s, now=now_fn())
+        rows = ob.claim_due(session, now=now_fn(), limit=limit)
+        summary.claimed = len(rows)
+        by_dest: dict[str, list[ob.OutboxRow]] = {}
+        for row in rows:
+            by_dest.setdefault(row.destination, []).append(row)
+        for name, dest_rows in by_dest.items():
+            dest = dests.get(name)
+            if dest is None:
+                for row in dest_rows:
+                    ob.mark_failed(session, row.id, f"destination {name!r} is not configured", None,
+                                   max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
+                                   backoff_max_s=d.backoff_max_s, now=now_fn())
+                    summary.retrying += 1
+                summary.errors.append(f"destination {name!r} is not configured")
+                continue
+            try:
+                _deliver_to(settings, dest, dest_rows, session, summary, now_fn, commitment_handler)
+            except Exception as exc:  # noqa: BLE001 - one destination must not stop the others
+                log.exception("delivery to %s failed", name)
+                summary.errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
+                for row in dest_rows:
+                    session.rollback()
+                    r = session.get(ob.OutboxRow, row.id)
+                    if r is not None and r.state == ob.SENDING:
+                        ob.mark_failed(session, row.id, f"internal error: {exc.__class__.__name__}", None,
+                                       max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
+                                       backoff_max_s=d.backoff_max_s, now=now_fn())
+    return summary
+
+
+# ------------------------------------------------------------------ storage commitment reports
+def commitment_report_handler(settings: Settings, session_factory):
+    """A pynetdicom ``EVT_N_EVENT_REPORT`` handler that applies Storage Commitment
+    results (PS3.4 J.3.3) to the outbox. Bind it in any SCP that receives reports."""
+    d = settings.delivery
+
+    def handle(event):
+        try:
+            req = event.request
+            if str(getattr(req, "AffectedSOPClassUID", "")) != STORAGE_COMMITMENT_PUSH:
+                return 0x0118, None   # no such SOP class
+            info = event.event_information
+            tx = check_uid(str(info.TransactionUID), "TransactionUID")
+            ok = [str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])]
+            bad = [(str(i.ReferencedSOPInstanceUID), int(i.get("FailureReason", 0x0110)))
+                   for i in info.get("FailedSOPSequence", [])]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("malformed storage commitment report: %s", exc.__class__.__name__)
+            return 0x0110, None
+        with session_factory() as session:
+            n_ok, n_bad = ob.apply_commitment(session, tx, ok, bad, max_attempts=d.max_attempts,
+                                              backoff_initial_s=d.backoff_initial_s,
+                                              backoff_max_s=d.backoff_max_s)
+        log.info("storage commitment %s: %d committed, %d failed", tx, n_ok, n_bad)
+        return 0x0000, None
+
+    return handle
+
+
+class CommitmentListener:
+    """A small SCP that receives Storage Commitment N-EVENT-REPORTs on a new association.
+
+    Use it where the node's main SCP is not running (tools, tests); ``echonode serve``
+    can bind :func:`commitment_report_handler` in its own SCP instead.
+    """
+
+    def __init__(self, settings: Settings, session_factory, host: str = "127.0.0.1",
+                 port: Optional[int] = None, ae_title: Optional[str] = None):
+        self.settings = settings
+        self.session_factory = session_factory
+        self.host = host
+        self.port = settings.node.port if port is None else port
+        self.ae_title = ae_title or settings.node.ae_title
+        self._server = None
+        self._lock = threading.Lock()
+
+    def start(self) -> "CommitmentListener":
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+        ae.network_timeout = self.settings.node.network_timeout_s
+        handler = commitment_report_handler(self.settings, self.session_factory)
+        self._server = ae.start_server((self.host, self.port), block=False,
+                                       evt_handlers=[(evt.EVT_N_EVENT_REPORT, handler)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
