@@ -426,3 +426,27 @@ def test_sector_mask_on_video_and_out_of_image_regions(echoclip_data):
     assert fr._region_mask(ds, ds.Rows, ds.Columns) is None
     clip = load_clip(path, range(0, 30, 2), sector_mask=True)
     assert 0.1 < clip.mask.mean() < 0.6
+
+
+def test_large_native_clip_reads_only_requested_frames_from_file(tmp_path):
+    """A native multi-frame file above the defer threshold is not loaded whole: the
+    requested frames are read from the file, and equal the frames of a full decode."""
+    src = _read(MF / "dicomParser__IM00001.implicit_little_endian.dcm")  # 8 x 240 x 320 RGB
+    base = np.frombuffer(src.PixelData, np.uint8).reshape(8, 240, 320, 3)
+    big = np.concatenate([np.roll(base, k, axis=2) for k in range(20)])  # 160 frames, 37 MB
+    src.PixelData = big.tobytes()
+    src.NumberOfFrames = len(big)
+    out = tmp_path / "big_native.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the source's misspelt character set
+        src.save_as(out)
+    ds = fr._read_dataset(out, pixels=True)
+    assert fr._native_file_source(ds, str(ds.file_meta.TransferSyntaxUID)) is not None
+    idx = [159, 0, 77]
+    clip = load_clip(out, idx)
+    np.testing.assert_array_equal(clip.frames, big[idx])
+    assert clip.n_frames == 160
+    # Pixel Data stays deferred when decoding through a Dataset read by us as well.
+    clip2 = load_clip(ds, [5])
+    np.testing.assert_array_equal(clip2.frames[0], big[5])
+    assert ds.get_item("PixelData", keep_deferred=True).value is None
