@@ -19,7 +19,7 @@ from echonode.config import Settings
 
 log = logging.getLogger("echonode.pipeline")
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-model"  # = bundle.DEMO_BUNDLE_DIR
 
 
 @dataclass(frozen=True)
@@ -45,34 +45,36 @@ def no_model_message(settings: Settings, detail: str = "") -> str:
     return msg
 
 
-def _resolve(settings: Settings, which: str):
+def _resolve(settings: Settings, which: str, verify: bool):
     from echonode.model.bundle import resolve_model
-    return resolve_model(settings, which=which)
+    return resolve_model(settings, which=which, verify=verify)
 
 
-def choose_models(settings: Settings, *, verify: bool = False) -> ModelChoice:
-    """The bundles to use now. Never raises for a missing model; a broken one is reported."""
+def choose_models(settings: Settings, *, verify: bool = True) -> ModelChoice:
+    """The bundles to use now. Never raises for a missing model; a broken one is reported.
+
+    ``verify=False`` only checks presence (the dispatcher's cheap check); workers verify
+    the weights' sha256 (cached by size and mtime) before loading them.
+    """
     detail = ""
     try:
-        clip = _resolve(settings, "clip")
+        clip = _resolve(settings, "clip", verify)
     except Exception as exc:  # BundleError: a broken bundle must not look like "absent"
         clip, detail = None, f"{type(exc).__name__}: {exc}"
-    try:
-        r = _resolve(settings, "r") if clip is not None else None
-    except Exception as exc:
-        log.warning("EchoCLIP-R bundle unusable, longitudinal comparison off: %s", exc)
-        r = None
+    r = None
+    if clip is not None:
+        try:
+            r = _resolve(settings, "r", verify)
+        except Exception as exc:
+            log.warning("EchoCLIP-R bundle unusable, longitudinal comparison off: %s", exc)
     if clip is not None and getattr(clip, "demo", False) and not settings.model.allow_demo_model:
         return ModelChoice(None, None, False, no_model_message(
             settings, "the installed bundle is a demo model and model.allow_demo_model is false"))
-    if clip is not None:
-        return ModelChoice(clip, r, bool(getattr(clip, "demo", False)),
-                           f"model {getattr(clip, 'name', '?')} ({str(getattr(clip, 'weights_sha256', ''))[:12]})")
-    if settings.model.allow_demo_model and DEMO_MODEL_DIR.is_dir():
-        from echonode.model.bundle import Bundle
-        try:
-            demo = Bundle.open(DEMO_MODEL_DIR, verify=verify)
-        except Exception as exc:
-            return ModelChoice(None, None, False, no_model_message(settings, f"demo model unusable: {exc}"))
-        return ModelChoice(demo, None, True, "DEMO MODEL — NOT FOR CLINICAL USE (no EchoCLIP weights installed)")
-    return ModelChoice(None, None, False, no_model_message(settings, detail))
+    if clip is None:
+        return ModelChoice(None, None, False, no_model_message(settings, detail))
+    demo = bool(getattr(clip, "demo", False))
+    msg = (f"DEMO MODEL — NOT FOR CLINICAL USE ({clip.name}, no EchoCLIP weights installed)" if demo else
+           f"model {clip.name} ({str(clip.weights_sha256)[:12]})")
+    if r is not None:
+        msg += f", EchoCLIP-R {r.name} ({str(r.weights_sha256)[:12]})"
+    return ModelChoice(clip, r, demo, msg)

@@ -51,9 +51,24 @@ def write_objects(settings: Settings, study_uid: str, datasets: Sequence) -> lis
     return out
 
 
-def enqueue(session, settings: Settings, files: Sequence[Path]) -> list[int]:
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def enqueue(session, settings: Settings, study_uid: str, datasets: Sequence, files: Sequence[Path]) -> list[int]:
+    """One outbox row per (object, configured destination); commits the caller's session.
+
+    With no destination configured the results stay in ``<data_dir>/results`` only."""
     from echonode.store import outbox
-    return list(outbox.enqueue(session, settings, [Path(f) for f in files]))
+
+    dests = [d.name for d in settings.delivery.destinations]
+    if not dests:
+        session.commit()
+        return []
+    objs = [outbox.OutboxObject(path=str(f), sop_instance_uid=str(ds.SOPInstanceUID),
+                                sop_class_uid=str(ds.SOPClassUID), study_instance_uid=study_uid,
+                                kind="sr" if str(ds.SOPClassUID).startswith(SR_CLASS_PREFIX) else "sc")
+            for ds, f in zip(datasets, files)]
+    return list(outbox.add(session, objs, dests))
 
 
 def deliver(settings: Settings, session_factory, ids: Sequence[int]):

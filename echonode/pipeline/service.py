@@ -55,7 +55,7 @@ class Dispatcher:
         now = time.monotonic()
         if force or self._model_ok is None or now - self._model_checked_at > self.MODEL_CHECK_S:
             from echonode.pipeline.modelsel import choose_models
-            choice = choose_models(self.settings)
+            choice = choose_models(self.settings, verify=False)
             if choice.available != self._model_ok:
                 if choice.available:
                     log.info("analysis model available: %s", choice.message)

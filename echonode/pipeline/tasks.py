@@ -187,9 +187,8 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     t0 = time.perf_counter()
     try:
         with _Heartbeat(rt, job_id):
-            interp = _analyse(rt, ctx, choice)
-            n_out = len(interp[1]) + 1
-            outbox_ids = _store(rt, ctx, *interp)
+            interp, sources, embedding = _analyse(rt, ctx, choice)
+            n_objects, outbox_ids = _store(rt, ctx, interp, sources, embedding, choice)
     except AnalysisError as exc:
         with rt.Session.begin() as s:
             rs.fail_job(s, job_id, str(exc), rt.worker_id)
@@ -201,8 +200,9 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
         log.exception("job %d failed", job_id)
         return "failed"
     rt.analyses += 1
-    log.info("job %d done in %.1f s: SR + %d overlay(s) written, %d outbox row(s)", job_id,
-             time.perf_counter() - t0, n_out - 1, len(outbox_ids))
+    log.info("job %d done in %.1f s: SR + %d overlay(s) written, %d outbox row(s)%s", job_id,
+             time.perf_counter() - t0, n_objects - 1, len(outbox_ids),
+             "" if rt.settings.delivery.destinations else " (no delivery.destinations configured)")
     if outbox_ids and app is not None:
         try:
             from echonode.pipeline.celery_app import send_deliver
@@ -225,26 +225,17 @@ def _analyse(rt: WorkerRuntime, ctx, choice):
                                        choice.r.weights_sha256)
         priors = [PriorEmbedding(study_instance_uid=r.study_instance_uid, study_date=r.study_date,
                                  embedding=r.embedding, weights_sha256=r.model_sha256) for r in rows]
-    interp = interpreter.interpret(ctx.study_instance_uid, inputs, priors)
+    interp, embedding = interpreter.interpret_with_embedding(ctx.study_instance_uid, inputs, priors)
     if warnings:
         import dataclasses
         interp = dataclasses.replace(interp, warnings=tuple(interp.warnings) + tuple(warnings))
-    embedding = None
-    if choice.r is not None:
-        embedding = _study_embedding(interpreter, inputs)
-    return interp, sources, embedding, choice
+    return interp, sources, embedding
 
 
-def _study_embedding(interpreter, inputs):
-    fn = getattr(interpreter, "last_study_embedding", None)
-    emb = fn() if callable(fn) else None
-    if emb is None:
-        emb = interpreter.study_embedding(inputs)
-    return emb
+def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> tuple[int, list[int]]:
+    """SR + overlays to files, then ONE transaction: interpretation, embedding, job done, outbox rows.
 
-
-def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> list[int]:
-    """SR + overlays to files, then one transaction: interpretation, embedding, outbox, done."""
+    Returns (objects written, outbox row ids)."""
     from echonode.dicom.overlays import build_overlays
     from echonode.dicom.sr import build_sr
     from echonode.pipeline import outbox_glue
@@ -252,17 +243,25 @@ def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> list[i
 
     sr = build_sr(interp, sources)
     overlays = build_overlays(interp, sources) if interp.promptcams else []
-    files = outbox_glue.write_objects(rt.settings, ctx.study_instance_uid, [sr, *overlays])
-    with rt.Session.begin() as s:
+    datasets = [sr, *overlays]
+    files = outbox_glue.write_objects(rt.settings, ctx.study_instance_uid, datasets)
+    s = rt.Session()
+    try:
         rs.save_interpretation(s, ctx.job_id, interp)
         if embedding is not None and choice.r is not None:
             rs.save_study_embedding(s, ctx.study_instance_uid, ctx.patient_key, ctx.study_date,
                                     choice.r.weights_sha256, embedding)
-        ids = outbox_glue.enqueue(s, rt.settings, files)
         if not rs.finish_job(s, ctx.job_id, rt.worker_id):
             # the lease expired and another worker took the job over: leave it to that one
             raise RuntimeError("job was taken over by another worker (lease expired); results left to it")
-    return ids
+        ids = outbox_glue.enqueue(s, rt.settings, ctx.study_instance_uid, datasets, files)  # commits
+        s.commit()
+    except BaseException:
+        s.rollback()
+        raise
+    finally:
+        s.close()
+    return len(datasets), ids
 
 
 # --------------------------------------------------------------------------- registration
