@@ -536,9 +536,11 @@ class Interpreter:
             warnings.insert(0, DEMO_BANNER)
         unc = [r.task_id for r in tasks.values() if r.mode == "binary" and r.threshold_source == THRESHOLD_NONE]
         if unc:
-            warnings.append(f"uncalibrated thresholds for {len(unc)} of "
-                            f"{sum(1 for r in tasks.values() if r.mode == 'binary')} binary tasks: scores are "
-                            f"reported without a present/absent call ({', '.join(unc)})")
+            n_bin = sum(1 for r in tasks.values() if r.mode == "binary")
+            which = f"all {n_bin} binary tasks" if len(unc) == n_bin else \
+                f"{len(unc)} of {n_bin} binary tasks ({', '.join(unc)})"
+            warnings.append(f"uncalibrated thresholds for {which}: scores are reported without a "
+                            "present/absent call")
         if info.tokenizer != "clip-bpe":
             warnings.append("zero-shot prompts embedded with the template tokenizer: the published zero-shot "
                             "method uses EchoCLIP with the CLIP BPE tokenizer")
