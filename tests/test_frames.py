@@ -450,3 +450,23 @@ def test_large_native_clip_reads_only_requested_frames_from_file(tmp_path):
     clip2 = load_clip(ds, [5])
     np.testing.assert_array_equal(clip2.frames[0], big[5])
     assert ds.get_item("PixelData", keep_deferred=True).value is None
+
+
+def test_ybr_partial_to_rgb():
+    """PS3.3 C.7.6.3.1.2: Y = 16 + .2568R + .5041G + .0979B, Cb = 128 - .1482R - .2910G + .4392B,
+    Cr = 128 + .4392R - .3678G - .0714B; the inverse must give the colours back."""
+    rgb = np.array([[[0, 0, 0], [255, 255, 255], [200, 30, 40], [20, 60, 220], [128, 128, 128]]], float)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    ybr = np.stack(
+        [
+            16 + 0.2568 * r + 0.5041 * g + 0.0979 * b,
+            128 - 0.1482 * r - 0.2910 * g + 0.4392 * b,
+            128 + 0.4392 * r - 0.3678 * g - 0.0714 * b,
+        ],
+        axis=-1,
+    )
+    stack = np.rint(ybr).astype(np.uint8)[None]
+    from pydicom.dataset import Dataset
+
+    out = fr._to_rgb(stack, Dataset(), "YBR_PARTIAL_420")
+    assert np.abs(out[0].astype(int) - rgb.astype(int)).max() <= 2

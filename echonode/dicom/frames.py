@@ -303,6 +303,22 @@ def _ybr_full_to_rgb(stack: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ybr_partial_to_rgb(stack: np.ndarray) -> np.ndarray:
+    """YBR_PARTIAL_4xx (BT.601 studio range: Y 16–235, Cb/Cr 16–240) → RGB uint8.
+
+    The inverse of the PS3.3 C.7.6.3.1.2 YBR_PARTIAL_422 equations; the decoder has
+    already upsampled the chroma planes.
+    """
+    a = stack.astype(np.float32)
+    y = (a[..., 0] - 16.0) * (255.0 / 219.0)
+    cb = (a[..., 1] - 128.0) * (255.0 / 224.0)
+    cr = (a[..., 2] - 128.0) * (255.0 / 224.0)
+    r = y + 1.402 * cr
+    g = y - 0.344136 * cb - 0.714136 * cr
+    b = y + 1.772 * cb
+    return np.rint(np.clip(np.stack([r, g, b], axis=-1), 0, 255)).astype(np.uint8)
+
+
 def _palette_table(ds, dtype) -> tuple[np.ndarray, int]:
     """(K, 3) uint8 RGB table and the first mapped value, from the palette LUTs."""
     from pydicom.pixels import apply_color_lut
@@ -370,6 +386,8 @@ def _to_rgb(stack: np.ndarray, ds, photometric: str) -> np.ndarray:
                 stack = _ybr_full_to_rgb(stack)
             else:
                 stack = np.stack([convert_color_space(f, "YBR_FULL", "RGB") for f in stack])
+        elif pi in ("YBR_PARTIAL_420", "YBR_PARTIAL_422"):
+            return _ybr_partial_to_rgb(stack)
         elif pi != "RGB":
             raise FrameDecodeError(f"decoded data still in {pi}; no conversion to RGB available")
         return _to_uint8_scaled(stack, bits)
