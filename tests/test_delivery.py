@@ -1,0 +1,262 @@
+"""Delivery to a real Orthanc: same study, retries, dead letter, re-runs, storage commitment."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from echonode.config import load_settings
+from echonode.dicom import scu
+from echonode.store import db
+from echonode.store import outbox as ob
+from tests.fixtures.interp import make_interpretation, make_sources
+
+
+def _settings(tmp_path, dicom_port, *, commitment=False, listener_port=0, max_attempts=8, db_url=None,
+              dest_name="pacs", ae="ORTHANC"):
+    over = {
+        "data_dir": str(tmp_path / "data"),
+        "node": {"ae_title": "ECHONODE", "port": listener_port or 11112, "host": "127.0.0.1",
+                 "dimse_timeout_s": 10, "acse_timeout_s": 10, "network_timeout_s": 10},
+        "delivery": {"destinations": [{"name": dest_name, "ae_title": ae, "host": "127.0.0.1",
+                                       "port": dicom_port, "storage_commitment": commitment}],
+                     "max_attempts": max_attempts, "backoff_initial_s": 5, "backoff_max_s": 60,
+                     "commitment_timeout_s": 30},
+    }
+    if db_url:
+        over["database_url"] = db_url
+    return load_settings(env={}, overrides=over)
+
+
+def _store(settings):
+    db.migrate(settings.db_url)
+    engine = db.make_engine(settings.db_url)
+    return engine, db.session_factory(engine)
+
+
+@pytest.fixture(scope="module")
+def sources(realworld_dir):
+    return make_sources(realworld_dir)
+
+
+def _rows(sf):
+    with sf() as s:
+        return sorted((r.as_dict() for r in ob.list_rows(s, limit=1000)), key=lambda d: d["id"])
+
+
+def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_path):
+    settings = _settings(tmp_path, orthanc.dicom_port)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources)
+    with sf() as s:
+        paths = scu.publish(settings, s, interp, sources)
+    assert len(paths) == 3
+    for p in paths:  # files under results/<study uid>/ before any send
+        assert p.parent == settings.results_path / interp.study_instance_uid and p.is_file()
+    assert {r["state"] for r in _rows(sf)} == {"pending"}
+
+    summary = scu.deliver_pending(settings, sf)
+    assert (summary.claimed, summary.delivered, summary.dead, summary.retrying) == (3, 3, 0, 0)
+    got = orthanc.study_instances(interp.study_instance_uid)
+    assert sorted(i["Modality"] for i in got) == ["OT", "OT", "SR"]
+    assert {i["StudyInstanceUID"] for i in got} == {interp.study_instance_uid}
+    sr_path = paths[0]
+    sr_local = pydicom.dcmread(sr_path)
+    sr_remote = [i for i in got if i["Modality"] == "SR"][0]
+    assert sr_remote["SOPInstanceUID"] == sr_local.SOPInstanceUID
+    fetched = pydicom.dcmread(__import__("io").BytesIO(orthanc.fetch_instance(sr_local.SOPInstanceUID)))
+    assert fetched.PatientID == sources[0].PatientID
+    assert all(r["state"] == "delivered" and r["last_status"] == "0x0000" for r in _rows(sf))
+
+    # a re-run of the same model: same UIDs, the outbox row is reset, Orthanc keeps one copy
+    again = make_interpretation(sources)
+    with sf() as s:
+        paths2 = scu.publish(settings, s, again, sources)
+    assert paths2 == paths
+    assert len(_rows(sf)) == 3 and {r["state"] for r in _rows(sf)} == {"pending"}
+    summary = scu.deliver_pending(settings, sf)
+    assert summary.delivered == 3
+    got2 = orthanc.study_instances(interp.study_instance_uid)
+    assert sorted(i["SOPInstanceUID"] for i in got2) == sorted(i["SOPInstanceUID"] for i in got)
+    assert orthanc.count_instances() == 3
+    engine.dispose()
+
+
+def test_orthanc_down_retries_with_backoff_then_delivers(orthanc, sources, tmp_path, pg_url):
+    settings = _settings(tmp_path, orthanc.dicom_port, db_url=pg_url)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources, promptcams=False)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+    orthanc.stop()
+    t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
+    summary = scu.deliver_pending(settings, sf, now=t0)
+    assert (summary.claimed, summary.delivered, summary.retrying) == (1, 0, 1)
+    (row,) = _rows(sf)
+    assert row["state"] == "pending" and row["attempts"] == 1
+    assert row["next_attempt_at"] == "2030-01-01T12:00:05Z"  # backoff_initial_s
+    assert "cannot connect" in row["last_error"] or "association" in row["last_error"]
+    # not due yet: nothing is tried
+    assert scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=4)).claimed == 0
+    # second failure doubles the delay
+    scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=5))
+    (row,) = _rows(sf)
+    assert row["attempts"] == 2 and row["next_attempt_at"] == "2030-01-01T12:00:15Z"
+    orthanc.start()
+    summary = scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=15))
+    assert summary.delivered == 1
+    (row,) = _rows(sf)
+    assert row["state"] == "delivered" and row["attempts"] == 3
+    assert [i["Modality"] for i in orthanc.study_instances(interp.study_instance_uid)] == ["SR"]
+    engine.dispose()
+
+
+def test_dead_letter_and_outbox_cli(orthanc, sources, tmp_path, capsys):
+    from echonode.cli import main
+
+    settings = _settings(tmp_path, orthanc.dicom_port, max_attempts=2)
+    cfg = tmp_path / "echonode.toml"
+    cfg.write_text(
+        f'data_dir = "{settings.data_dir}"\n'
+        '[node]\nae_title = "ECHONODE"\nhost = "127.0.0.1"\n'
+        '[delivery]\nmax_attempts = 2\nbackoff_initial_s = 0.0\n'
+        f'[[delivery.destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources, promptcams=False)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+    orthanc.stop()
+    capsys.readouterr()
+    assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 0
+    assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 1  # now dead
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["outbox"]["dead"] == 1
+    assert main(["outbox", "list", "--config", str(cfg), "--json", "--state", "dead"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    row = json.loads(line)
+    assert row["state"] == "dead" and row["attempts"] == 2 and row["kind"] == "sr"
+    assert "PatientName" not in line and sources[0].PatientID not in line  # no PHI in listings
+    assert main(["outbox", "retry", "--config", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"retried": 1}
+    orthanc.start()
+    assert main(["outbox", "send", "--config", str(cfg)]) == 0
+    assert "delivered 1" in capsys.readouterr().out
+    assert main(["outbox", "purge", "--config", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"purged": 1}
+    assert _rows(sf) == []
+    assert main(["outbox", "--config", str(cfg)]) == 2
+    engine.dispose()
+
+
+def test_storage_commitment_with_orthanc(orthanc, sources, tmp_path):
+    settings = _settings(tmp_path, orthanc.dicom_port, commitment=True, listener_port=orthanc.commitment_port)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+    with scu.CommitmentListener(settings, sf):
+        summary = scu.deliver_pending(settings, sf)
+        assert (summary.claimed, summary.committing, summary.delivered) == (3, 3, 0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if {r["state"] for r in _rows(sf)} == {"delivered"}:
+                break
+            time.sleep(0.1)
+    rows = _rows(sf)
+    assert {r["state"] for r in rows} == {"delivered"}, rows
+    assert len({r["transaction_uid"] for r in rows}) == 1 and rows[0]["transaction_uid"]
+    assert all(r["delivered_at"] for r in rows)
+    assert len(orthanc.study_instances(interp.study_instance_uid)) == 3
+    engine.dispose()
+
+
+def test_commitment_without_report_times_out_and_is_resent(orthanc, sources, tmp_path):
+    """No listener for the report: rows wait in 'committing', then are sent again."""
+    settings = _settings(tmp_path, orthanc.dicom_port, commitment=True, listener_port=orthanc.commitment_port)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources, promptcams=False)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+    t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
+    assert scu.deliver_pending(settings, sf, now=t0).committing == 1
+    assert _rows(sf)[0]["state"] == "committing"
+    summary = scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=31))
+    assert summary.expired_commitments == 1
+    row = _rows(sf)[0]
+    assert "no storage commitment report" in row["last_error"]
+    engine.dispose()
+
+
+@pytest.fixture
+def status_scp(port):
+    """A real pynetdicom Storage SCP answering a chosen status per SOP class."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    answers = {}
+
+    def on_store(event):
+        return answers.get(event.request.AffectedSOPClassUID, 0x0000)
+
+    ae = AE(ae_title="STATUSSCP")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield port, answers
+    finally:
+        server.shutdown()
+
+
+def test_failure_and_warning_statuses_are_recorded(status_scp, sources, tmp_path):
+    port, answers = status_scp
+    answers["1.2.840.10008.5.1.4.1.1.88.34"] = 0xA700   # SR: out of resources (failure)
+    answers["1.2.840.10008.5.1.4.1.1.7"] = 0xB000       # SC: coercion of data elements (warning)
+    settings = _settings(tmp_path, port, ae="STATUSSCP")
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+    summary = scu.deliver_pending(settings, sf)
+    assert (summary.delivered, summary.warnings, summary.retrying) == (2, 2, 1)
+    rows = {r["kind"] + str(i): r for i, r in enumerate(_rows(sf))}
+    sr = [r for r in rows.values() if r["kind"] == "sr"][0]
+    scs = [r for r in rows.values() if r["kind"] == "sc"]
+    assert sr["state"] == "pending" and sr["last_status"] == "0xA700"
+    assert "0xA700" in sr["last_error"]
+    assert all(r["state"] == "delivered" and r["last_status"] == "0xB000" for r in scs)
+    assert all("warning status 0xB000" in r["last_error"] for r in scs)
+    engine.dispose()
+
+
+def test_enqueue_validates_and_writes_under_results(tmp_path, sources):
+    settings = _settings(tmp_path, 104)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources, promptcams=False)
+    from echonode.dicom.sr import build_sr
+    ds = build_sr(interp, sources)
+    with sf() as s:
+        with pytest.raises(scu.DeliveryError, match="results_path"):
+            scu.enqueue(s, [ds], settings.delivery.destinations)
+        ids = scu.enqueue(s, [ds], settings.delivery.destinations, results_path=settings.results_path)
+    assert len(ids) == 1
+    path = settings.results_path / interp.study_instance_uid / f"{ds.SOPInstanceUID}.dcm"
+    assert path.is_file()
+    bad = pydicom.dcmread(path)
+    bad.StudyInstanceUID = "1.2.3/../../etc"
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        scu.write_results(settings.results_path, [bad])
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    with sf() as s, pytest.raises(scu.DeliveryError, match="not a readable DICOM file"):
+        scu.enqueue(s, [junk], ["pacs"])
+    engine.dispose()
+
+
+def test_backoff_delay():
+    assert ob.backoff_delay(0, 5, 900) == 0
+    assert [ob.backoff_delay(n, 5, 900) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert ob.backoff_delay(20, 5, 900) == 900
