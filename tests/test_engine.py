@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,72 @@ def test_rejects_bad_input(interpreter, tiny_bundle):
         interpreter.interpret("1.2", [])
     with pytest.raises(ValueError, match="template tokenizer"):
         Interpreter(tiny_bundle, tiny_bundle, promptcam_tasks=())
+
+
+# ------------------------------------------------------------------ echonode analyze
+
+YBR_CLIP = "us_multiframe/pydicom__examples_ybr_color.dcm"
+
+
+def test_analyze_cli_json_and_outputs(tiny_bundle, tiny_bundle_r, realworld_dir, echoclip_data, tmp_path,
+                                      monkeypatch, capsys):
+    import pydicom
+
+    from echonode.cli import main
+
+    monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path / "data"))
+    dcm = realworld_dir / YBR_CLIP
+    avi = echoclip_data / "example_video.avi"
+    out = tmp_path / "out"
+    rc = main(["analyze", str(dcm), str(avi), "--model", str(tiny_bundle.path), "--r-model",
+               str(tiny_bundle_r.path), "--json", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    objs = [json.loads(line) for line in captured.out.splitlines() if line.strip()]
+    assert len(objs) == 2
+    src = pydicom.dcmread(dcm, stop_before_pixels=True)
+    by_study = {o["study_instance_uid"]: o for o in objs}
+    d = by_study[str(src.StudyInstanceUID)]
+    assert d["model"]["weights_sha256"] == tiny_bundle.weights_sha256
+    assert set(d["tasks"]) == set(load_catalog())
+    pm = d["tasks"]["pacemaker"]
+    assert pm["mode"] == "binary" and isinstance(pm["score"], float)
+    assert pm["call"] == "uncalibrated" and pm["threshold"] is None and pm["threshold_source"] == "uncalibrated"
+    ef = d["tasks"]["ejection_fraction"]
+    assert ef["mode"] == "regression" and 0 <= ef["value"] <= 100 and "score" not in ef
+    assert d["clips"][0]["sop_instance_uid"] == str(src.SOPInstanceUID)
+    n = int(src.NumberOfFrames)
+    assert d["clips"][0]["frames_used"] == list(range(0, min(40, n), 2))
+    # DICOM study: SR + one SC per PromptCAM task, all in the source study
+    files = sorted(Path(p).name for p in d["outputs"])
+    assert "interpretation.json" in files and sum(f.startswith("SR_") for f in files) == 1
+    assert sum(f.startswith("SC_") for f in files) == len(d["promptcams"]) == 4
+    for p in d["outputs"]:
+        if p.endswith(".dcm"):
+            ds = pydicom.dcmread(p)
+            assert ds.StudyInstanceUID == src.StudyInstanceUID
+    # video study: pseudo-study, no DICOM outputs, said so on stderr
+    v = next(o for o in objs if o is not d)
+    assert v["study_instance_uid"].startswith("2.25.")
+    assert [Path(p).name for p in v["outputs"]] == ["interpretation.json"]
+    assert v["clips"][0]["n_frames"] == 113 and len(v["clips"][0]["frames_used"]) == 20
+    assert "no DICOM source" in captured.err
+
+
+def test_analyze_cli_errors(tiny_bundle, realworld_dir, tmp_path, monkeypatch, capsys):
+    from echonode.cli import main
+
+    monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path / "data"))
+    dcm = str(realworld_dir / YBR_CLIP)
+    assert main(["analyze", str(tmp_path / "missing.dcm"), "--model", str(tiny_bundle.path)]) == 2
+    assert main(["analyze", dcm, "--model", str(tmp_path)]) == 3              # not a bundle
+    bad = tmp_path / "tasks.toml"
+    bad.write_text("[tasks.pacemaker]\nmode = 'ternary'\n")
+    monkeypatch.setenv("ECHONODE_MODEL__TASKS_FILE", str(bad))
+    assert main(["analyze", dcm, "--model", str(tiny_bundle.path)]) == 3
+    assert "tasks.toml:2" in capsys.readouterr().err
+    monkeypatch.delenv("ECHONODE_MODEL__TASKS_FILE")
+    # the readable table
+    assert main(["analyze", dcm, "--model", str(tiny_bundle.path), "--no-promptcam"]) == 0
+    out = capsys.readouterr().out
+    assert "Pacemaker or ICD lead" in out and "uncalibrated" in out and "not a diagnosis" in out
