@@ -305,7 +305,7 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
     # (much cheaper than drawing T fresh fields)
     PAD = 24
     bank = rayleigh((4, H + PAD, W + PAD))
-    offs = rng.integers(0, PAD, size=(n_frames, 3))
+    noise_offs = rng.integers(0, PAD, size=(n_frames, 3))
     # chamber distance fields on a half-resolution grid (nearest upsampling), 4x cheaper
     Xh, Yh = X[::2, ::2], Y[::2, ::2]
 
@@ -442,8 +442,8 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
             cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.005, 1.0)
 
         # --- image formation: speckle, gain, haze, log compression, sector
-        b, oy, ox = offs[k]
-        nk = bank[b % 4, oy:oy + H, ox:ox + W]
+        nb, oy, ox = noise_offs[k]
+        nk = bank[nb % 4, oy:oy + H, ox:ox + W]
         sp = 0.7 * speck0 + 0.3 * nk
         I = (E * sp + haze) * gain + 0.015 * nk
         I = np.clip(I, 0.0, 1.2) / 1.2

@@ -1,0 +1,407 @@
+"""The contrastive training loop (``echonode train``).
+
+The paper's recipe (issue 4, research/echoclip.md):
+
+* CLIP loss: symmetric cross-entropy over the batch's image–text cosine matrix scaled
+  by the learnable ``logit_scale`` (clamped at ln 100, as open_clip does);
+* AdamW; the learning rate warms up linearly (2,000 steps in the paper, here at most 5 %
+  of the run) and then follows a cosine to zero; when a time budget is given the cosine
+  follows elapsed time, so a run that must stop at N minutes still anneals;
+* one random frame (of the reference's frames 0, 2, …, 38) per video per epoch;
+* BPE tokenizer with report snippets (EchoCLIP) or the template tokenizer with full
+  reports (EchoCLIP-R);
+* the checkpoint kept is the one with the lowest mean cross-modal retrieval rank (MCMRR)
+  on the validation split.
+
+Engineering: bf16 autocast and channels-last on CUDA, gradient accumulation, DDP under
+``torchrun`` (each rank contrasts its own batch: no feature gather), a checkpoint after
+every epoch and ``--resume``, a tqdm bar and JSON-lines metrics (``metrics.jsonl``).
+The result is a model bundle in the published layout (:func:`echonode.model.bundle.write_bundle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from train.data import FrameCache, TextSampler
+from train.manifest import Manifest, ManifestError, load_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    manifest: str
+    out: str
+    architecture: str = "tiny"          # echo-clip | echo-clip-r | tiny (scratch)
+    init_bundle: str = ""               # fine-tune from this bundle (overrides architecture)
+    tokenizer: str = ""                 # clip-bpe | template ("" = architecture default / bundle's)
+    epochs: int = 10
+    batch_size: int = 64
+    accum_steps: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 2000            # capped at 5 % of the run
+    weight_decay: float = 0.1
+    max_minutes: float = 0.0            # 0 = no time budget
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    precision: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    channel_order: str = "bgr"
+    cache_dir: str = ""                 # default <out>/cache
+    val_frames: int = 4                 # frames per clip embedded for the validation MCMRR
+    resume: bool = False
+    name: str = ""                      # bundle name (default: architecture + "-trained")
+    demo: bool = False
+    weights_dtype: str = ""             # "" = fp32; "fp16" halves the bundle
+    threads: int = 0                    # torch CPU threads (0 = torch default)
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    bundle_path: Path
+    best_epoch: int
+    best_mcmrr: float
+    epochs_run: int
+    steps: int
+    seconds: float
+    history: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+
+
+def clip_loss(img, txt, logit_scale):
+    """Symmetric InfoNCE of open_clip (normalised features in, scalar loss out)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logit_scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def lr_at(progress: float, step: int, warmup: int, base_lr: float) -> float:
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def _dist():
+    """(rank, world_size, local_rank), initialising torch.distributed under torchrun."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(cfg: TrainConfig, local_rank: int):
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(cfg.device)
+
+
+class _Writer:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, **rec):
+        if not self.enabled:
+            return
+        rec = {"time": round(time.time(), 3), **rec}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+@dataclass
+class Prepared:
+    rows: list
+    frames: list
+    problems: list
+
+
+def prepare_split(manifest: Manifest, split: str, cache: FrameCache, desc: str) -> Prepared:
+    rows = manifest.split(split)
+    good, arrays, problems = cache.prepare(rows, desc=desc)
+    return Prepared(good, arrays, problems)
+
+
+def embed_clips(model, frames_list, device, mean, std, n_frames: int = 4, batch: int = 128, autocast=None):
+    """Mean of L2-normalised embeddings of ``n_frames`` evenly spaced cached frames per clip."""
+    import torch
+    import torch.nn.functional as F
+    from echonode.model.preprocess import normalize
+
+    out = []
+    buf, owners = [], []
+
+    def flush():
+        if not buf:
+            return
+        x = normalize(np.stack(buf), mean, std).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), (autocast() if autocast else _null()):
+            e = F.normalize(model.encode_image(x).float(), dim=-1).cpu().numpy()
+        for o, v in zip(owners, e):
+            out[o].append(v)
+        buf.clear()
+        owners.clear()
+
+    for ci, fr in enumerate(frames_list):
+        out.append([])
+        k = len(fr)
+        sel = np.unique(np.linspace(0, k - 1, num=min(n_frames, k)).round().astype(int)) if n_frames else np.arange(k)
+        for j in sel:
+            buf.append(np.asarray(fr[j]))
+            owners.append(ci)
+            if len(buf) >= batch:
+                flush()
+    flush()
+    return np.stack([np.mean(v, axis=0) for v in out])
+
+
+def embed_texts(model, sampler: TextSampler, texts, device, batch: int = 256):
+    import torch
+    import torch.nn.functional as F
+
+    embs = []
+    for i in range(0, len(texts), batch):
+        ids = torch.from_numpy(np.stack([sampler.full(t) for t in texts[i:i + batch]])).to(device)
+        with torch.no_grad():
+            embs.append(F.normalize(model.encode_text(ids).float(), dim=-1).cpu().numpy())
+    return np.concatenate(embs) if embs else np.zeros((0, 1))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    import torch
+
+    from echonode.model.bundle import Bundle, write_bundle
+    from echonode.model.clip import build_model
+    from echonode.model.configs import get_config
+    from echonode.model.tokenize import get_tokenizer
+    from train.metrics import retrieval
+
+    t_start = time.time()
+    rank, world, local_rank = _dist()
+    main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out)
+    ckdir = out / "checkpoints"
+    if main:
+        ckdir.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(out / "metrics.jsonl", main)
+    device = _device(cfg, local_rank)
+    use_bf16 = (cfg.precision == "bf16") or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 else None
+
+    # --- model and tokenizer
+    if cfg.init_bundle:
+        b = Bundle.open(cfg.init_bundle)
+        model = b.load_model(device="cpu", precision="fp32")
+        model.train()
+        mcfg = b.config
+        arch = b.architecture
+        tok_kind = cfg.tokenizer or b.tokenizer_kind
+        source = f"fine-tuned from {b.name} ({b.weights_sha256[:12]})"
+    else:
+        mcfg = get_config(cfg.architecture)
+        arch = cfg.architecture
+        torch.manual_seed(cfg.seed)
+        model = build_model(mcfg)
+        tok_kind = cfg.tokenizer or mcfg.tokenizer_kind
+        source = f"trained from scratch ({arch})"
+    tokenizer = get_tokenizer(tok_kind)
+    sampler = TextSampler(tokenizer)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    # --- data
+    manifest = load_manifest(cfg.manifest)
+    problems = list(manifest.problems)
+    cache = FrameCache(cfg.cache_dir or (out / "cache"), size=mcfg.image_size, channel_order=cfg.channel_order)
+    tr = prepare_split(manifest, "train", cache, "cache train")
+    va = prepare_split(manifest, "val", cache, "cache val")
+    problems += tr.problems + va.problems
+    for p in problems:
+        log.warning("%s", p)
+    if len(tr.rows) < 2:
+        raise ManifestError(f"{cfg.manifest}: need at least 2 usable training clips, have {len(tr.rows)}")
+    writer(event="data", train=len(tr.rows), val=len(va.rows), problems=len(problems))
+
+    # shard the training set across ranks (disjoint, equal length)
+    order_all = np.arange(len(tr.rows))
+    per_rank = len(order_all) // world
+    bs = max(2, min(cfg.batch_size, per_rank))
+    steps_per_epoch = max(1, per_rank // bs)
+    updates_per_epoch = max(1, steps_per_epoch // max(1, cfg.accum_steps))
+    total_updates = updates_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_steps, max(1, int(0.05 * total_updates)))
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in n or "positional_embedding" in n or n.endswith(".bias")
+         or "norm" in n or "ln_" in n or "gamma" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # --- resume
+    start_epoch, step, best, best_epoch, history = 0, 0, float("inf"), -1, []
+    elapsed_before = 0.0
+    last = ckdir / "last.pt"
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
+        best, best_epoch, history = float(ck["best"]), int(ck["best_epoch"]), list(ck.get("history", []))
+        elapsed_before = float(ck.get("elapsed", 0.0))
+        writer(event="resume", epoch=start_epoch, step=step)
+    budget = cfg.max_minutes * 60.0 if cfg.max_minutes else 0.0
+
+    def progress_frac():
+        p = step / max(1, total_updates)
+        if budget:
+            p = max(p, (elapsed_before + time.time() - t_start) / budget)
+        return p
+
+    bar = None
+    if progress and main:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=total_updates, initial=min(step, total_updates), desc="train", unit="step",
+                       file=sys.stderr, disable=not sys.stderr.isatty() and not os.environ.get("ECHONODE_PROGRESS"))
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    mean, std = mcfg.mean, mcfg.std
+    from echonode.model.preprocess import normalize
+    stop = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        perm = rng.permutation(order_all)[rank * per_rank:(rank + 1) * per_rank]
+        ddp_model.train()
+        losses = []
+        t_ep = time.time()
+        for bi in range(steps_per_epoch):
+            idx = perm[bi * bs:(bi + 1) * bs]
+            imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
+            ids = np.stack([sampler.sample(tr.rows[i].report, rng) for i in idx])
+            x = normalize(imgs, mean, std).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            t = torch.from_numpy(ids).to(device)
+            with (autocast() if autocast else _null()):
+                img_f, txt_f, scale = ddp_model(x, t)
+                loss = clip_loss(img_f.float(), txt_f.float(), scale.float())
+            (loss / cfg.accum_steps).backward()
+            losses.append(float(loss.detach()))
+            if (bi + 1) % cfg.accum_steps == 0:
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(progress_frac(), step, warmup, cfg.lr)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-10:]):.3f}")
+                if main and step % max(1, cfg.log_every) == 0:
+                    writer(event="step", epoch=epoch, step=step, loss=float(np.mean(losses[-cfg.log_every:])),
+                           lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.exp()))
+                if budget and progress_frac() >= 1.0:
+                    stop = True
+                    break
+        # --- validation: MCMRR of clip vs full report embeddings
+        rec = {"event": "epoch", "epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
+               "epoch_seconds": round(time.time() - t_ep, 2)}
+        if main:
+            model.eval()
+            if len(va.rows) >= 2:
+                ie = embed_clips(model, va.frames, device, mean, std, n_frames=cfg.val_frames, autocast=autocast)
+                te = embed_texts(model, sampler, [r.report for r in va.rows], device)
+                rr = retrieval(ie, te)
+                rec.update(val_mcmrr=rr["mcmrr"], val_i2t=rr["image_to_report_mean_rank"],
+                           val_t2i=rr["report_to_image_mean_rank"], val_chance=rr["chance_rank"], val_n=rr["n"])
+                metric = rr["mcmrr"]
+            else:
+                metric = float(np.mean(losses)) if losses else float("inf")  # no val split: lowest loss
+                rec.update(val_note="no validation split; best by training loss")
+            if metric < best:
+                best, best_epoch = metric, epoch
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckdir / "best.pt")
+            rec.update(best_epoch=best_epoch, best=best)
+            history.append(rec)
+            writer(**rec)
+            tmp = ckdir / "last.pt.tmp"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
+                        "best": best, "best_epoch": best_epoch, "history": history,
+                        "elapsed": elapsed_before + time.time() - t_start,
+                        "config": dataclasses.asdict(cfg)}, tmp)
+            os.replace(tmp, last)
+        if world > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([1 if stop else 0], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+
+    bundle_path = out / "bundle"
+    if main:
+        best_sd = torch.load(ckdir / "best.pt", map_location="cpu", weights_only=True) if (ckdir / "best.pt").is_file() \
+            else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        write_bundle(bundle_path, best_sd, name=cfg.name or f"{arch}-trained", architecture=arch,
+                     tokenizer_kind=tok_kind, demo=cfg.demo, dtype=(cfg.weights_dtype or None),
+                     source=f"echonode train: {source}; manifest {Path(cfg.manifest).name}; "
+                            f"best epoch {best_epoch} (val MCMRR {best:.3f})", overwrite=True)
+        writer(event="done", bundle=str(bundle_path), best_epoch=best_epoch, best=best, steps=step,
+               seconds=round(time.time() - t_start, 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(bundle_path, best_epoch, best, epoch + 1 - start_epoch, step, time.time() - t_start,
+                       history, problems)
