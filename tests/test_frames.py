@@ -367,6 +367,8 @@ def test_avi_reading(echoclip_data):
     idx = list(range(0, 40, 2))
     sel = load_clip(path, idx)
     np.testing.assert_array_equal(sel.frames, clip.frames[idx])
+    gen = load_clip(path, (i for i in idx))  # a one-shot iterator works too
+    assert gen.indices == idx
     with pytest.raises(IndexError):
         load_clip(path, [113])
 

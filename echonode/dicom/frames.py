@@ -160,10 +160,12 @@ def _read_dataset(path: Path, *, pixels: bool):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # charset typos and similar are not our business here
+            if not pixels:
+                return pydicom.dcmread(path, stop_before_pixels=True)
             # Large elements (native pixel data) are deferred: their presence is known but
             # their bytes are read only when needed; native frames are then read straight
             # from the file (see _native_file_source), so a 200-frame clip costs 20 frames.
-            return pydicom.dcmread(path, defer_size=_DEFER_BYTES if pixels else 1024)
+            return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError as exc:
         raise FrameDecodeError(f"not a DICOM file ({exc})", str(path)) from exc
     except (OSError, ValueError, EOFError) as exc:
@@ -208,17 +210,18 @@ def _n_frames(ds) -> int:
 def count_frames(path_or_dataset) -> int:
     """Number of frames in a DICOM object or video, without decoding pixel data.
 
-    DICOM: Number of Frames (1 when absent); 0 when the object has no pixel data.
+    DICOM: Number of Frames (1 when absent); 0 when the object has no pixel data (for a
+    file, judged from the Image Pixel module, so the pixel data is not even read).
     Video: the container's frame count (counted by grabbing when the container has none).
     """
     if _is_dataset(path_or_dataset):
         ds = path_or_dataset
-    else:
-        path = Path(path_or_dataset)
-        if _looks_like_video(path):
-            return _video_count(path)
-        ds = _read_dataset(path, pixels=False)
-    return _n_frames(ds) if _has_pixels(ds) else 0
+        return _n_frames(ds) if _has_pixels(ds) else 0
+    path = Path(os.fspath(path_or_dataset))
+    if _looks_like_video(path):
+        return _video_count(path)
+    ds = _read_dataset(path, pixels=False)
+    return _n_frames(ds) if ("Rows" in ds and "Columns" in ds) or _has_pixels(ds) else 0
 
 
 def frame_time_ms(ds) -> float | None:
@@ -643,6 +646,8 @@ def load_clip(path_or_dataset, indices: Sequence[int] | None = None, *, sector_m
     (see :func:`sector_mask`); the published pipeline does not mask, so it is off by
     default.
     """
+    if indices is not None:
+        indices = [int(i) for i in indices]  # iterators, ranges and numpy arrays alike
     ds = None
     if _is_dataset(path_or_dataset):
         ds = path_or_dataset
