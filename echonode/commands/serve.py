@@ -90,6 +90,18 @@ def stop_services(services: list[Stoppable]) -> None:
             LOG.exception("error while stopping %s", getattr(svc, "name", type(svc).__name__))
 
 
+def quiet_libraries() -> None:
+    """No PHI in logs: pydicom's value warnings can quote names/IDs; alembic is chatty."""
+    import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
 def register(sub, parents):
     p = sub.add_parser("serve", parents=parents, help="run the DICOM node (SCP + scheduler) in the foreground",
                        description="Run the DICOM SCP in the foreground; stop with SIGTERM or Ctrl-C.")
@@ -103,6 +115,7 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    quiet_libraries()
     if getattr(args, "config", None):  # the embedded worker (a child process) reads the same file
         import os
         os.environ["ECHONODE_CONFIG"] = os.path.abspath(args.config)

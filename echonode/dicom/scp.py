@@ -22,12 +22,23 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid
 
 from echonode.config import NodeSettings, Settings
 from echonode.dicom.spool import PROCESSING_FAILURE, Spool
 
 LOG = logging.getLogger("echonode.scp")
+
+# pynetdicom knows the retired US classes only as generic UIDs: register them as storage.
+for _uid, _kw in (("1.2.840.10008.5.1.4.1.1.6", "UltrasoundImageStorageRetired"),
+                  ("1.2.840.10008.5.1.4.1.1.3", "UltrasoundMultiFrameImageStorageRetired")):
+    try:
+        from pynetdicom.sop_class import uid_to_service_class
+        if uid_to_service_class(_uid) is not StorageServiceClass:
+            register_uid(_uid, _kw, StorageServiceClass)
+    except Exception:  # pragma: no cover - already registered
+        pass
 
 # Never let pynetdicom log identifiers (patient names/IDs) of requests/responses.
 _config.LOG_REQUEST_IDENTIFIERS = False

@@ -41,7 +41,7 @@ from pydicom.uid import UID
 from echonode import __version__
 from echonode.config import Settings
 from echonode.dicom import select as selection
-from echonode.dicom.uids import UIDError, check_uid
+from echonode.dicom.uids import UIDError, check_uid, is_valid_uid
 from echonode.store.index import InstanceRecord, record_instance
 
 LOG = logging.getLogger("echonode.spool")
@@ -127,14 +127,22 @@ def _float(ds: Any, keyword: str) -> Optional[float]:
         return None
 
 
+def _date(ds: Any, keyword: str) -> Optional[str]:
+    """DA as YYYYMMDD; the old ACR-NEMA form YYYY.MM.DD is normalised; anything else kept (≤ 8)."""
+    text = _text(ds, keyword, 16)
+    if text and len(text) == 10 and text[4] == "." and text[7] == ".":
+        text = text.replace(".", "")
+    return text[:8] if text else None
+
+
 def index_attributes(ds: Any) -> dict:
     """The indexed header attributes of one parsed dataset (no UIDs, no pixel data)."""
     return {
         "patient_id": _text(ds, "PatientID") or "",
         "issuer": _text(ds, "IssuerOfPatientID") or "",
-        "birth_date": _text(ds, "PatientBirthDate", 8),
+        "birth_date": _date(ds, "PatientBirthDate"),
         "sex": _text(ds, "PatientSex", 16),
-        "study_date": _text(ds, "StudyDate", 8),
+        "study_date": _date(ds, "StudyDate"),
         "study_time": _text(ds, "StudyTime", 16),
         "accession_number": _text(ds, "AccessionNumber"),
         "study_id": _text(ds, "StudyID", 16),
@@ -238,9 +246,9 @@ class Spool:
               data, calling_ae: str = "", peer: str = "") -> StoreResult:
         """Store one received dataset (``data``: the encoded dataset bytes, no file meta)."""
         try:
-            check_uid(str(sop_class_uid).strip(), "Affected SOP Class UID")
-            sop_instance_uid = check_uid(str(sop_instance_uid).strip(), "Affected SOP Instance UID")
-            check_uid(str(transfer_syntax_uid).strip(), "Transfer Syntax UID")
+            check_uid(str(sop_class_uid).strip(), "Affected SOP Class UID", strict=False)
+            sop_instance_uid = check_uid(str(sop_instance_uid).strip(), "Affected SOP Instance UID", strict=False)
+            check_uid(str(transfer_syntax_uid).strip(), "Transfer Syntax UID", strict=False)
         except UIDError as exc:
             return self._reject(DATASET_MISMATCH, str(exc), b"", data)
         if not self.has_space():
@@ -248,6 +256,8 @@ class Spool:
             LOG.error("refusing instance: %s", reason)
             return StoreResult(OUT_OF_RESOURCES, reason, sop_instance_uid)
 
+        if not is_valid_uid(sop_instance_uid, strict=True):
+            LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
         meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
             tmp, sha, size = self._write_temp(meta, data)
@@ -260,10 +270,10 @@ class Spool:
             # ---- parse the stored bytes (header only) and validate
             try:
                 ds = dcmread(tmp, stop_before_pixels=True, defer_size=4096)
-                study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID")
-                series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID")
-                ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID")
-                ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID")
+                study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
+                series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
+                ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
+                ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID", strict=False)
                 if ds_sop != sop_instance_uid:
                     raise UIDError("SOP Instance UID in the dataset differs from the C-STORE request")
                 if ds_class != str(sop_class_uid).strip():

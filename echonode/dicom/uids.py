@@ -4,6 +4,11 @@ A UID is one or more numeric components separated by ``.``, at most 64 character
 with no leading zero in a component unless the component is exactly ``0``. Anything
 else (``..``, ``/``, spaces, letters, trailing NUL/space padding that survived
 decoding) is refused, so a hostile or broken sender can never steer a path.
+
+Real scanners do send UIDs with a leading zero in a component (one of the real-world
+test files has ``...768994.0104484``). Such a UID is still path-safe, so the receive
+path uses ``strict=False`` (digits and dots only, no empty component, ≤ 64 chars) and
+logs it as non-conformant; ``strict=True`` applies the full PS3.5 rule.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import re
 __all__ = ["UIDError", "is_valid_uid", "check_uid"]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LENIENT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LEN = 64
 
 
@@ -20,12 +26,13 @@ class UIDError(ValueError):
     """A UID is missing or not a valid DICOM UID."""
 
 
-def is_valid_uid(value: object) -> bool:
-    """True when ``value`` is a str that is a valid DICOM UID (PS3.5 §9.1)."""
-    return isinstance(value, str) and 0 < len(value) <= MAX_UID_LEN and _UID_RE.match(value) is not None
+def is_valid_uid(value: object, strict: bool = True) -> bool:
+    """True when ``value`` is a str that is a valid DICOM UID (PS3.5 §9.1; see module doc for ``strict``)."""
+    rx = _UID_RE if strict else _LENIENT_RE
+    return isinstance(value, str) and 0 < len(value) <= MAX_UID_LEN and rx.match(value) is not None
 
 
-def check_uid(value: object, name: str) -> str:
+def check_uid(value: object, name: str, strict: bool = True) -> str:
     """Return ``value`` if it is a valid UID, else raise :class:`UIDError` naming the attribute."""
     if value is None or value == "":
         raise UIDError(f"{name} is missing")
@@ -33,7 +40,7 @@ def check_uid(value: object, name: str) -> str:
         value = str(value)
     if len(value) > MAX_UID_LEN:
         raise UIDError(f"{name} is longer than {MAX_UID_LEN} characters")
-    if not _UID_RE.match(value):
+    if not (_UID_RE if strict else _LENIENT_RE).match(value):
         # never echo the raw value: it may be hostile; show a safe repr, truncated
         raise UIDError(f"{name} is not a valid UID: {value[:64]!r}")
     return value
