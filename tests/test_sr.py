@@ -95,11 +95,11 @@ def _qual(group, concept: Code):
 def test_codes_calls_scores_and_threshold_sources(written):
     _, out = written
     sr = hd.sr.srread(out[False][2])
-    # PASP in mm[Hg], method stated
-    pasp = _group(sr, "pulmonary_artery_pressure_continuous")
+    # PASP in mm[Hg], method stated (catalogue note: RVSP is the echo proxy)
+    pasp = _group(sr, "pulmonary_artery_pressure")
     m = pasp.get_measurements(name=Code("399023006", "SCT", "x"))
     assert m and m[0].value == pytest.approx(34.0) and m[0].unit.value == "mm[Hg]"
-    assert any("pulmonary artery systolic pressure" in t for t in _texts(pasp))
+    assert any("RVSP (399023006) is the echo proxy" in t for t in _texts(pasp))
     # pacemaker: published threshold, present; score and threshold as NUMs
     pm = _group(sr, "pacemaker")
     assert [v.value for v in _qual(pm, Code("360129009", "SCT", "x"))] == ["121053"]
@@ -116,14 +116,28 @@ def test_codes_calls_scores_and_threshold_sources(written):
     assert imp.get_measurements(name=C.THRESHOLD) == []
     assert imp.get_measurements(name=C.SCORE)[0].value == pytest.approx(0.121)
     assert any(t.startswith("uncalibrated: no threshold") for t in _texts(imp))
-    # effusion: small, tamponade absent
+    # effusion: small; tamponade absent (its own binary task)
     eff = _group(sr, "pericardial_effusion")
     assert [v.value for v in _qual(eff, Code("373945007", "SCT", "x"))] == ["255507004"]
-    assert [v.value for v in _qual(eff, C.TAMPONADE)] == ["121054"]
-    # hypertrophy mild; chamber sizes from CID 3705
+    assert [v.value for v in _qual(_group(sr, "cardiac_tamponade"), Code("35304003", "SCT", "x"))] == ["121054"]
+    # hypertrophy mild; chamber sizes from CID 3705 (Finding = level code)
+    finding = Code("121071", "DCM", "Finding")
     assert [v.value for v in _qual(_group(sr, "lv_hypertrophy"), Code("55827005", "SCT", "x"))] == ["255604002"]
-    assert [v.value for v in _qual(_group(sr, "left_ventricle_size"), C.CHAMBER_SIZE)] == ["373124004"]
-    assert [v.value for v in _qual(_group(sr, "right_atrium_size"), C.CHAMBER_SIZE)] == ["373127006"]
+    lv = _group(sr, "left_ventricle_size")
+    assert lv.finding_type.value == "373124004"
+    assert [s.value.value for s in lv.finding_sites] == ["87878005"]
+    assert _group(sr, "right_atrium_size").finding_type.value == "373127006"
+    # categorical without a called level: no level code, the reason spelled out
+    rv = _group(sr, "right_ventricle_size")
+    assert rv.finding_type.scheme_designator == "99ECHONODE"
+    assert any("uncalibrated" in t for t in _texts(rv))
+    # value-coded binary tasks: "no valvular disease" present -> VHD absent;
+    # "severe LV dilation" absent -> the task's private concept = absent
+    assert [v.value for v in _qual(_group(sr, "no_valvular_heart_disease"), Code("368009", "SCT", "x"))] == ["121054"]
+    sev = _group(sr, "severe_left_ventricle_dilation")
+    assert [v.value for v in _qual(sev, Code("LV-DIL-SEV", "99ECHONODE", "x"))] == ["121054"]
+    for g in sr.content.get_image_measurement_groups():
+        g.finding_type  # at most one Finding row per group (highdicom raises otherwise)
 
 
 def test_groups_reference_sources_and_carry_tracking_and_algorithm(written):
@@ -247,3 +261,25 @@ def test_site_added_task_gets_documented_private_code(realworld_dir, tmp_path):
     code = C.fallback_code("aortic_stenosis", "Aortic stenosis")
     assert code.value.startswith("ZST") and len(code.value) == 15
     assert [v.value for v in _qual(g, code)] == ["121053"]
+
+
+def test_site_catalogue_codes_are_used(realworld_dir, tmp_path):
+    from echonode.interpret.prompts import load_catalog
+    from tests.fixtures.interp import make_interpretation
+    site = tmp_path / "tasks.toml"
+    site.write_text('[tasks.aortic_stenosis]\ntitle = "Aortic stenosis"\nmode = "binary"\ngroup = "valves"\n'
+                    'prompts = ["SEVERE AORTIC STENOSIS. "]\nconcept = ["60573004", "SCT", "Aortic valve stenosis"]\n'
+                    'site = ["34202007", "SCT", "Aortic Valve"]\n'
+                    'private_code = ["AS", "99ECHONODE", "Aortic stenosis"]\n')
+    catalog = load_catalog(site)
+    sources = make_sources(realworld_dir)
+    interp = make_interpretation(sources, longitudinal=False, promptcams=False)
+    extra = TaskResult("aortic_stenosis", "Aortic stenosis", "binary", "binary mean cosine", score=0.4,
+                       call="present", threshold=0.35, threshold_source="calibrated")
+    interp = dataclasses.replace(interp, tasks={"aortic_stenosis": extra})
+    ds = build_sr(interp, sources, catalog=catalog)
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    g = _group(hd.sr.srread(path), "aortic_stenosis")
+    assert [v.value for v in _qual(g, Code("60573004", "SCT", "x"))] == ["121053"]
+    assert g.finding_type.value == "AS"

@@ -89,6 +89,10 @@ def device_uid(weights_sha256: str, version: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
+def _same(a, b) -> bool:
+    return (a.value, a.scheme_designator) == (b.value, b.scheme_designator)
+
+
 def _text(name, value: str, rel=CONTAINS) -> TextContentItem:
     return TextContentItem(name=name, value=str(value), relationship_type=rel)
 
@@ -100,7 +104,7 @@ def _fmt(x: Optional[float], nd: int = 3) -> str:
 def _threshold_text(t: TaskResult, calibration: Optional[str]) -> str:
     if t.threshold_source == THRESHOLD_CALIBRATED:
         src = f"calibrated on local data ({calibration})" if calibration else "calibrated on local data"
-        return f"{src}; threshold {_fmt(t.threshold)}"
+        return f"{src}; threshold {_fmt(t.threshold)}" if t.threshold is not None else f"{src}; level thresholds"
     if t.threshold_source == THRESHOLD_PUBLISHED:
         return f"published threshold {_fmt(t.threshold)} from the EchoCLIP reference code (not calibrated locally)"
     if t.mode == "binary":
@@ -143,9 +147,10 @@ def _source_images(interp: Interpretation, by_uid: dict, only: Optional[Iterable
     return items
 
 
-def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict) -> MeasurementsAndQualitativeEvaluations:
+def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict,
+                catalog: Optional[dict]) -> MeasurementsAndQualitativeEvaluations:
     m = interp.model
-    tc = C.codes_for(t.task_id, t.title, t.mode, t.unit)
+    tc = C.codes_for(t.task_id, t.title, t.unit, catalog)
     tracking = TrackingIdentifier(
         identifier=f"echonode {t.task_id}",
         uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "tracking", index),
@@ -155,7 +160,7 @@ def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict)
     qualitative = []
     notes = []
 
-    if tc.kind == "num" and t.value is not None:
+    if t.mode == "regression" and t.value is not None:
         measurements.append(Measurement(name=tc.concept, value=float(t.value),
                                         unit=tc.unit or C.ucum(t.unit), method=method))
     score = t.score
@@ -166,37 +171,43 @@ def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict)
     if t.threshold is not None:
         measurements.append(Measurement(name=C.THRESHOLD, value=float(t.threshold), unit=C.UCUM_NO_UNITS))
 
-    if tc.kind == "finding" and t.call in (CALL_PRESENT, CALL_ABSENT):
-        present = (t.call == CALL_PRESENT) != tc.negated
-        qualitative.append(QualitativeEvaluation(tc.concept, C.PRESENT if present else C.ABSENT))
-    elif tc.kind == "levels" and t.category:
-        code = C.level_code(tc.levels or C.SEVERITY_LEVELS, t.category)
-        if code is not None:
-            qualitative.append(QualitativeEvaluation(tc.concept, code))
-        notes.append(_text(C.CATEGORY_NOTE, f"{t.title}: {t.category}"))
-    elif tc.kind == "num" and t.category:
-        notes.append(_text(C.CATEGORY_NOTE, f"{t.title}: {t.category}"))
-    # derived flags (e.g. tamponade from the effusion levels, lvef_lt_50)
+    # the coded call: (concept name, value code)
+    call: Optional[tuple] = None
+    if t.mode == "binary" and t.call in (CALL_PRESENT, CALL_ABSENT):
+        if tc.value_code is not None:
+            # "present" is a specific value (e.g. markedly enlarged); "absent" is coded
+            # against the task's own concept, which is all the model said.
+            call = (tc.concept, tc.value_code) if t.call == CALL_PRESENT else (tc.private, C.ABSENT)
+        else:
+            call = (tc.concept, C.PRESENT if t.call == CALL_PRESENT else C.ABSENT)
+    elif t.mode == "categorical":
+        if t.value is not None and tc.levels and int(t.value) in tc.levels:
+            call = (tc.concept, tc.levels[int(t.value)])
+        notes.append(_text(C.CATEGORY_NOTE, f"{t.title}: {t.category}" if t.category else
+                           f"{t.title}: no level called (uncalibrated level thresholds)"))
+    finding_type = tc.private
+    if call is not None:
+        if _same(call[0], C.FINDING):
+            # TID 1501 has one Finding row: the called value is the finding itself
+            finding_type = call[1]
+        else:
+            qualitative.append(QualitativeEvaluation(call[0], call[1]))
     for key, flag in sorted(t.derived.items()):
-        dcode = C.DERIVED_CODES.get(key)
-        if dcode is not None and flag is not None:
-            qualitative.append(QualitativeEvaluation(dcode, C.PRESENT if flag else C.ABSENT))
         word = "not determined" if flag is None else ("yes" if flag else "no")
         notes.append(_text(C.DERIVED_NOTE, f"{key.replace('_', ' ')}: {word}"))
     if t.scores:
         notes.append(_text(C.LEVEL_SCORES, "; ".join(f"{k} {v:.3f}" for k, v in t.scores.items())))
 
     method_text = f"{t.method}" + (f"; aggregation over clips: {t.aggregation}" if t.aggregation else "")
-    if t.task_id == "pulmonary_artery_pressure_continuous":
-        method_text += ("; zero-shot estimate of pulmonary artery systolic pressure, coded as right "
-                        "ventricular peak systolic pressure (its echo proxy)")
+    if tc.notes:
+        method_text += f"; {tc.notes}"
     notes.insert(0, _text(C.THRESHOLD_SOURCE, _threshold_text(t, m.calibration)))
     notes.insert(0, _text(C.METHOD_NOTE, f"{t.title}: {method_text}"))
 
     per_clip_uids = [cv.sop_instance_uid for cv in t.per_clip] or None
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        finding_type=tc.finding_type or (tc.concept if tc.kind != "num" else None),
+        finding_type=finding_type,
         method=method,
         algorithm_id=_algorithm(m),
         finding_sites=[FindingSite(tc.site)] if tc.site is not None else None,
@@ -305,11 +316,14 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
+def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optional[dict] = None) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for ``interp`` (a pydicom Dataset, not yet written).
 
     ``sources``: the analysed instances (pixel data not needed); all must be in
     ``interp.study_instance_uid``. Raises :class:`SRBuildError` otherwise.
+    ``catalog``: the task catalogue in use ({task id: Task}, e.g.
+    ``load_catalog(settings.model.tasks_file)`` so site tasks keep their codes);
+    default: the built-in catalogue.
     """
     by_uid = _check_sources(interp, sources)
     m = interp.model
@@ -327,7 +341,7 @@ def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
     groups = []
     index = 0
     for t in interp.tasks.values():
-        groups.append(_task_group(interp, t, index, by_uid))
+        groups.append(_task_group(interp, t, index, by_uid, catalog))
         index += 1
     lon = _longitudinal_group(interp, index, by_uid)
     if lon is not None:
