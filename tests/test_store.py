@@ -1,0 +1,192 @@
+"""The durable spool and the SQL index, on SQLite and PostgreSQL (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from echonode.dicom.spool import (CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS, Spool,
+                                  file_meta_bytes)
+from echonode.dicom.uids import UIDError, check_uid, is_valid_uid
+from echonode.store import db
+from echonode.store.models import Instance, InstanceHistory, Patient, Series, Study
+from tests.fixtures.ingest import encode, store, us_dataset
+
+pytestmark = pytest.mark.timeout(120)
+
+INGEST_TABLES = {"patients", "studies", "series", "instances", "instance_history", "analysis_jobs"}
+
+
+def rows(spool, model):
+    with spool.sessions() as s:
+        return list(s.scalars(select(model)))
+
+
+def _diff_table(d):
+    d = d[0] if isinstance(d, list) else d
+    kind = d[0]
+    if kind in ("add_column", "remove_column"):
+        return d[2]
+    if kind in ("add_index", "remove_index", "add_constraint", "remove_constraint"):
+        return d[1].table.name
+    if kind in ("add_table", "remove_table"):
+        return d[1].name
+    if kind.startswith("modify_"):
+        return d[2]
+    return None
+
+
+def test_migration_matches_models(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    db.migrate(db_url)  # idempotent
+    engine = db.make_engine(db_url)
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+        assert MigrationContext.configure(conn).get_current_revision() is not None
+
+    mine = [d for d in diffs if _diff_table(d) in INGEST_TABLES]
+    assert mine == []
+    # the check can fail: drop an index and add a column, and it sees both
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_studies_state")
+        conn.exec_driver_sql("ALTER TABLE instances ADD COLUMN junk INTEGER")
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+    engine.dispose()
+    assert {d[0] for d in diffs if _diff_table(d) in INGEST_TABLES} == {"add_index", "remove_column"}
+
+
+def test_uid_validation():
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.3.1")
+    assert is_valid_uid("0.1.2")
+    assert not is_valid_uid("1.02.3")                      # leading zero: not conformant
+    assert is_valid_uid("1.02.3", strict=False)            # … but path-safe
+    for bad in ("", "1..2", "../1.2", "1.2/3", "1.2 ", "1.2.a", "1." + "1" * 64, ".1", "1.", "1.2\x00"):
+        assert not is_valid_uid(bad, strict=False), bad
+        with pytest.raises(UIDError):
+            check_uid(bad, "Study Instance UID", strict=False)
+
+
+def test_store_index_duplicate_replace(spool):
+    ds = us_dataset(frames=8, seed=1, SeriesDescription="A4C")
+    data = encode(ds)
+    r1 = store(spool, ds, data, calling_ae="CART1")
+    assert r1.status == SUCCESS and not r1.duplicate
+    path = spool.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert r1.path == path and path.is_file()
+    blob = path.read_bytes()
+    meta = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1")
+    assert blob == meta + data                              # the bytes as received, after our file meta
+    [inst] = rows(spool, Instance)
+    assert inst.sha256 == hashlib.sha256(blob).hexdigest() and inst.size == len(blob)
+    assert (inst.rows, inst.columns, inst.number_of_frames, inst.frame_time_ms) == (16, 16, 8, 20.0)
+    assert inst.calling_ae == "CART1" and inst.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert inst.decision == "analyse" and "SeriesDescription" in inst.reason
+    [pat] = rows(spool, Patient)
+    assert (pat.patient_id, pat.issuer, pat.birth_date, pat.sex) == ("PID-1", "", "19500101", "F")
+    [study] = rows(spool, Study)
+    assert (study.study_date, study.accession_number, study.state, study.version) == ("20240102", "ACC1", "receiving", 1)
+    assert rows(spool, Series)[0].modality == "US"
+
+    # identical bytes again: success, no second copy, no history
+    r2 = store(spool, ds, data)
+    assert r2.status == SUCCESS and r2.duplicate
+    assert rows(spool, InstanceHistory) == []
+    assert len(list(spool.storage.rglob("*.dcm"))) == 1
+
+    # different bytes, same SOP Instance UID: the newer one is kept, the replacement recorded
+    ds.SeriesDescription = "A4C repeat"
+    data2 = encode(ds)
+    r3 = store(spool, ds, data2, calling_ae="CART2")
+    assert r3.status == SUCCESS and r3.replaced
+    assert path.read_bytes() == meta + data2
+    [inst] = rows(spool, Instance)
+    assert inst.replaced_count == 1 and inst.sha256 == hashlib.sha256(meta + data2).hexdigest()
+    [h] = rows(spool, InstanceHistory)
+    assert h.old_sha256 == hashlib.sha256(blob).hexdigest() and h.new_sha256 == inst.sha256
+    assert (h.old_calling_ae, h.calling_ae) == ("CART1", "CART2")
+    assert len(list(spool.storage.rglob("*.dcm"))) == 1
+
+
+def test_hostile_uid_never_becomes_a_path(spool, tmp_path):
+    ds = us_dataset()
+    ds.StudyInstanceUID = "../../../../escape"
+    r = store(spool, ds)
+    assert r.status == DATASET_MISMATCH and "Study Instance UID" in r.reason
+    assert not list(tmp_path.rglob("escape*"))
+    assert rows(spool, Instance) == []
+    assert r.quarantine is not None and r.quarantine.parent == spool.quarantine_dir
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{12}\.dcm", r.quarantine.name)
+    assert "Study Instance UID" in r.quarantine.with_suffix(".txt").read_text()
+    assert not list(spool.incoming.iterdir())
+
+    # the command's SOP Instance UID itself is checked before anything is written
+    r = spool.store(sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1", sop_instance_uid="1.2/../../x",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", data=encode(us_dataset()))
+    assert r.status == DATASET_MISMATCH
+
+
+def test_mismatch_and_garbage_are_refused(spool):
+    ds = us_dataset()
+    other = generate_uid()
+    r = spool.store(sop_class_uid=ds.SOPClassUID, sop_instance_uid=other,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", data=encode(ds))
+    assert r.status == DATASET_MISMATCH and "differs" in r.reason
+    r = spool.store(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", data=b"\x08\x00\x18\x00UI\xff\xff" + b"\x00" * 7)
+    assert r.status in (CANNOT_UNDERSTAND, DATASET_MISMATCH)
+    assert rows(spool, Instance) == []
+    assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 2
+
+
+def test_free_space_floor(ingest_settings):
+    s = ingest_settings.replace(node=ingest_settings.node.__class__(min_free_mb=10**12))
+    engine = db.make_engine(s.db_url)
+    try:
+        sp = Spool(s, db.session_factory(engine))
+        r = store(sp, us_dataset())
+        assert r.status == OUT_OF_RESOURCES
+        assert not list(sp.storage.rglob("*.dcm"))
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_stores_one_study(spool):
+    """8 threads store 40 instances of one new study at once: one patient, study and series."""
+    study, series = generate_uid(), generate_uid()
+    dss = [us_dataset(study=study, series=series, seed=i) for i in range(40)]
+    results = [None] * len(dss)
+    barrier = threading.Barrier(8)
+
+    def worker(k):
+        barrier.wait()
+        for i in range(k, len(dss), 8):
+            results[i] = store(spool, dss[i]).status
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [SUCCESS] * len(dss)
+    assert len(rows(spool, Instance)) == 40
+    assert len(rows(spool, Study)) == 1 and len(rows(spool, Series)) == 1 and len(rows(spool, Patient)) == 1
+
+
+def test_crash_leftovers_are_cleaned(ingest_settings):
+    """A partial temp file from a crash (never acknowledged) is removed at start-up."""
+    engine = db.make_engine(ingest_settings.db_url)
+    try:
+        sp = Spool(ingest_settings, db.session_factory(engine))
+        (sp.incoming / "deadbeef.part").write_bytes(b"partial")
+        Spool(ingest_settings, db.session_factory(engine))
+        assert not (sp.incoming / "deadbeef.part").exists()
+    finally:
+        engine.dispose()
