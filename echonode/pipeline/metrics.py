@@ -129,7 +129,7 @@ def _outbox_counts(session) -> Optional[dict[str, int]]:
         from echonode.store import outbox
     except ImportError:
         return None
-    fn = getattr(outbox, "counts_by_state", None) or getattr(outbox, "state_counts", None)
+    fn = getattr(outbox, "counts", None)
     if fn is None:
         return None
     try:

@@ -244,7 +244,7 @@ def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> tuple[
     sr = build_sr(interp, sources)
     overlays = build_overlays(interp, sources) if interp.promptcams else []
     datasets = [sr, *overlays]
-    files = outbox_glue.write_objects(rt.settings, ctx.study_instance_uid, datasets)
+    objects = outbox_glue.write_objects(rt.settings, datasets)
     s = rt.Session()
     try:
         rs.save_interpretation(s, ctx.job_id, interp)
@@ -254,8 +254,7 @@ def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> tuple[
         if not rs.finish_job(s, ctx.job_id, rt.worker_id):
             # the lease expired and another worker took the job over: leave it to that one
             raise RuntimeError("job was taken over by another worker (lease expired); results left to it")
-        ids = outbox_glue.enqueue(s, rt.settings, ctx.study_instance_uid, datasets, files)  # commits
-        s.commit()
+        ids = outbox_glue.enqueue(s, rt.settings, objects)  # commits all of the above
     except BaseException:
         s.rollback()
         raise

@@ -453,6 +453,19 @@ def ingest_totals(session: Session) -> dict[str, int]:
     return {"instances": int(n), "bytes": int(size)}
 
 
+def outbox_due_count(session: Session) -> int:
+    """Outbox rows a delivery run would act on now (pending past backoff, expired leases,
+    commitments past their time): 0 means no delivery run is needed."""
+    from echonode.store.outbox import COMMITTING, PENDING, SENDING, OutboxRow
+
+    now = utcnow()
+    return int(session.execute(select(func.count()).select_from(OutboxRow).where(or_(
+        and_(OutboxRow.state == PENDING, OutboxRow.next_attempt_at <= now),
+        and_(OutboxRow.state == SENDING, OutboxRow.lease_until < now),
+        OutboxRow.state == COMMITTING,
+    ))).scalar() or 0)
+
+
 # --------------------------------------------------------------------------- embedded broker upkeep
 
 def purge_consumed_broker_messages(broker_engine, older_than_s: float = 86400.0) -> int:

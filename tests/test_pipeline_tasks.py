@@ -1,0 +1,123 @@
+"""The analysis task body in-process with real pieces: phantom DICOM through the real spool,
+a tiny random-weight EchoCLIP + EchoCLIP-R bundle, the real Interpreter, SR/overlay
+writers, the outbox and Orthanc. No Celery here (the e2e tests run the real workers)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pydicom
+import pytest
+
+from echonode.config import Destination, load_settings
+from echonode.store import db
+from echonode.store import results as rs
+from echonode.store.models import AnalysisJob
+from tests.fixtures.pipeline import ingest
+
+
+def _settings(tmp_path, tiny_bundle, tiny_bundle_r, destinations=()):
+    s = load_settings(env={}, overrides={
+        "data_dir": str(tmp_path / "data"),
+        "model": {"clip_model": str(tiny_bundle.path), "r_model": str(tiny_bundle_r.path),
+                  "promptcam_tasks": ["pacemaker"]},
+        "node": {"min_free_mb": 1},
+    })
+    if destinations:
+        s = s.replace(delivery=dataclasses.replace(s.delivery, destinations=tuple(destinations)))
+    return s
+
+
+def _job(Session, job_id):
+    with Session() as s:
+        j = s.get(AnalysisJob, job_id)
+        return j.state, j.attempts, j.error
+
+
+def test_analyse_deliver_idempotent_and_priors(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory, orthanc):
+    from echonode.pipeline import outbox_glue
+    from echonode.pipeline.tasks import WorkerRuntime, analyse_job
+
+    dest = Destination(name="pacs", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r, [dest])
+    first_uid, f1 = phantom_factory(patient_id="PIPE1", study_date="20230105", seed=1, n_clips=2)
+    [job1] = ingest(settings, f1)
+    rt = WorkerRuntime(settings, worker_id="test-worker")
+    assert analyse_job(rt, job1) == "done"
+    assert _job(rt.Session, job1)[:2] == ("done", 1)
+    # a re-delivered message is a no-op
+    assert analyse_job(rt, job1) == "skipped-done"
+
+    summary = outbox_glue.deliver(settings, rt.Session)
+    assert summary.delivered >= 2 and not summary.errors, summary
+    inst = orthanc.study_instances(first_uid)
+    sr_uids = [i["SOPInstanceUID"] for i in inst if i["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert len(sr_uids) == 1, inst
+    with rt.Session() as s:
+        interp = rs.latest_interpretation(s, first_uid)
+        assert len(interp["clips"]) == 2 and interp["longitudinal"] is None or \
+            not interp["longitudinal"]["priors"]
+
+    # second study of the same patient, later date: compared with the first, SR names it
+    second_uid, f2 = phantom_factory(patient_id="PIPE1", study_date="20240210", seed=2)
+    # and a study of another patient on the same day must not become a prior
+    _, f3 = phantom_factory(patient_id="OTHER", study_date="20220101", seed=3)
+    jobs = ingest(settings, f2 + f3)
+    for j in jobs:
+        assert analyse_job(rt, j) == "done"
+    with rt.Session() as s:
+        interp2 = rs.latest_interpretation(s, second_uid)
+    priors = interp2["longitudinal"]["priors"]
+    assert [p["study_instance_uid"] for p in priors] == [first_uid]
+    assert priors[0]["study_date"] == "20230105"
+    outbox_glue.deliver(settings, rt.Session)
+    sr2 = [i for i in orthanc.study_instances(second_uid) if i["SOPClassUID"].startswith("1.2.840.10008.5.1.4.1.1.88.")]
+    assert len(sr2) == 1
+    raw = orthanc.fetch_instance(sr2[0]["SOPInstanceUID"])
+    ds = pydicom.dcmread(__import__("io").BytesIO(raw))
+    assert first_uid in str(ds), "the SR names the prior study"
+
+    # re-running a finished job (operator retry) gives the same UIDs: no second SR in Orthanc
+    with rt.Session.begin() as s:
+        s.query(AnalysisJob).filter_by(id=job1).update({"state": "failed"})
+        assert rs.retry_failed(s, [job1]) == 1
+    assert analyse_job(rt, job1) == "done"
+    outbox_glue.deliver(settings, rt.Session)
+    again = [i for i in orthanc.study_instances(first_uid) if i["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert [i["SOPInstanceUID"] for i in again] == sr_uids
+    assert rt._interpreter is not None and rt.analyses == 4, "model loaded once and kept"
+
+
+def test_no_model_waits_then_runs(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
+    from echonode.pipeline.tasks import WorkerRuntime, analyse_job
+
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r)
+    missing = settings.replace(model=dataclasses.replace(settings.model, clip_model=str(tmp_path / "nothing")))
+    _, files = phantom_factory(patient_id="PIPE2", study_date="20230105", seed=4)
+    [job] = ingest(missing, files)
+    rt = WorkerRuntime(missing, worker_id="w")
+    assert analyse_job(rt, job) == "waiting_model"
+    state, attempts, err = _job(rt.Session, job)
+    assert state == "waiting_model" and attempts == 0 and "echonode models import" in err
+    with rt.Session.begin() as s:
+        assert rs.release_waiting_model(s) == 1
+    rt2 = WorkerRuntime(settings, worker_id="w2")
+    assert analyse_job(rt2, job) == "done"
+    assert (settings.results_path).is_dir() and any(settings.results_path.rglob("*.dcm"))
+
+
+def test_undecodable_clip_fails_with_reason(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
+    from echonode.pipeline.tasks import WorkerRuntime, analyse_job
+
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r)
+    _, files = phantom_factory(patient_id="PIPE3", study_date="20230105", seed=5)
+    [job] = ingest(settings, files)
+    rt = WorkerRuntime(settings, worker_id="w")
+    with rt.Session() as s:
+        ctx = rs.job_context(s, job)
+    stored = settings.data_path / ctx.clips[0].path
+    data = stored.read_bytes()
+    stored.write_bytes(data[: len(data) // 2])      # the stored file is damaged
+    assert analyse_job(rt, job) == "failed"
+    state, _, err = _job(rt.Session, job)
+    assert state == "failed" and "no clip of the study could be decoded" in err
