@@ -149,6 +149,9 @@ def test_dataset_input_equals_path_input():
     b = load_clip(_read(path), [1, 9])
     np.testing.assert_array_equal(a.frames, b.frames)
     assert count_frames(_read(path)) == 10
+    # A header read without pixel data is completed from its file.
+    hdr = pydicom.dcmread(path, stop_before_pixels=True)
+    np.testing.assert_array_equal(load_clip(hdr, [1, 9]).frames, a.frames)
 
 
 # --------------------------------------------------------------------------- timing

@@ -651,7 +651,10 @@ def load_clip(path_or_dataset, indices: Sequence[int] | None = None, *, sector_m
     ds = None
     if _is_dataset(path_or_dataset):
         ds = path_or_dataset
-        src = str(getattr(ds, "filename", None) or "<dataset>")
+        fname = getattr(ds, "filename", None)
+        src = str(fname or "<dataset>")
+        if not _has_pixels(ds) and "Rows" in ds and isinstance(fname, (str, os.PathLike)) and Path(fname).is_file():
+            ds = _read_dataset(Path(fname), pixels=True)  # read with stop_before_pixels=True
         clip = _load_dicom(ds, indices, src)
     else:
         path = Path(os.fspath(path_or_dataset))
