@@ -83,3 +83,31 @@ def test_heatmap_is_blended_where_salient():
 def test_no_promptcams_no_overlays(sources):
     interp = make_interpretation(sources, promptcams=False)
     assert build_overlays(interp, sources) == []
+
+
+def test_engine_outputs_validate(tiny_bundle, realworld_dir, tmp_path, capsys):
+    """`echonode analyze --out` on a real clip (tiny random model): every SR and SC it
+    writes through build_sr/build_overlays passes dciodvfy; the SR re-reads in highdicom."""
+    import highdicom as hd
+
+    from echonode.cli import main
+    from tests.fixtures.interp import write_sources
+    from tests.test_sr import EXPECTED_SR_WARNINGS
+
+    src = make_sources(realworld_dir)[:1]
+    (path,) = write_sources(src, tmp_path / "in")
+    out = tmp_path / "out"
+    rc = main(["analyze", "--model", str(tiny_bundle.path), "--out", str(out), str(path)])
+    assert rc == 0, capsys.readouterr().err
+    folder = out / src[0].StudyInstanceUID
+    srs = sorted(folder.glob("SR_*.dcm"))
+    scs = sorted(folder.glob("SC_*.dcm"))
+    assert len(srs) == 1 and len(scs) >= 1
+    errors, warnings = dciodvfy(srs[0])
+    assert errors == [] and warnings == EXPECTED_SR_WARNINGS
+    for sc in scs:
+        assert dciodvfy(sc) == ([], [])
+    sr = hd.sr.srread(srs[0])
+    assert sr.StudyInstanceUID == src[0].StudyInstanceUID
+    assert any(g.get_measurements(name=pydicom.sr.coding.Code("18043-0", "LN", "LVEF"))
+               for g in sr.content.get_image_measurement_groups())

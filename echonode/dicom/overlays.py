@@ -35,6 +35,7 @@ __all__ = ["build_overlays", "render_overlay", "jet", "SC_SERIES_NUMBER"]
 
 SC_SERIES_NUMBER = 9902
 ALPHA_MAX = 0.55
+ALPHA_FLOOR = 0.15
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -47,7 +48,7 @@ def jet(x: np.ndarray) -> np.ndarray:
 
 
 def blend(frame: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """The heat map over the frame; alpha = ALPHA_MAX * saliency."""
+    """The heat map over the frame; opacity grows from 0 at ALPHA_FLOOR to ALPHA_MAX at 1."""
     frame = np.asarray(frame)
     if frame.ndim == 2:
         frame = np.repeat(frame[..., None], 3, axis=-1)
@@ -56,8 +57,9 @@ def blend(frame: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != frame.shape[:2]:
         raise ValueError(f"PromptCam.heatmap shape {heat.shape} does not match frame {frame.shape[:2]}")
-    heat = np.nan_to_num(np.clip(heat, 0.0, 1.0))
-    a = (ALPHA_MAX * heat)[..., None]
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    # below ALPHA_FLOOR saliency the echo shows unchanged; above, opacity ramps up
+    a = (ALPHA_MAX * np.clip((heat - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0))[..., None]
     out = frame.astype(np.float32) * (1.0 - a) + jet(heat).astype(np.float32) * a
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
