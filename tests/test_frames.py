@@ -7,7 +7,6 @@ monkeypatch simulates an absent JPEG XL decoder, to check the error's reason.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from echonode.dicom.frames import (  # noqa: E402
     sector_mask,
 )
 
-from conftest import ECHOCLIP_DATA, REALWORLD  # noqa: E402
+from conftest import REALWORLD  # noqa: E402
 
 US_FILES = sorted(REALWORLD.glob("us_multiframe/*.dcm")) + sorted(REALWORLD.glob("us_singleframe/*.dcm"))
 SR_FILES = sorted(REALWORLD.glob("sr/*.dcm"))
