@@ -260,3 +260,39 @@ def test_backoff_delay():
     assert ob.backoff_delay(0, 5, 900) == 0
     assert [ob.backoff_delay(n, 5, 900) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert ob.backoff_delay(20, 5, 900) == 900
+
+
+def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
+    """Orthanc reports an instance it does not hold as failed: the row goes back to
+    pending with the failure reason (N-ACTION sent here for an object never stored)."""
+    from pynetdicom import AE
+
+    settings = _settings(tmp_path, orthanc.dicom_port, commitment=True, listener_port=orthanc.commitment_port)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources, promptcams=False)
+    with sf() as s:
+        scu.publish(settings, s, interp, sources)
+        (row,) = ob.claim_due(s)
+        tx = pydicom.uid.generate_uid()
+        ob.mark_committing(s, [row.id], tx)
+    req = pydicom.Dataset()
+    req.TransactionUID = tx
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = row.sop_class_uid
+    item.ReferencedSOPInstanceUID = row.sop_instance_uid
+    req.ReferencedSOPSequence = [item]
+    with scu.CommitmentListener(settings, sf):
+        ae = AE(ae_title="ECHONODE")
+        ae.add_requested_context(scu.STORAGE_COMMITMENT_PUSH)
+        assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title="ORTHANC")
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(req, 1, scu.STORAGE_COMMITMENT_PUSH, scu.STORAGE_COMMITMENT_INSTANCE)
+        assoc.release()
+        assert status.Status == 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _rows(sf)[0]["state"] == "committing":
+            time.sleep(0.1)
+    (r,) = _rows(sf)
+    assert r["state"] == "pending"
+    assert r["last_error"].startswith("storage commitment failed (reason 0x")
+    engine.dispose()

@@ -16,10 +16,10 @@ Flow (every step durable, so a crash repeats nothing visible and loses nothing):
    ``dead`` after ``delivery.max_attempts``.
 4. Storage commitment (per destination ``storage_commitment = true``): after the
    stores, an N-ACTION (Storage Commitment Push Model, PS3.4 Annex J) lists the sent
-   instances under a new Transaction UID. The PACS answers with an N-EVENT-REPORT on
-   the same association or, as Orthanc does, on a new association to our AE
-   (:class:`CommitmentListener`, or bind :func:`commitment_report_handler` in the
-   node's SCP). Only then is a row ``delivered``; rows without a report within
+   instances under a new Transaction UID. The PACS answers with an N-EVENT-REPORT on a
+   new association to our AE, as Orthanc does (:class:`CommitmentListener`, or bind
+   :func:`commitment_report_handler` in the node's SCP); a report that arrives before
+   we release the sending association goes to the same handler. Only then is a row ``delivered``; rows without a report within
    ``delivery.commitment_timeout_s`` are sent again.
 
 This module never imports torch; it writes no SQL itself (``echonode.store.outbox``).
