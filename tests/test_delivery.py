@@ -296,3 +296,30 @@ def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
     assert r["state"] == "pending"
     assert r["last_error"].startswith("storage commitment failed (reason 0x")
     engine.dispose()
+
+
+def test_mutual_tls_delivery(orthanc_tls, sources, tmp_path):
+    """Orthanc with DICOM TLS and required client certificates: our certificate gets the
+    SR through; without it the handshake fails and the row waits for a retry."""
+    pki = orthanc_tls.pki
+    interp = make_interpretation(sources, promptcams=False)
+    for with_cert in (False, True):
+        tls = {"enabled": True, "ca": pki["ca"]}
+        if with_cert:
+            tls.update(cert=pki["client_cert"], key=pki["client_key"])
+        settings = load_settings(env={}, overrides={
+            "data_dir": str(tmp_path / f"data{int(with_cert)}"),
+            "node": {"ae_title": "ECHONODE", "dimse_timeout_s": 10, "acse_timeout_s": 10, "network_timeout_s": 10},
+            "delivery": {"destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                           "port": orthanc_tls.dicom_port, "tls": tls}]}})
+        engine, sf = _store(settings)
+        with sf() as s:
+            scu.publish(settings, s, interp, sources)
+        summary = scu.deliver_pending(settings, sf)
+        (row,) = _rows(sf)
+        if with_cert:
+            assert summary.delivered == 1 and row["state"] == "delivered"
+        else:
+            assert summary.delivered == 0 and row["state"] == "pending" and row["attempts"] == 1
+        engine.dispose()
+    assert [i["Modality"] for i in orthanc_tls.study_instances(interp.study_instance_uid)] == ["SR"]
