@@ -125,7 +125,7 @@ def _bar(total: int, desc: str):
 class TextSampler:
     """Report → (77,) token ids for training (snippets for BPE, full report for template)."""
 
-    def __init__(self, tokenizer, snippets: Optional[bool] = None, full_report_prob: float = 0.15):
+    def __init__(self, tokenizer, snippets: Optional[bool] = None, full_report_prob: float = 0.1):
         import torch  # noqa: F401
 
         self.tok = tokenizer
@@ -156,7 +156,7 @@ class TextSampler:
         sents = self._sentences(report)
         if not sents:
             return self.full(report)
-        keep_p = rng.uniform(0.15, 0.9)
+        keep_p = rng.uniform(0.1, 0.5)
         order = np.arange(len(sents))
         chosen = order[rng.random(len(sents)) < keep_p]
         if len(chosen) == 0:
