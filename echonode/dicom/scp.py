@@ -211,6 +211,9 @@ class EchoSCP:
         for uid in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         self.ae.add_supported_context(Verification, VERIFICATION_TS)
+        # Storage Commitment reports (N-EVENT-REPORT) for results we delivered (results area)
+        from echonode.dicom.scu import STORAGE_COMMITMENT_PUSH
+        self.ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
         self._server = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -298,6 +301,9 @@ class EchoSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if getattr(self.spool, "sessions", None) is not None:
+            from echonode.dicom.scu import commitment_report_handler
+            handlers.append((evt.EVT_N_EVENT_REPORT, commitment_report_handler(self.settings, self.spool.sessions)))
         ctx = make_ssl_context(self.node)
         self._server = self.ae.start_server((self.node.host, int(self.node.port)), block=False,
                                             evt_handlers=handlers, ssl_context=ctx)
