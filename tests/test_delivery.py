@@ -323,3 +323,26 @@ def test_mutual_tls_delivery(orthanc_tls, sources, tmp_path):
             assert summary.delivered == 0 and row["state"] == "pending" and row["attempts"] == 1
         engine.dispose()
     assert [i["Modality"] for i in orthanc_tls.study_instances(interp.study_instance_uid)] == ["SR"]
+
+
+def test_node_scp_receives_commitment_reports(orthanc, sources, tmp_path):
+    """In production the node's own SCP (echonode serve) takes Orthanc's N-EVENT-REPORT."""
+    from echonode.dicom.scp import EchoSCP
+    from echonode.dicom.spool import Spool
+
+    settings = _settings(tmp_path, orthanc.dicom_port, commitment=True, listener_port=orthanc.commitment_port)
+    engine, sf = _store(settings)
+    scp = EchoSCP(settings, Spool(settings, sf))
+    scp.start()
+    try:
+        interp = make_interpretation(sources, promptcams=False)
+        with sf() as s:
+            scu.publish(settings, s, interp, sources)
+        assert scu.deliver_pending(settings, sf).committing == 1
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _rows(sf)[0]["state"] != "delivered":
+            time.sleep(0.1)
+        assert _rows(sf)[0]["state"] == "delivered"
+    finally:
+        scp.stop()
+        engine.dispose()

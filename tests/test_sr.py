@@ -283,3 +283,15 @@ def test_site_catalogue_codes_are_used(realworld_dir, tmp_path):
     g = _group(hd.sr.srread(path), "aortic_stenosis")
     assert [v.value for v in _qual(g, Code("60573004", "SCT", "x"))] == ["121053"]
     assert g.finding_type.value == "AS"
+
+
+def test_results_modules_do_not_import_torch():
+    """The wall: echonode/dicom never imports torch (the task catalogue it reads is torch-free)."""
+    import subprocess
+    import sys
+    code = ("import sys; import echonode.dicom.sr, echonode.dicom.overlays, echonode.dicom.scu, "
+            "echonode.dicom.sr_codes as c; c.builtin_catalog(); import echonode.commands.outbox; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -215,7 +215,7 @@ def render_table(interp) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, interp, sources, video: bool, messages: list[str]) -> list[str]:
+def _write_outputs(out: Path, interp, sources, video: bool, messages: list[str], catalog=None) -> list[str]:
     uid = interp.study_instance_uid
     if not _valid_uid(uid):
         raise ValueError("study UID unusable as a directory name")
@@ -234,7 +234,7 @@ def _write_outputs(out: Path, interp, sources, video: bool, messages: list[str])
     except ImportError as exc:
         messages.append(f"SR/overlay writers unavailable ({exc}); only interpretation.json written")
         return written
-    objs = [("SR", build_sr(interp, sources))] + [("SC", o) for o in build_overlays(interp, sources)]
+    objs = [("SR", build_sr(interp, sources, catalog=catalog))] + [("SC", o) for o in build_overlays(interp, sources)]
     for kind, ds in objs:
         sop = str(ds.SOPInstanceUID)
         if not _valid_uid(sop):
@@ -318,7 +318,7 @@ def run(args) -> int:
         if out is not None:
             messages: list[str] = []
             try:
-                outputs = _write_outputs(out, interp, sources, study["video"], messages)
+                outputs = _write_outputs(out, interp, sources, study["video"], messages, catalog=tasks)
             except Exception as exc:  # report, keep going with the other studies
                 _err(f"study {uid}: writing outputs failed: {type(exc).__name__}: {exc}")
                 failed = True
