@@ -85,7 +85,7 @@ def test_no_promptcams_no_overlays(sources):
     assert build_overlays(interp, sources) == []
 
 
-def test_engine_outputs_validate(tiny_bundle, realworld_dir, tmp_path, capsys):
+def test_engine_outputs_validate(tiny_bundle, realworld_dir, tmp_path, capsys, monkeypatch):
     """`echonode analyze --out` on a real clip (tiny random model): every SR and SC it
     writes through build_sr/build_overlays passes dciodvfy; the SR re-reads in highdicom."""
     import highdicom as hd
@@ -94,6 +94,8 @@ def test_engine_outputs_validate(tiny_bundle, realworld_dir, tmp_path, capsys):
     from tests.fixtures.interp import write_sources
     from tests.test_sr import EXPECTED_SR_WARNINGS
 
+    monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path / "data"))  # prompt cache etc. stay in tmp
+    monkeypatch.delenv("ECHONODE_CONFIG", raising=False)
     src = make_sources(realworld_dir)[:1]
     (path,) = write_sources(src, tmp_path / "in")
     out = tmp_path / "out"
