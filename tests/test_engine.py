@@ -268,3 +268,19 @@ def test_analyze_cli_errors(tiny_bundle, realworld_dir, tmp_path, monkeypatch, c
     assert main(["analyze", dcm, "--model", str(tiny_bundle.path), "--no-promptcam"]) == 0
     out = capsys.readouterr().out
     assert "Pacemaker or ICD lead" in out and "uncalibrated" in out and "not a diagnosis" in out
+
+
+def test_bf16_autocast_path(tiny_bundle, tmp_path):
+    """precision="bf16" (meant for CUDA) runs end to end; on CPU it uses CPU autocast."""
+    cat = load_catalog()
+    few = {k: cat[k] for k in ("pacemaker", "right_atrial_pressure")}
+    it = Interpreter(tiny_bundle, precision="bf16", cache_dir=tmp_path, promptcam_tasks=("pacemaker",), tasks=few)
+    out = it.interpret("1.2.3", make_clips(sizes=(3,)))
+    assert len(out.promptcams) == 1 and out.promptcams[0].heatmap.shape == (224, 224)
+    fp32 = Interpreter(tiny_bundle, cache_dir=tmp_path, promptcam_tasks=(), tasks=few)
+    ref = fp32.interpret("1.2.3", make_clips(sizes=(3,)))
+    assert out.tasks["pacemaker"].score == pytest.approx(ref.tasks["pacemaker"].score, abs=0.05)
+    # bf16 and fp32 prompt embeddings are cached separately
+    assert len(list((tmp_path / "prompt-embeddings").glob("*.npz"))) == 2
+    with pytest.raises(ValueError, match="precision"):
+        Interpreter(tiny_bundle, precision="fp16", promptcam_tasks=())
