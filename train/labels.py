@@ -10,7 +10,7 @@ Two sources, in this order:
    EchoCLIP-R cleaner does for matching: upper case, whitespace collapsed, ``WAS``→``IS``,
    ``-LY`` severity adverbs → adjectives (``SEVERELY``→``SEVERE``), ``PULMONARY ARTERY``→``PA``.
    A prompt of the task catalogue "appears" when its text (normalised, trailing period
-   and space dropped, ``<#>`` = any number) is a substring of the report.
+   and space dropped, ``<#>`` and any number = any number) is a substring of the report.
 
 =====================================  ====================================================
 label                                  rule on the report text
@@ -90,6 +90,8 @@ def normalise(text: str) -> str:
 
 def prompt_pattern(prompt: str) -> re.Pattern:
     p = normalise(prompt).rstrip(" .")
+    # "<#>" and any number in the prompt (testers carry example values such as 4.0CM) match any number
+    p = re.sub(r"\d+(?:\.\d+)?", "<#>", p)
     parts = [re.escape(x) for x in p.split("<#>")]
     return re.compile(r"\d+(?:\.\d+)?".join(parts))
 
