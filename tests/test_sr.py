@@ -295,3 +295,23 @@ def test_results_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_non_finite_numbers_are_omitted_and_empty_reports_refused(realworld_dir, tmp_path):
+    from tests.fixtures.interp import make_interpretation
+    sources = make_sources(realworld_dir)
+    interp = make_interpretation(sources, longitudinal=False, promptcams=False)
+    tasks = {"ejection_fraction": TaskResult("ejection_fraction", "LVEF", "regression", "m",
+                                             value=float("nan"), unit="%"),
+             "pacemaker": TaskResult("pacemaker", "Pacemaker", "binary", "m", score=float("inf"),
+                                     call="uncalibrated")}
+    ds = build_sr(dataclasses.replace(interp, tasks=tasks), sources)
+    path = tmp_path / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path) == ([], EXPECTED_SR_WARNINGS)
+    sr = hd.sr.srread(path)
+    lvef = _group(sr, "ejection_fraction")
+    assert lvef.get_measurements(name=Code("18043-0", "LN", "x")) == []
+    assert any("not a finite number" in t for t in _texts(lvef))
+    with pytest.raises(SRBuildError, match="nothing to report"):
+        build_sr(dataclasses.replace(interp, tasks={}), sources)

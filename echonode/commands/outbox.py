@@ -123,7 +123,13 @@ def run_send(args) -> int:
     listener = None
     try:
         if args.wait > 0 and any(d.storage_commitment for d in settings.delivery.destinations):
-            listener = scu.CommitmentListener(settings, sf, host=settings.node.host).start()
+            try:
+                listener = scu.CommitmentListener(settings, sf, host=settings.node.host).start()
+            except OSError as exc:
+                print(f"echonode outbox send: cannot listen on {settings.node.host}:{settings.node.port} for "
+                      f"commitment reports ({exc.strerror or exc}); if `echonode serve` runs, it receives "
+                      "them itself: run without --wait", file=sys.stderr)
+                return 1
         summary = scu.deliver_pending(settings, sf)
         deadline = time.monotonic() + args.wait
         while listener is not None and time.monotonic() < deadline:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Iterable, Optional, Sequence
 
 import highdicom as hd
@@ -87,6 +88,13 @@ def device_uid(weights_sha256: str, version: str) -> str:
     """The device observer UID: one per (weights, echonode version), study independent."""
     digest = hashlib.sha256(f"echonode-device|{weights_sha256.lower()}|{version}".encode()).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+def _finite(x) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
 def _same(a, b) -> bool:
@@ -160,15 +168,19 @@ def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict,
     qualitative = []
     notes = []
 
-    if t.mode == "regression" and t.value is not None:
+    if t.mode == "regression" and t.value is not None and not _finite(t.value):
+        notes.append(_text(C.PROCESSING_NOTE, f"{t.title}: the value is not a finite number and is omitted"))
+    if t.mode == "regression" and _finite(t.value):
         measurements.append(Measurement(name=tc.concept, value=float(t.value),
                                         unit=tc.unit or C.ucum(t.unit), method=method))
     score = t.score
     if score is None and t.category and t.category in t.scores:
         score = t.scores[t.category]
-    if score is not None:
+    if score is not None and not _finite(score):
+        notes.append(_text(C.PROCESSING_NOTE, f"{t.title}: the score is not a finite number and is omitted"))
+    if _finite(score):
         measurements.append(Measurement(name=C.SCORE, value=float(score), unit=C.UCUM_NO_UNITS, method=method))
-    if t.threshold is not None:
+    if _finite(t.threshold):
         measurements.append(Measurement(name=C.THRESHOLD, value=float(t.threshold), unit=C.UCUM_NO_UNITS))
 
     # the coded call: (concept name, value code)
@@ -232,12 +244,12 @@ def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
     measurements = []
     qualitative = []
     notes = []
-    if ref is not None:
+    if ref is not None and _finite(ref.similarity):
         measurements.append(Measurement(name=C.LON_SIMILARITY, value=float(ref.similarity), unit=C.UCUM_NO_UNITS))
-    if lon.same_patient_threshold is not None:
+    if _finite(lon.same_patient_threshold):
         measurements.append(Measurement(name=C.LON_SAME_THRESHOLD, value=float(lon.same_patient_threshold),
                                         unit=C.UCUM_NO_UNITS))
-    if lon.change_threshold is not None:
+    if _finite(lon.change_threshold):
         measurements.append(Measurement(name=C.LON_CHANGE_THRESHOLD, value=float(lon.change_threshold),
                                         unit=C.UCUM_NO_UNITS))
     for flag, code, words in ((lon.possible_patient_mismatch, C.LON_MISMATCH,
@@ -346,6 +358,8 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
     lon = _longitudinal_group(interp, index, by_uid)
     if lon is not None:
         groups.append(lon)
+    if not groups:
+        raise SRBuildError("build_sr: nothing to report (no task results and no longitudinal comparison)")
 
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
