@@ -64,7 +64,7 @@ class NodeSettings:
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 30.0
     acse_timeout_s: float = 30.0
-    max_pdu: int = 0  # 0 = unlimited
+    max_pdu: int = 1048576  # our maximum receive PDU (bytes); 0 = unlimited (most SCUs then fall back to 16 KiB)
     tls: TLSSettings = field(default_factory=TLSSettings)
 
 

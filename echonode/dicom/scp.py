@@ -40,6 +40,38 @@ for _uid, _kw in (("1.2.840.10008.5.1.4.1.1.6", "UltrasoundImageStorageRetired")
     except Exception:  # pragma: no cover - already registered
         pass
 
+
+def _install_fast_recv() -> None:
+    """pynetdicom's ``AssociationSocket.recv`` reads 4 KiB per ``socket.recv`` call and
+    appends to a bytearray: for multi-MB clips that is hundreds of Python-level calls per
+    instance. Replace it with ``recv_into`` a preallocated buffer (same contract: returns
+    a bytearray of at most ``nr_bytes``, shorter only when the peer closed). Plain and TLS
+    sockets both support ``recv_into``."""
+    from pynetdicom.transport import AssociationSocket
+
+    if getattr(AssociationSocket.recv, "_echonode_fast", False):
+        return
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        sock = self.socket
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                del view
+                return buf[:got]
+            got += n
+        del view
+        return buf
+
+    recv._echonode_fast = True  # type: ignore[attr-defined]
+    AssociationSocket.recv = recv
+
+
+_install_fast_recv()
+
 # Never let pynetdicom log identifiers (patient names/IDs) of requests/responses.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -190,6 +222,7 @@ class _AssocStats:
     started: float = field(default_factory=time.monotonic)
     statuses: dict = field(default_factory=dict)
     outcome: str = "closed"
+    store_s: float = 0.0  # time spent in the spool (write, fsync, parse, SQL)
 
 
 class EchoSCP:
@@ -255,9 +288,10 @@ class EchoSCP:
         st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
-        LOG.info("association %s: calling AE %r peer %s stored %d (duplicates %d) failures %d in %.1fs%s",
+        LOG.info("association %s: calling AE %r peer %s stored %d (duplicates %d) failures %d in %.1fs "
+                 "(%.1fs storing)%s",
                  "aborted" if event.assoc.is_aborted else "released", st.calling_ae, st.peer, st.stored,
-                 st.duplicates, st.failures, time.monotonic() - st.started,
+                 st.duplicates, st.failures, time.monotonic() - st.started, st.store_s,
                  (" statuses " + ",".join(f"0x{k:04X}x{v}" for k, v in sorted(st.statuses.items())))
                  if st.statuses else "")
 
@@ -267,6 +301,7 @@ class EchoSCP:
     def _on_store(self, event) -> int:
         st = self._stats.get(id(event.assoc)) or _AssocStats()
         result = None
+        t0 = time.monotonic()
         try:
             req = event.request
             data = req.DataSet.getbuffer() if req.DataSet is not None else b""
@@ -281,6 +316,7 @@ class EchoSCP:
             LOG.error("C-STORE handler failed: %s: %s", type(exc).__name__, str(exc)[:200])
             status = PROCESSING_FAILURE
         with self._lock:
+            st.store_s += time.monotonic() - t0
             if status == 0x0000:
                 st.stored += 1
                 self.totals["stored"] += 1

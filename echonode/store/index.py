@@ -89,22 +89,38 @@ def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOut
         return RecordOutcome(replaced=True, path=rec.path, old_path=old_path)
 
 
+def _touch_study(session, study_pk: int, now) -> None:
+    # One atomic statement: if a scheduler just made the study stable/queued, the row lock
+    # serialises us behind it and the version moves on, so a new job follows later.
+    session.execute(
+        update(Study).where(Study.id == study_pk).values(
+            last_received_at=now,
+            version=case((Study.state == STUDY_RECEIVING, Study.version), else_=Study.version + 1),
+            state=STUDY_RECEIVING,
+        ).execution_options(synchronize_session=False))
+
+
 def _upsert_hierarchy(session, a: dict, study_uid: str, series_uid: str) -> tuple[int, int]:
     now = utcnow()
-    pid, issuer = (a.get("patient_id") or "")[:64], (a.get("issuer") or "")[:64]
-    patient = session.scalars(select(Patient).where(Patient.patient_id == pid, Patient.issuer == issuer)).first()
-    if patient is None:
-        patient = Patient(patient_id=pid, issuer=issuer, birth_date=a.get("birth_date"), sex=a.get("sex"),
-                          created_at=now)
-        session.add(patient)
-        session.flush()
-    else:
-        if a.get("birth_date") and not patient.birth_date:
-            patient.birth_date = a["birth_date"]
-        if a.get("sex") and not patient.sex:
-            patient.sex = a["sex"]
+    # fast path: a known series (the common case, every instance after a series' first)
+    row = session.execute(select(Series.id, Series.study_pk).where(Series.series_instance_uid == series_uid)).first()
+    if row is not None:
+        _touch_study(session, row[1], now)
+        return row[1], row[0]
     study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
     if study_pk is None:
+        pid, issuer = (a.get("patient_id") or "")[:64], (a.get("issuer") or "")[:64]
+        patient = session.scalars(select(Patient).where(Patient.patient_id == pid, Patient.issuer == issuer)).first()
+        if patient is None:
+            patient = Patient(patient_id=pid, issuer=issuer, birth_date=a.get("birth_date"), sex=a.get("sex"),
+                              created_at=now)
+            session.add(patient)
+            session.flush()
+        else:
+            if a.get("birth_date") and not patient.birth_date:
+                patient.birth_date = a["birth_date"]
+            if a.get("sex") and not patient.sex:
+                patient.sex = a["sex"]
         study = Study(study_instance_uid=study_uid, patient_pk=patient.id, study_date=a.get("study_date"),
                       study_time=a.get("study_time"), accession_number=a.get("accession_number"),
                       study_id=a.get("study_id"), study_description=a.get("study_description"),
@@ -113,22 +129,12 @@ def _upsert_hierarchy(session, a: dict, study_uid: str, series_uid: str) -> tupl
         session.flush()
         study_pk = study.id
     else:
-        # One atomic statement: if a scheduler just made the study stable/queued, the row lock
-        # serialises us behind it and the version moves on, so a new job follows later.
-        session.execute(
-            update(Study).where(Study.id == study_pk).values(
-                last_received_at=now,
-                version=case((Study.state == STUDY_RECEIVING, Study.version), else_=Study.version + 1),
-                state=STUDY_RECEIVING,
-            ).execution_options(synchronize_session=False))
-    series_pk = session.scalar(select(Series.id).where(Series.series_instance_uid == series_uid))
-    if series_pk is None:
-        series = Series(series_instance_uid=series_uid, study_pk=study_pk, modality=a.get("modality"),
-                        series_number=a.get("series_number"), series_description=a.get("series_description"))
-        session.add(series)
-        session.flush()
-        series_pk = series.id
-    return study_pk, series_pk
+        _touch_study(session, study_pk, now)
+    series = Series(series_instance_uid=series_uid, study_pk=study_pk, modality=a.get("modality"),
+                    series_number=a.get("series_number"), series_description=a.get("series_description"))
+    session.add(series)
+    session.flush()
+    return study_pk, series.id
 
 
 # --------------------------------------------------------------------------- stable studies

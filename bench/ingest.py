@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Ingest throughput: echonode (durable) vs DCMTK storescp, same files, same run.
+
+200 generated ultrasound multi-frame clips of about 2 MB (native Explicit VR Little
+Endian) are sent over ONE association by DCMTK ``storescu`` to
+
+* DCMTK ``storescp`` (reference; started with ``TCP_NODELAY=1``; writes files, no fsync), and
+* ``echonode serve`` (temp file → fsync → rename → fsync dir → SQL commit per instance,
+  SQLite by default or ``--database-url``).
+
+Runs alternate (``--rounds``, default 2) and the best round of each is compared.
+Prints JSON lines: one per round and a summary with MB/s for both and the ratio
+(target: echonode ≥ 0.8 × storescp).
+
+    python3 bench/ingest.py [--files 200] [--mb 2] [--rounds 2] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def dcmtk(tool: str) -> str:
+    for cand in (f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
+        if os.access(cand, os.X_OK):
+            return cand
+    raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_clips(out: Path, n: int, mb: float) -> list[Path]:
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rows, cols = 256, 256
+    frames = max(2, int(round(mb * 1024 * 1024 / (rows * cols))))
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 255, (frames, rows, cols), dtype=np.uint8)
+    study = generate_uid()
+    files = []
+    for i in range(n):
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "US", "BENCH", i + 1
+        ds.NumberOfFrames, ds.Rows, ds.Columns, ds.FrameTime = frames, rows, cols, 20.0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = np.roll(base, i, axis=2).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        p = out / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    return files
+
+
+def wait_echo(port: int, aet: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"receiver exited early ({proc.returncode})")
+        if subprocess.run([dcmtk("echoscu"), "-aec", aet, "127.0.0.1", str(port)],
+                          capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise SystemExit("receiver did not answer C-ECHO")
+
+
+def send(port: int, aet: str, files: list[Path], env: dict) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run([dcmtk("storescu"), "-R", "-xe", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
+                         capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
+    return dt
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_storescp(files, work: Path, env) -> float:
+    out = work / "storescp-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_echo(port, "STORESCP", proc)
+        dt = send(port, "STORESCP", files, env)
+    finally:
+        stop(proc)
+    assert len(list(out.iterdir())) == len(files), "storescp did not store every file"
+    return dt
+
+
+def run_echonode(files, work: Path, env, database_url: str) -> float:
+    data = work / "echonode-data"
+    shutil.rmtree(data, ignore_errors=True)
+    port = free_port()
+    cfg = work / "echonode.toml"
+    lines = [f'data_dir = "{data}"', 'log_level = "INFO"']
+    if database_url:
+        lines.append(f'database_url = "{database_url}"')
+    lines += ["[node]", f"port = {port}", 'host = "127.0.0.1"', "min_free_mb = 1",
+              "[stable]", "delay_s = 3600.0", "[queue]", "embedded_worker = false", "[metrics]", "enabled = false"]
+    cfg.write_text("\n".join(lines) + "\n")
+    penv = {k: v for k, v in env.items() if not k.startswith("ECHONODE_")}
+    penv["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg)], env=penv, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=open(work / "echonode.log", "ab"))
+    try:
+        wait_echo(port, "ECHONODE", proc)
+        dt = send(port, "ECHONODE", files, env)
+    finally:
+        stop(proc)
+    stored = list((data / "instances").rglob("*.dcm"))
+    assert len(stored) == len(files), f"echonode stored {len(stored)} of {len(files)}"
+    return dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=200)
+    ap.add_argument("--mb", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--database-url", default="", help="default: SQLite under the data dir")
+    ap.add_argument("--workdir", default="", help="default: a temporary directory (removed afterwards)")
+    args = ap.parse_args()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TCP_NODELAY="1")
+    try:
+        clips = work / "clips"
+        clips.mkdir(exist_ok=True)
+        files = make_clips(clips, args.files, args.mb)
+        total = sum(f.stat().st_size for f in files)
+        best = {"storescp": float("inf"), "echonode": float("inf")}
+        for r in range(args.rounds):
+            for name, fn in (("storescp", lambda: run_storescp(files, work, env)),
+                             ("echonode", lambda: run_echonode(files, work, env, args.database_url))):
+                dt = fn()
+                best[name] = min(best[name], dt)
+                print(json.dumps({"bench": "ingest", "round": r, "receiver": name, "files": len(files),
+                                  "bytes": total, "seconds": round(dt, 3), "mb_per_s": round(total / dt / 1e6, 2)}),
+                      flush=True)
+        ref, ours = total / best["storescp"] / 1e6, total / best["echonode"] / 1e6
+        print(json.dumps({"bench": "ingest", "summary": True, "files": len(files), "mb_per_file": round(total / len(files) / 1e6, 2),
+                          "storescp_mb_per_s": round(ref, 2), "echonode_mb_per_s": round(ours, 2),
+                          "ratio": round(ours / ref, 3), "target_ratio": 0.8,
+                          "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
+                          "echonode_durable": "fsync file + dir, SQL commit per instance",
+                          "storescp_durable": "no fsync"}), flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
