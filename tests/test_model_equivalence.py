@@ -116,3 +116,15 @@ def test_echo_clip_matches_open_clip_convnext_base(openclip_convnext_base, echoc
         for i in range(0, len(prompts), 32):
             batch = ids[i:i + 32]
             assert max_abs(ours.encode_text(batch), oc.encode_text(batch)) <= ATOL, prompts[i:i + 32]
+
+
+def test_chunked_encoding_equals_single_batch(tiny_bundle):
+    m = tiny_bundle.load_model()
+    x = torch.randn(11, 3, 224, 224)
+    ids = ClipBPETokenizer()([f"LV EJECTION FRACTION IS {i}%. " for i in range(70)])
+    with torch.no_grad():
+        m.image_chunk, m.text_chunk = 4, 16
+        a_img, a_txt = m.encode_image(x), m.encode_text(ids)
+        m.image_chunk, m.text_chunk = 64, 128
+        b_img, b_txt = m.encode_image(x), m.encode_text(ids)
+    assert max_abs(a_img, b_img) <= 1e-5 and max_abs(a_txt, b_txt) <= 1e-5

@@ -173,19 +173,34 @@ class CLIP(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
+    #: frames per image-tower forward: bounds activation memory (an echo-clip model stays
+    #: under 1.5 GB RSS in fp32 on CPU); results do not depend on it (per-sample ops only)
+    image_chunk: int = 8
+    #: prompts per text-tower forward
+    text_chunk: int = 64
+
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels → (N, embed_dim) float32, unnormalised."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"encode_image expects (N, 3, S, S), got {tuple(x.shape)}")
-        return self.visual(x.to(self.dtype)).float()
+        dev = self.text_projection.device
+        x = x.to(device=dev, dtype=self.dtype)
+        if x.shape[0] <= self.image_chunk:
+            return self.visual(x).float()
+        return torch.cat([self.visual(c).float() for c in x.split(self.image_chunk)])
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(N, context) token ids → (N, embed_dim) float32, unnormalised (argmax pooling)."""
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(f"encode_text expects (N, {self.context_length}) ids, got {tuple(ids.shape)}")
         ids = ids.to(device=self.token_embedding.weight.device, dtype=torch.long)
-        if int(ids.max()) >= self.vocab_size or int(ids.min()) < 0:
+        if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        if ids.shape[0] > self.text_chunk:
+            return torch.cat([self._encode_text(c) for c in ids.split(self.text_chunk)])
+        return self._encode_text(ids)
+
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(ids) + self.positional_embedding
         mask = self.attn_mask.to(x.dtype)
         x = self.transformer(x, mask)
