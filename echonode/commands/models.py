@@ -101,7 +101,7 @@ def run_list(args) -> int:
         d = bundle_dir_for(settings, which)
         if d.is_dir() and d not in dirs:
             dirs.append(d)
-    if (DEMO_BUNDLE_DIR / MANIFEST).is_file():
+    if settings.model.allow_demo_model and (DEMO_BUNDLE_DIR / MANIFEST).is_file():
         dirs.append(DEMO_BUNDLE_DIR)
     rows = []
     for d in dirs:
