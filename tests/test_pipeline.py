@@ -145,7 +145,8 @@ def test_save_interpretation_idempotent(db_url, tmp_path):
     jid = make_job(Session, 1)
     interp = Interpretation(study_instance_uid="1.2.826.0.1.3680043.10.1.1",
                             model=ModelInfo("demo", "tiny", "c" * 64, "clip-bpe", "0.1.0", demo=True),
-                            clips=(), tasks={"lvef": TaskResult("lvef", "LVEF", "regression", "m", value=55.0)})
+                            clips=(), tasks={"ejection_fraction": TaskResult("ejection_fraction", "LVEF", "regression",
+                                                                               "m", value=55.0)})
     with Session.begin() as s:
         a = rs.save_interpretation(s, jid, interp)
     with Session.begin() as s:

@@ -369,7 +369,8 @@ def recent_results(session: Session, limit: int = 10) -> list[dict]:
     for r in rows:
         d = json.loads(r.interpretation)
         tasks = d.get("tasks", {})
-        lvef = tasks.get("lvef", {}).get("value") if isinstance(tasks.get("lvef"), dict) else None
+        ef = tasks.get("ejection_fraction") or tasks.get("lvef")
+        lvef = ef.get("value") if isinstance(ef, dict) else None
         lon = d.get("longitudinal") or {}
         out.append({
             "job_id": r.job_id, "study_instance_uid": r.study_instance_uid,
