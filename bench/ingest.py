@@ -8,7 +8,9 @@ Endian) are sent over ONE association by DCMTK ``storescu`` to
 * ``echonode serve`` (temp file → fsync → rename → fsync dir → SQL commit per instance,
   SQLite by default or ``--database-url``).
 
-Runs alternate (``--rounds``, default 2) and the best round of each is compared.
+Runs alternate (``--rounds``, default 2) and the best round of each is compared. A third,
+diagnostic receiver (``pynetdicom-null``: the same pynetdicom set-up with a handler that
+stores nothing) shows how much of the gap is network/DIMSE and how much is durability.
 Prints JSON lines: one per round and a summary with MB/s for both and the ratio
 (target: echonode ≥ 0.8 × storescp).
 
@@ -150,6 +152,36 @@ def run_echonode(files, work: Path, env, database_url: str) -> float:
     return dt
 
 
+NULL_SCP = """
+import sys
+import echonode.dicom.scp as scp  # same pynetdicom tuning as the node (recv_into)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+ae = AE("NULLSCP")
+ae.maximum_pdu_size = int(sys.argv[2])
+for uid in scp.STORAGE_SOP_CLASSES:
+    ae.add_supported_context(uid, list(scp.TRANSFER_SYNTAXES))
+ae.add_supported_context(Verification)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+"""
+
+
+def run_null(files, work: Path, env) -> float:
+    """Diagnostic ceiling: pynetdicom with a handler that stores nothing (network + DIMSE only)."""
+    from echonode.config import NodeSettings
+
+    port = free_port()
+    penv = dict(env, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", NULL_SCP, str(port), str(NodeSettings().max_pdu)], env=penv,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_echo(port, "NULLSCP", proc)
+        return send(port, "NULLSCP", files, env)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=200)
@@ -166,10 +198,11 @@ def main() -> int:
         clips.mkdir(exist_ok=True)
         files = make_clips(clips, args.files, args.mb)
         total = sum(f.stat().st_size for f in files)
-        best = {"storescp": float("inf"), "echonode": float("inf")}
+        best = {"storescp": float("inf"), "echonode": float("inf"), "pynetdicom-null": float("inf")}
         for r in range(args.rounds):
             for name, fn in (("storescp", lambda: run_storescp(files, work, env)),
-                             ("echonode", lambda: run_echonode(files, work, env, args.database_url))):
+                             ("echonode", lambda: run_echonode(files, work, env, args.database_url)),
+                             ("pynetdicom-null", lambda: run_null(files, work, env))):
                 dt = fn()
                 best[name] = min(best[name], dt)
                 print(json.dumps({"bench": "ingest", "round": r, "receiver": name, "files": len(files),
@@ -179,6 +212,7 @@ def main() -> int:
         print(json.dumps({"bench": "ingest", "summary": True, "files": len(files), "mb_per_file": round(total / len(files) / 1e6, 2),
                           "storescp_mb_per_s": round(ref, 2), "echonode_mb_per_s": round(ours, 2),
                           "ratio": round(ours / ref, 3), "target_ratio": 0.8,
+                          "pynetdicom_null_mb_per_s": round(total / best["pynetdicom-null"] / 1e6, 2),
                           "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
                           "echonode_durable": "fsync file + dir, SQL commit per instance",
                           "storescp_durable": "no fsync"}), flush=True)
