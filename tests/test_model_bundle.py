@@ -187,3 +187,13 @@ def test_resolve_model(tiny_bundle, tmp_path):
     assert resolve_model(s2, "r").name == "tiny"
     with pytest.raises(ValueError):
         resolve_model(s, "x")
+
+
+def test_import_from_published_folder(tiny_bundle, tmp_path):
+    folder = tmp_path / "download"
+    folder.mkdir()
+    shutil.copy(tiny_bundle.path / "open_clip_config.json", folder)
+    shutil.copy(tiny_bundle.weights_path, folder)
+    (folder / "tokenizer.json").write_text("{}")
+    b = import_bundle(tmp_path / "m" / "tiny2", folder, name="tiny2", architecture="tiny")
+    assert b.weights_sha256 == tiny_bundle.weights_sha256 and b.config == tiny_bundle.config

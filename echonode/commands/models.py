@@ -32,7 +32,9 @@ def register(sub, parents):
                                      "file and write the manifest. NAME echo-clip-r requires the published "
                                      "weights (sha256 5212c42f…e1cd).")
     pi.add_argument("--name", required=True, help="bundle name (echo-clip, echo-clip-r, or your own)")
-    pi.add_argument("--weights", required=True, metavar="FILE", help="open_clip_pytorch_model.bin or .safetensors")
+    pi.add_argument("--weights", required=True, metavar="FILE|DIR",
+                    help="open_clip_pytorch_model.bin or .safetensors, or a folder holding it (and its "
+                         "open_clip_config.json), e.g. a Hugging Face download")
     pi.add_argument("--template-vocab", metavar="FILE",
                     help="EchoCLIP-R template vocabulary (default for template bundles: the published one)")
     pi.add_argument("--model-config", metavar="FILE",

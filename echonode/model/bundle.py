@@ -441,11 +441,24 @@ def import_bundle(path: str | os.PathLike, weights: str | os.PathLike, *, name: 
                   source: str = "", overwrite: bool = False, check_load: bool = True) -> Bundle:
     """Copy a weights file (``.bin``/``.pth``/``.safetensors``) into a new bundle directory.
 
+    ``weights`` may also be a published folder: its weights file (open_clip's preference
+    order), ``open_clip_config.json`` and ``template_vocab.txt`` are used.
+
     Architecture defaults from the name (``echo-clip-r`` → template tokenizer); the
     weights are key-checked against the architecture (``check_load``) before the manifest
     is written.
     """
     weights = Path(weights).expanduser().resolve()
+    if weights.is_dir():  # a published folder (e.g. a Hub download): weights, config, vocabulary
+        folder = weights
+        found = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
+        if found is None:
+            raise BundleError(f"{folder}: no weights file (expected one of {', '.join(WEIGHT_FILES)})")
+        weights = found
+        if config is None and (folder / CONFIG_FILE).is_file():
+            config = folder / CONFIG_FILE
+        if template_vocab is None and (folder / TEMPLATE_VOCAB).is_file():
+            template_vocab = folder / TEMPLATE_VOCAB
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file not found")
     if architecture is None:
