@@ -82,6 +82,8 @@ def test_embedded_serve_phantom_and_real_clip(node_factory, orthanc, tiny_bundle
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     assert 'echonode_jobs{state="done"} 2' in body
     assert "echonode_jobs_dispatched_total 2" in body
+    assert 'echonode_instances_received_total{outcome="stored"} 2' in body
+    assert 'echonode_outbox{state="delivered"}' in body   # delivery outcomes, from SQL (any worker)
     assert urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).status == 200
     assert node.stop() == 0
 

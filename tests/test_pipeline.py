@@ -271,14 +271,22 @@ def test_metrics_and_health(db_url, tmp_path):
     with Session.begin() as s:
         rs.start_job(s, jid, "w")
         rs.finish_job(s, jid, "w")
-    REGISTRY.inc("echonode_associations_total", result="accepted")
-    srv = MetricsServer("127.0.0.1", 0, Session).start()
+    REGISTRY.inc("echonode_deliveries_total", outcome="delivered")
+
+    class _SCP:
+        totals = {"associations": 3, "rejected": 1, "stored": 7, "failures": 2}
+    from echonode.pipeline.metrics import scp_lines
+    srv = MetricsServer("127.0.0.1", 0, Session, extra=lambda: scp_lines(_SCP())).start()
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=10).read().decode()
         assert 'echonode_jobs{state="done"} 1' in body
         assert "echonode_job_duration_seconds_count 1" in body
         assert "echonode_instances_stored 1" in body
-        assert 'echonode_associations_total{result="accepted"}' in body
+        assert 'echonode_associations_total{result="accepted"} 3' in body
+        assert 'echonode_instances_received_total{outcome="failed"} 2' in body
+        assert 'echonode_deliveries_total{outcome="delivered"}' in body
+        names = [ln.split()[2] for ln in body.splitlines() if ln.startswith("# TYPE")]
+        assert len(names) == len(set(names)), "each metric family declared once"
         assert urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10).read() == b"ok\n"
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=10)

@@ -39,6 +39,9 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level)
+    from echonode.commands.serve import quiet_libraries
+    quiet_libraries()                                   # no PHI from pydicom's value warnings
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     queues = [q.strip() for q in str(args.queues).split(",") if q.strip()]
     from echonode.pipeline.celery_app import QUEUES, broker_kind, make_app
     bad = [q for q in queues if q not in QUEUES]

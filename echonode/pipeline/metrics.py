@@ -2,8 +2,8 @@
 
 Two kinds of numbers:
 
-* in-process counters of the node process (associations, instances and bytes received,
-  delivery outcomes, dispatched jobs), incremented through :data:`REGISTRY`;
+* counters of the node process: associations and C-STORE outcomes (read from the running
+  SCP), dispatched jobs and delivery outcomes (incremented through :data:`REGISTRY`);
 * gauges read from SQL at scrape time (jobs by state, job durations, stored instances
   and bytes, outbox rows by state), so they are right whichever process did the work
   (the node, an embedded worker, or GPU workers on other machines).
@@ -79,11 +79,22 @@ class Registry:
 
 
 REGISTRY = Registry()
-REGISTRY.describe("echonode_associations_total", "DICOM associations handled by this node process, by result")
-REGISTRY.describe("echonode_instances_received_total", "C-STORE requests answered, by status")
-REGISTRY.describe("echonode_received_bytes_total", "Bytes of instances stored by this node process")
 REGISTRY.describe("echonode_jobs_dispatched_total", "Analysis jobs sent to the queue by this node process")
 REGISTRY.describe("echonode_deliveries_total", "Delivery attempts of result objects, by outcome")
+
+
+def scp_lines(scp) -> list[str]:
+    """Counters of the running SCP (``EchoSCP.totals``): associations and C-STORE outcomes."""
+    t = dict(getattr(scp, "totals", None) or {})
+    lines = ["# HELP echonode_associations_total DICOM associations since the node started, by result",
+             "# TYPE echonode_associations_total counter",
+             f'echonode_associations_total{{result="accepted"}} {int(t.get("associations", 0))}',
+             f'echonode_associations_total{{result="rejected"}} {int(t.get("rejected", 0))}',
+             "# HELP echonode_instances_received_total C-STORE requests answered since the node started, by outcome",
+             "# TYPE echonode_instances_received_total counter",
+             f'echonode_instances_received_total{{outcome="stored"}} {int(t.get("stored", 0))}',
+             f'echonode_instances_received_total{{outcome="failed"}} {int(t.get("failures", 0))}']
+    return lines
 
 
 def _gauge(lines: list[str], name: str, help_text: str, values: Iterable[tuple[dict, float]]) -> None:

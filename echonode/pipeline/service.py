@@ -306,7 +306,11 @@ def start(settings: Settings, config_path: Optional[str] = None, **kw) -> Pipeli
 
 def serve_hook(ctx) -> PipelineService:
     """``echonode serve`` start-up hook: dispatcher, embedded worker, metrics."""
-    svc = PipelineService(ctx.settings, config_path=os.environ.get("ECHONODE_CONFIG") or None)
+    extra = None
+    if ctx.scp is not None:
+        from echonode.pipeline.metrics import scp_lines
+        extra = lambda: scp_lines(ctx.scp)  # noqa: E731
+    svc = PipelineService(ctx.settings, config_path=os.environ.get("ECHONODE_CONFIG") or None, extra_metrics=extra)
     if ctx.scheduler is not None and getattr(ctx.scheduler, "on_job", None) is None:
         ctx.scheduler.on_job = svc.dispatcher.wake   # dispatch new jobs at once, not at the next poll
     return svc.start()

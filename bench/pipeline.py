@@ -1,0 +1,243 @@
+"""End-to-end pipeline latency and throughput: cart → echonode → worker → SR in Orthanc.
+
+A real ``echonode serve`` (SQLite, embedded broker, its own worker on ``--device``; or
+``--broker redis://…`` with the same embedded worker) receives phantom A4C studies by
+C-STORE and delivers SR + overlays to a local Orthanc. The model is an echo-clip-size
+model (open_clip convnext_base layout, random weights; built once into ``--work``).
+
+JSON lines printed:
+
+* ``warmup``: first study after start (model already loaded by the worker at start-up;
+  includes computing and caching the prompt embeddings);
+* ``latency``: for one study with one clip, seconds from the last C-STORE response to
+  the SR being in Orthanc, **minus the configured stable delay** (median of ``--repeat``);
+  ``ref_interpret_s`` is the bare ``Interpreter.interpret`` of the same clip in this
+  process, same device (the reference), and ``ratio_vs_interpret = latency / ref``;
+  ``target_s`` = 20 (CPU);
+* ``throughput``: ``--n`` studies sent at once; studies/s and clips/s from the last
+  C-STORE to the last SR in Orthanc, with per-stage means from the stored Interpretations.
+
+Usage::
+
+    python3 bench/pipeline.py [--device cpu|cuda] [--n 20] [--repeat 3] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+def emit(**kw) -> None:
+    print(json.dumps(kw, sort_keys=True), flush=True)
+
+
+def build_bundle(work: Path, name: str, tokenizer: str):
+    from echonode.model.bundle import Bundle, write_bundle
+
+    path = work / name
+    if (path / "echonode.json").is_file():
+        return Bundle.open(path)
+    import torch
+    from echonode.model.clip import build_model
+
+    torch.manual_seed(0)
+    arch = "echo-clip" if tokenizer == "clip-bpe" else "echo-clip-r"
+    return write_bundle(path, build_model(arch).state_dict(), name=name, architecture=arch,
+                        tokenizer_kind=tokenizer, source="bench (random weights)", overwrite=True)
+
+
+def make_study(folder: Path, i: int, n_frames: int, rows: int, cols: int, patient: str = "") -> tuple[str, Path]:
+    import hashlib
+
+    from echonode.phantom import make_clip, write_dicom
+
+    def uid(*p):
+        return "2.25." + str(int.from_bytes(hashlib.sha256("|".join(map(str, ("bench",) + p)).encode()).digest()[:16],
+                                            "big"))
+    pid = patient or f"BENCH{i:05d}"
+    study = uid(i, "study")
+    clip = make_clip(500 + i, n_frames=n_frames, rows=rows, cols=cols)
+    path = write_dicom(folder / f"s{i}.dcm", clip, patient_id=pid, patient_name="BENCH^PHANTOM", birth_date="19600101",
+                       sex="O", study_uid=study, series_uid=uid(i, "series"), sop_uid=uid(i, "sop"),
+                       study_date=f"2024{(i % 12) + 1:02d}01")
+    return study, path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=20, help="studies queued at once for throughput")
+    ap.add_argument("--repeat", type=int, default=3, help="latency repetitions (median)")
+    ap.add_argument("--frames", type=int, default=60, help="frames per clip (analysis samples 0,2,…,38)")
+    ap.add_argument("--rows", type=int, default=480)
+    ap.add_argument("--cols", type=int, default=640)
+    ap.add_argument("--stable-delay", type=float, default=2.0)
+    ap.add_argument("--with-r", action="store_true", help="also run an echo-clip-r-size model (study embedding)")
+    ap.add_argument("--broker", default="", help="Celery broker URL (default: the embedded SQLite broker)")
+    ap.add_argument("--work", default="", help="work folder (bundles are cached there)")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    args = ap.parse_args()
+
+    from echonode.commands.demo import _Orthanc, _echo, _free_port, _send, _write_toml
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="echonode-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    clip_b = build_bundle(work / "models", "echo-clip", "clip-bpe")
+    r_b = build_bundle(work / "models", "echo-clip-r", "template") if args.with_r else None
+    emit(bench="pipeline", stage="bundles", seconds=round(time.perf_counter() - t0, 2),
+         weights_sha256=clip_b.weights_sha256[:12])
+
+    run = work / f"run-{int(time.time())}"
+    exe = next((c for c in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(c, os.X_OK)), shutil.which("Orthanc"))
+    if not exe:
+        emit(bench="pipeline", error="Orthanc not installed")
+        return 1
+    node_port = _free_port()
+    orthanc = _Orthanc(exe, run / "orthanc", "ECHONODE", node_port)
+    procs = []
+    try:
+        if not orthanc.wait():
+            emit(bench="pipeline", error="Orthanc did not start")
+            return 1
+        model = {"clip_model": str(clip_b.path), "device": args.device,
+                 "r_model": str(r_b.path) if r_b else str(work / "no-r-model")}
+        cfg = {"data_dir": str(run / "node"), "log_level": "INFO",
+               "node": {"host": "127.0.0.1", "port": node_port, "min_free_mb": 64},
+               "stable": {"delay_s": args.stable_delay, "poll_s": 0.25},
+               "model": model, "metrics": {"enabled": False},
+               "queue": {"embedded_worker": True, "broker_url": args.broker},
+               "delivery": {"backoff_initial_s": 1.0, "destinations": [
+                   {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]}}
+        cfg_path = run / "bench.toml"
+        _write_toml(cfg_path, cfg)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+        log = open(run / "node.log", "ab")
+        node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        procs.append(node)
+        while not _echo(node_port):
+            if node.poll() is not None:
+                emit(bench="pipeline", error=f"node exited, see {run / 'node.log'}")
+                return 1
+            time.sleep(0.3)
+
+        folder = run / "studies"
+
+        def wait_srs(uids, deadline):
+            pending = set(uids)
+            done_at = {}
+            while pending and time.monotonic() < deadline:
+                for u in list(pending):
+                    try:
+                        objs = orthanc.study_objects(u)
+                    except OSError:
+                        objs = []
+                    if any(o["sop_class_uid"].startswith(SR_PREFIX) for o in objs):
+                        done_at[u] = time.perf_counter()
+                        pending.discard(u)
+                time.sleep(0.1)
+            return done_at, pending
+
+        deadline = time.monotonic() + args.timeout
+        # warm-up (the worker loads the model at start; prompt embeddings are computed here)
+        u, f = make_study(folder, 0, args.frames, args.rows, args.cols)
+        t = time.perf_counter()
+        _send(node_port, [f])
+        t_sent = time.perf_counter()
+        done, pending = wait_srs([u], deadline)
+        if pending:
+            emit(bench="pipeline", error="warm-up timed out", log=str(run / "node.log"))
+            return 1
+        emit(bench="pipeline", stage="warmup", seconds=round(done[u] - t_sent, 2), device=args.device)
+
+        # latency, one study (one A4C clip) at a time
+        lat = []
+        for k in range(args.repeat):
+            u, f = make_study(folder, 1 + k, args.frames, args.rows, args.cols)
+            _send(node_port, [f])
+            t_last = time.perf_counter()
+            done, pending = wait_srs([u], deadline)
+            if pending:
+                emit(bench="pipeline", error="latency run timed out")
+                return 1
+            lat.append(done[u] - t_last - args.stable_delay)
+
+        # reference in this run: bare Interpreter.interpret of the same clip, same device
+        from echonode.dicom.frames import load_clip
+        from echonode.interpret.engine import ClipInput, Interpreter
+        from echonode.interpretation import ClipRef
+        from echonode.model.preprocess import sample_indices
+        import pydicom
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        clip = load_clip(f, indices=sample_indices(int(ds.NumberOfFrames), limit=40, stride=2))
+        interp = Interpreter(clip_b, r_b, device=args.device, cache_dir=str(run / "ref-cache"),
+                             promptcam_tasks=("pacemaker", "impella", "tavr", "mitraclip"))
+        ci = [ClipInput(ClipRef(str(ds.SOPInstanceUID)), clip.frames)]
+        interp.interpret(u, ci)   # warm
+        ref = []
+        for _ in range(args.repeat):
+            tt = time.perf_counter()
+            interp.interpret(u, ci)
+            ref.append(time.perf_counter() - tt)
+        del interp
+        med, ref_med = statistics.median(lat), statistics.median(ref)
+        emit(bench="pipeline", stage="latency", device=args.device, latency_s=round(med, 2),
+             runs=[round(x, 2) for x in lat], ref_interpret_s=round(ref_med, 2),
+             ratio_vs_interpret=round(med / ref_med, 2), stable_delay_s=args.stable_delay,
+             frames=args.frames, size=f"{args.rows}x{args.cols}", target_s=20.0, ok=med <= 20.0)
+
+        # throughput: n studies queued at once
+        studies = [make_study(folder, 100 + i, args.frames, args.rows, args.cols) for i in range(args.n)]
+        _send(node_port, [p for _, p in studies])
+        t_last = time.perf_counter()
+        done, pending = wait_srs([s for s, _ in studies], deadline)
+        if pending:
+            emit(bench="pipeline", error=f"throughput run: {len(pending)} studies not done in time")
+            return 1
+        span = max(done.values()) - t_last
+        from echonode.config import load_settings
+        from echonode.store import db
+        from echonode.store import results as rs
+        st = load_settings(cfg_path, env={})
+        Session = db.session_factory(db.get_engine(st.db_url))
+        stages: dict[str, list[float]] = {}
+        with Session() as s:
+            for uid, _ in studies:
+                d = rs.latest_interpretation(s, uid) or {}
+                for k, v in (d.get("timings") or {}).items():
+                    stages.setdefault(k, []).append(float(v))
+            durations = rs.job_durations(s, limit=args.n)
+        emit(bench="pipeline", stage="throughput", device=args.device, studies=args.n, seconds=round(span, 2),
+             studies_per_s=round(args.n / span, 3), clips_per_s=round(args.n / span, 3),
+             job_mean_s=round(statistics.mean(durations), 2) if durations else None,
+             stage_means_s={k: round(statistics.mean(v), 3) for k, v in sorted(stages.items())})
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        orthanc.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
