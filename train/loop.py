@@ -13,6 +13,10 @@ The paper's recipe (issue 4, research/echoclip.md):
 * the checkpoint kept is the one with the lowest mean cross-modal retrieval rank (MCMRR)
   on the validation split.
 
+Progressive resizing (optional, ``--low-res``): the first part of the run sees frames
+downscaled to a smaller input (4x cheaper at half size), the rest the model's own size;
+validation and the saved model always use the model's size.
+
 Engineering: bf16 autocast and channels-last on CUDA, gradient accumulation, DDP under
 ``torchrun`` (each rank contrasts its own batch: no feature gather), a checkpoint after
 every epoch and ``--resume``, a tqdm bar and JSON-lines metrics (``metrics.jsonl``).
@@ -65,6 +69,8 @@ class TrainConfig:
     demo: bool = False
     weights_dtype: str = ""             # "" = fp32; "fp16" halves the bundle
     threads: int = 0                    # torch CPU threads (0 = torch default)
+    low_res: int = 0                    # train at this input size first (progressive resizing; 0 = off)
+    low_res_fraction: float = 0.7       # share of the run (by schedule progress) spent at low_res
     log_every: int = 10
 
 
@@ -90,10 +96,17 @@ def clip_loss(img, txt, logit_scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def lr_at(progress: float, step: int, warmup: int, base_lr: float) -> float:
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+def lr_at(progress: float, warmup_frac: float, base_lr: float) -> float:
+    """Linear warm-up over the first ``warmup_frac`` of the run, then cosine to zero.
+
+    ``progress`` in [0, 1] is the larger of steps done / planned steps and, with a time
+    budget, elapsed / budget: the schedule scales to the run's length either way.
+    """
+    p = min(1.0, max(0.0, progress))
+    if warmup_frac > 0 and p < warmup_frac:
+        return base_lr * max(p / warmup_frac, 1e-3)
+    q = (p - warmup_frac) / max(1e-9, 1.0 - warmup_frac)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * q))
 
 
 def _dist():
@@ -201,6 +214,7 @@ class _null:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    import cv2
     import torch
 
     from echonode.model.bundle import Bundle, write_bundle
@@ -265,7 +279,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     steps_per_epoch = max(1, per_rank // bs)
     updates_per_epoch = max(1, steps_per_epoch // max(1, cfg.accum_steps))
     total_updates = updates_per_epoch * cfg.epochs
-    warmup = min(cfg.warmup_steps, max(1, int(0.05 * total_updates)))
+    # the paper's 2,000 warm-up steps, but never more than 5 % of the run
+    warmup_frac = min(cfg.warmup_steps / max(1, total_updates), 0.05)
 
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -324,6 +339,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         for bi in range(steps_per_epoch):
             idx = perm[bi * bs:(bi + 1) * bs]
             imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
+            if cfg.low_res and cfg.low_res < imgs.shape[1] and progress_frac() < cfg.low_res_fraction:
+                imgs = np.stack([cv2.resize(im, (cfg.low_res, cfg.low_res), interpolation=cv2.INTER_AREA)
+                                 for im in imgs])
             ids = np.stack([sampler.sample(tr.rows[i].report, rng) for i in idx])
             x = normalize(imgs, mean, std).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -336,7 +354,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             losses.append(float(loss.detach()))
             if (bi + 1) % cfg.accum_steps == 0:
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(progress_frac(), step, warmup, cfg.lr)
+                    g["lr"] = lr_at(progress_frac(), warmup_frac, cfg.lr)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -348,7 +366,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                     bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-10:]):.3f}")
                 if main and step % max(1, cfg.log_every) == 0:
                     writer(event="step", epoch=epoch, step=step, loss=float(np.mean(losses[-cfg.log_every:])),
-                           lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.exp()))
+                           lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.detach().exp()))
                 if budget and progress_frac() >= 1.0:
                     stop = True
                     break

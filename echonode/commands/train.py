@@ -39,6 +39,9 @@ def register(sub, parents):
     p.add_argument("--demo", action="store_true", help="mark the bundle as a demo model (never for clinical use)")
     p.add_argument("--weights-dtype", default="", choices=("", "fp16"), help="store fp16 weights (halves the bundle)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--low-res", type=int, default=0, metavar="SIZE",
+                   help="progressive resizing: train at SIZE first, then at the model's size (0 = off)")
+    p.add_argument("--low-res-fraction", type=float, default=0.7, help="share of the run at --low-res (default 0.7)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_train)
 
@@ -112,7 +115,8 @@ def run_train(args) -> int:
                       weight_decay=args.weight_decay, max_minutes=args.max_minutes, seed=args.seed,
                       device=args.device, precision=args.precision, channel_order=args.channel_order,
                       cache_dir=args.cache_dir, resume=args.resume, name=args.name, demo=args.demo,
-                      weights_dtype=args.weights_dtype, threads=args.threads)
+                      weights_dtype=args.weights_dtype, threads=args.threads, low_res=args.low_res,
+                      low_res_fraction=args.low_res_fraction)
     try:
         res = train(cfg)
     except (ManifestError, BundleError, FileNotFoundError, ValueError) as exc:
