@@ -58,16 +58,21 @@ class WorkerRuntime:
         if key != self._interp_key:
             from echonode.interpret.engine import Interpreter
 
+            from echonode.model.bundle import Bundle
+
             m = self.settings.model
             t0 = time.perf_counter()
             self._interpreter = None
+            # verify the weights' sha256 once per (bundle, checksum), when it is loaded
+            clip = Bundle.open(choice.clip.path, verify=True)
+            r = Bundle.open(choice.r.path, verify=True) if choice.r is not None else None
             kwargs = dict(device=self.device, precision=m.precision, channel_order=m.channel_order,
                           promptcam_tasks=tuple(m.promptcam_tasks),
                           cache_dir=str(self.settings.cache_path / "prompts"))
             if m.tasks_file:
                 from echonode.interpret.prompts import load_catalog
                 kwargs["tasks"] = load_catalog(m.tasks_file)
-            self._interpreter = Interpreter(choice.clip, choice.r, **kwargs)
+            self._interpreter = Interpreter(clip, r, **kwargs)
             self._interp_key = key
             log.info("model %s loaded on %s in %.1f s%s", choice.clip.name, self.device, time.perf_counter() - t0,
                      " — DEMO MODEL — NOT FOR CLINICAL USE" if choice.demo else "")
@@ -77,7 +82,7 @@ class WorkerRuntime:
         """Load the model now (worker start-up), so the first study does not pay for it."""
         from echonode.pipeline.modelsel import choose_models
 
-        choice = choose_models(self.settings)
+        choice = choose_models(self.settings, verify=False)
         if not choice.available:
             log.warning("%s", choice.message)
             return False
@@ -173,7 +178,7 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     if ctx.state != "queued":
         log.info("job %d is %s: nothing to do", job_id, ctx.state)
         return f"skipped-{ctx.state}"
-    choice = choose_models(rt.settings)
+    choice = choose_models(rt.settings, verify=False)   # presence; weights verified when loaded
     if not choice.available:
         with rt.Session.begin() as s:
             rs.set_waiting_model(s, choice.message, [job_id])
