@@ -197,3 +197,14 @@ def test_import_from_published_folder(tiny_bundle, tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     b = import_bundle(tmp_path / "m" / "tiny2", folder, name="tiny2", architecture="tiny")
     assert b.weights_sha256 == tiny_bundle.weights_sha256 and b.config == tiny_bundle.config
+
+
+def test_overwrite_replaces_old_files(tiny_bundle, tiny_state_dict, tmp_path):
+    d = copy_bundle(tiny_bundle, tmp_path / "b")
+    write_calibration(d, CALIBRATION)
+    with pytest.raises(BundleError, match="not empty"):
+        write_bundle(d, tiny_state_dict, name="b", architecture="tiny", tokenizer_kind="clip-bpe", weights_format="bin")
+    b = write_bundle(d, tiny_state_dict, name="b", architecture="tiny", tokenizer_kind="clip-bpe", weights_format="bin",
+                     overwrite=True)
+    assert set(b.manifest["files"]) == {"open_clip_config.json", "open_clip_pytorch_model.bin"}
+    assert b.calibration is None and not (d / "open_clip_model.safetensors").exists()

@@ -339,6 +339,10 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
             raise BundleError(f"{path}: exists and is not a directory")
         if any(path.iterdir()) and not overwrite:
             raise BundleError(f"{path}: directory is not empty (refusing to overwrite a bundle)")
+        if overwrite:  # drop the old bundle's files (a calibration belongs to the old weights)
+            for name in WEIGHT_FILES + OPTIONAL_FILES + (MANIFEST, CONFIG_FILE, TEMPLATE_VOCAB, CALIBRATION,
+                                                         VERIFY_CACHE):
+                (path / name).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
 
 
