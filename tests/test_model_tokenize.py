@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -184,3 +185,72 @@ def test_missing_vocab_file_is_clear(tmp_path):
 def test_vendored_vocab_is_the_published_file(echoclip_data):
     assert tk.TEMPLATE_VOCAB_PATH.read_bytes() == (echoclip_data / "template_vocab.txt").read_bytes()
     assert os.path.getsize(tk.BPE_MERGES_PATH) > 1_000_000
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_tokenizers(blank_path: str, phrases: tuple):
+    from tokenizers import Tokenizer
+
+    phr = Tokenizer.from_file(blank_path)
+    phr.add_tokens(list(phrases))
+    var = Tokenizer.from_file(blank_path)
+    var.add_tokens(list(tk.VARIABLE_VOCAB[5:]))
+    return phr, var
+
+
+def _hf_reference_template(text: str, phrases: list[str], blank_path) -> list[int]:
+    """The reference's matching done by the ``tokenizers`` library itself (added tokens over a
+    blank WordPiece), per research/echoclip.md §4.3 steps 4–7; cleaning and extraction shared."""
+    phr, var = _hf_tokenizers(str(blank_path), tuple(phrases))
+    cleaned = clean_report_text(text)
+    variables = [m.group(0) for m in tk._VARIABLE.finditer(cleaned)]
+    templ = tk._VARIABLE.sub("<#>", cleaned)
+    for old, new in tk._WHOLE_PHRASE_FIXES:
+        templ = templ.replace(old, new)
+    enc = phr.encode(templ)
+    keep = []
+    for i, (a, b) in zip(enc.ids, enc.offsets):
+        keep.extend([i != 0] * templ[a:b].count("<#>"))
+    variables = [v for v, k in zip(variables, keep) if k]
+    out = []
+    for i in enc.ids:
+        if i == 0:
+            continue
+        out.append(i)
+        n = phrases[i - 5].count("<#>")
+        if n:
+            vals, variables = variables[:n], variables[n:]
+            out.extend(j + 775 for j in var.encode("\u2021".join(vals)).ids)
+    ids = [907] + out + [908]
+    if len(ids) > 77:
+        ids = ids[:77]
+        ids[-1] = max(ids)
+    return ids + [0] * (77 - len(ids))
+
+
+def test_template_matching_equals_tokenizers_library(template, echoclip_data):
+    import random
+
+    blank = echoclip_data / "blank_wordpiece.tokenizer"
+    phrases = (echoclip_data / "template_vocab.txt").read_text().split("\n")
+    rng = random.Random(7)
+    fills = ["55", "20.0", "2.29", "150", "07", "0.5", "100", "MILD", "MODERATE", "SEVERE", "MILD/MODERATE",
+             "VERY SEVERE", "3", "45"]
+    junk = ["S/P TAVR.", "NOTED.", "xyz", "WAS", "  ", "01/02/2020", "I50.9", "[SEE ABOVE]", "AND/OR", "mildly"]
+    texts = []
+    for _ in range(150):
+        parts = []
+        for _ in range(rng.randint(1, 9)):
+            p = rng.choice(phrases)
+            while "<#>" in p:
+                p = p.replace("<#>", rng.choice(fills), 1)
+            if rng.random() < 0.3:
+                p = p.rstrip(". ")
+            if rng.random() < 0.2:
+                p = p.lower()
+            parts.append(p)
+            if rng.random() < 0.3:
+                parts.append(rng.choice(junk))
+        texts.append(" ".join(parts))
+    for t in texts:
+        assert template.encode(t).ids == _hf_reference_template(t, phrases, blank), t
