@@ -13,6 +13,8 @@ JSON lines printed:
   the SR being in Orthanc, **minus the configured stable delay** (median of ``--repeat``);
   ``ref_interpret_s`` is the bare ``Interpreter.interpret`` of the same clip in this
   process, same device (the reference), and ``ratio_vs_interpret = latency / ref``;
+  ``worker_interpret_s`` is the Interpreter's own time inside the worker for that study and
+  ``pipeline_overhead_s`` = latency − that (decode, SR/overlays, SQL, queue, delivery);
   ``target_s`` = 20 (CPU);
 * ``throughput``: ``--n`` studies sent at once; studies/s and clips/s from the last
   C-STORE to the last SR in Orthanc, with per-stage means from the stored Interpretations.
@@ -166,8 +168,18 @@ def main() -> int:
             return 1
         emit(bench="pipeline", stage="warmup", seconds=round(done[u] - t_sent, 2), device=args.device)
 
+        from echonode.config import load_settings
+        from echonode.store import db
+        from echonode.store import results as rs
+        Session = db.session_factory(db.get_engine(load_settings(cfg_path, env={}).db_url))
+
+        def worker_interpret_s(uid):
+            with Session() as s:
+                d = rs.latest_interpretation(s, uid) or {}
+            return float((d.get("timings") or {}).get("total", float("nan")))
+
         # latency, one study (one A4C clip) at a time
-        lat = []
+        lat, in_worker = [], []
         for k in range(args.repeat):
             u, f = make_study(folder, 1 + k, args.frames, args.rows, args.cols)
             _send(node_port, [f])
@@ -177,6 +189,7 @@ def main() -> int:
                 emit(bench="pipeline", error="latency run timed out")
                 return 1
             lat.append(done[u] - t_last - args.stable_delay)
+            in_worker.append(worker_interpret_s(u))
 
         # reference in this run: bare Interpreter.interpret of the same clip, same device
         from echonode.dicom.frames import load_clip
@@ -197,9 +210,12 @@ def main() -> int:
             ref.append(time.perf_counter() - tt)
         del interp
         med, ref_med = statistics.median(lat), statistics.median(ref)
+        overhead = statistics.median(a - b for a, b in zip(lat, in_worker))
         emit(bench="pipeline", stage="latency", device=args.device, latency_s=round(med, 2),
              runs=[round(x, 2) for x in lat], ref_interpret_s=round(ref_med, 2),
-             ratio_vs_interpret=round(med / ref_med, 2), stable_delay_s=args.stable_delay,
+             ratio_vs_interpret=round(med / ref_med, 2),
+             worker_interpret_s=[round(x, 2) for x in in_worker], pipeline_overhead_s=round(overhead, 2),
+             load_avg_1min=round(os.getloadavg()[0], 2), stable_delay_s=args.stable_delay,
              frames=args.frames, size=f"{args.rows}x{args.cols}", target_s=20.0, ok=med <= 20.0)
 
         # throughput: n studies queued at once
@@ -211,11 +227,6 @@ def main() -> int:
             emit(bench="pipeline", error=f"throughput run: {len(pending)} studies not done in time")
             return 1
         span = max(done.values()) - t_last
-        from echonode.config import load_settings
-        from echonode.store import db
-        from echonode.store import results as rs
-        st = load_settings(cfg_path, env={})
-        Session = db.session_factory(db.get_engine(st.db_url))
         stages: dict[str, list[float]] = {}
         with Session() as s:
             for uid, _ in studies:
