@@ -76,6 +76,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, progress=None) ->
     return h.hexdigest()
 
 
+def _hash_with_progress(path: Path, size: int) -> str:
+    """sha256 with a progress bar on stderr for large files (weights) when it is a terminal."""
+    import sys
+    if size < (64 << 20) or not sys.stderr.isatty():
+        return sha256_file(path)
+    from tqdm import tqdm
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", file=sys.stderr,
+              leave=False) as bar:
+        return sha256_file(path, progress=bar.update)
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -143,7 +154,7 @@ class _VerifyCache:
         ent = self.data.get(key)
         if use_cache and isinstance(ent, dict) and ent.get("size") == st.st_size and ent.get("mtime_ns") == st.st_mtime_ns:
             return str(ent.get("sha256"))
-        digest = sha256_file(path)
+        digest = _hash_with_progress(path, st.st_size)
         self.data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         self.dirty = True
         return digest
