@@ -242,7 +242,7 @@ def run_embed(args) -> int:
             out["texts"] = [{"text": t, "embedding": e.tolist()} for t, e in zip(args.text, emb)]
         if args.files:
             from echonode.dicom.frames import FrameDecodeError, count_frames, load_clip
-            stride = settings.model.frame_stride
+            stride = 1 if args.all_frames else settings.model.frame_stride
             limit = None if args.all_frames else settings.model.frames * stride
             order = args.channel_order or settings.model.channel_order
             for f in args.files:
