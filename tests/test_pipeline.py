@@ -166,13 +166,14 @@ class _Choice:
                                              "no EchoCLIP model installed: `echonode models import`")
 
 
-@pytest.mark.parametrize("broker", ["embedded", "redis"])
+@pytest.mark.parametrize("broker", ["embedded", "redis", "filesystem"])
 def test_dispatch_exactly_once_across_dispatchers(db_url, tmp_path, broker, request, monkeypatch):
     from echonode.pipeline import modelsel
     from echonode.pipeline.celery_app import make_app, queue_depths
     from echonode.pipeline.service import Dispatcher
 
-    broker_url = request.getfixturevalue("redis_url") if broker == "redis" else ""
+    broker_url = {"redis": lambda: request.getfixturevalue("redis_url"), "embedded": lambda: "",
+                  "filesystem": lambda: "filesystem://"}[broker]()
     settings = settings_for(tmp_path, db_url, broker_url=broker_url)
     Session = db.session_factory(db.get_engine(db_url))
     jobs = [make_job(Session, i) for i in range(6)]
@@ -221,6 +222,11 @@ def test_waiting_model_then_released(db_url, tmp_path, monkeypatch, caplog):
     assert any("echonode models import" in r.getMessage() for r in caplog.records)
     with Session() as s:
         assert "echonode models import" in rs.waiting_model_message(s)
+    from echonode.commands.status import collect_status
+    from echonode.pipeline.statusinfo import format_pipeline
+    status = collect_status(settings)
+    assert status["jobs"]["waiting_model"] == 1 and "echonode models import" in status["waiting_model"]
+    assert any(line.startswith("WAITING FOR A MODEL: ") for line in format_pipeline(status))
     monkeypatch.setattr(modelsel, "choose_models", lambda s, **k: _Choice(True))
     out = d.tick() if d.model_available(force=True) else None
     assert out["released"] == 1 and out["sent"] == 1
@@ -292,3 +298,16 @@ def test_metrics_and_health(db_url, tmp_path):
             urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=10)
     finally:
         srv.stop()
+
+
+def test_worker_command_usage_errors(tmp_path, monkeypatch, capsys):
+    from echonode.cli import main
+
+    monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path))
+    assert main(["worker", "--queues", "analyse"]) == 2
+    assert "unknown queue" in capsys.readouterr().err
+    assert main(["worker", "--device", "tpu:0"]) == 2
+    assert "--device must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["worker", "--help"])
+    assert exc.value.code == 0 and "--queues" in capsys.readouterr().out
