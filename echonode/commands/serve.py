@@ -71,6 +71,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     ctx.scp = EchoSCP(settings, ctx.spool)
     ctx.scp.start()
     services.append(_Stop(lambda: ctx.scp.stop(drain_s), "scp"))
+    services.append(_Stop(ctx.spool.close, "spool"))
     ctx.scheduler = StableScheduler(settings, sessions).start()
     services.append(ctx.scheduler)
     for hook in START_HOOKS:

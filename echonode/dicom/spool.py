@@ -29,6 +29,7 @@ import secrets
 import shutil
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -73,6 +74,13 @@ class StoreResult:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+def _wait_quietly(fut: Future) -> None:
+    try:
+        fut.result()
+    except Exception:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,9 +189,16 @@ class Spool:
         self.min_free = int(settings.node.min_free_mb) * 1024 * 1024
         self.on_stored = on_stored
         self._locks = [threading.Lock() for _ in range(64)]
+        # fsyncs run here so that they overlap with parsing and SQL statements; the order
+        # temp fsync → rename → dir fsync → SQL COMMIT is kept (see _commit)
+        self._io = ThreadPoolExecutor(max_workers=max(4, 2 * int(settings.node.max_associations)),
+                                      thread_name_prefix="spool-fsync")
         for d in (self.storage, self.incoming, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._clean_incoming()
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
 
     # ------------------------------------------------------------------ helpers
     def _clean_incoming(self) -> None:
@@ -219,7 +234,15 @@ class Spool:
             LOG.error("could not write quarantine copy: %s", exc)
             return None
 
-    def _write_temp(self, meta: bytes, data) -> tuple[Path, str, int]:
+    @staticmethod
+    def _fsync_close(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_temp(self, meta: bytes, data) -> tuple[Path, str, int, Future]:
+        """Write meta + data to a new temp file; its fsync runs in the background (a Future)."""
         tmp = self.incoming / f"{secrets.token_hex(12)}.part"
         h = hashlib.sha256()
         h.update(meta)
@@ -233,13 +256,11 @@ class Spool:
             while view:
                 n = os.write(fd, view[:64 * _CHUNK])
                 view = view[n:]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        return tmp, h.hexdigest(), len(meta) + len(data)
+        return tmp, h.hexdigest(), len(meta) + len(data), self._io.submit(self._fsync_close, fd)
 
     # ------------------------------------------------------------------ main entry
     def store(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
@@ -260,7 +281,7 @@ class Spool:
             LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
         meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
-            tmp, sha, size = self._write_temp(meta, data)
+            tmp, sha, size, synced = self._write_temp(meta, data)
         except OSError as exc:
             status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
             LOG.error("could not write instance: %s", exc.strerror or exc)
@@ -281,8 +302,10 @@ class Spool:
                 attrs = index_attributes(ds)
                 decision = selection.decide(ds, self.settings.select)
             except UIDError as exc:
+                _wait_quietly(synced)
                 return self._reject(DATASET_MISMATCH, str(exc), meta, data, tmp)
             except Exception as exc:  # pydicom raises many types on malformed input
+                _wait_quietly(synced)
                 return self._reject(CANNOT_UNDERSTAND,
                                     f"dataset cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}",
                                     meta, data, tmp)
@@ -290,10 +313,11 @@ class Spool:
             rel = self.relpath(study_uid, series_uid, sop_instance_uid)
             lock = self._locks[hash(sop_instance_uid) % len(self._locks)]
             with lock:
-                return self._commit(tmp, rel, sha, size, attrs, decision, study_uid, series_uid,
+                return self._commit(tmp, synced, rel, sha, size, attrs, decision, study_uid, series_uid,
                                     sop_instance_uid, str(sop_class_uid).strip(),
                                     str(transfer_syntax_uid).strip(), calling_ae)
         finally:
+            _wait_quietly(synced)
             tmp.unlink(missing_ok=True)
 
     def _reject(self, status: int, reason: str, meta: bytes, data, tmp: Optional[Path] = None) -> StoreResult:
@@ -312,18 +336,26 @@ class Spool:
                     q.name if q else "none")
         return StoreResult(status, reason, quarantine=q)
 
-    def _commit(self, tmp: Path, rel: Path, sha: str, size: int, attrs: dict, decision,
+    def _commit(self, tmp: Path, synced: Future, rel: Path, sha: str, size: int, attrs: dict, decision,
                 study_uid: str, series_uid: str, sop_uid: str, sop_class: str, ts: str,
                 calling_ae: str) -> StoreResult:
         final = self.root / rel
+        dir_synced: list[Future] = []
 
-        def place_file() -> None:
-            # runs inside the SQL transaction, before its commit: a committed row never
-            # points at a file that is not durably on disk
+        def wait_dir() -> None:
+            for fut in dir_synced:
+                fut.result()
+
+        def place_file():
+            # Runs inside the SQL transaction. Order: temp file durable → rename → directory
+            # fsync (in the background while the SQL statements run) → wait_dir() → COMMIT.
+            # A committed row therefore never points at a file that is not durably in place.
+            synced.result()
             if tmp.exists():
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                dir_synced.append(self._io.submit(_fsync_dir, final.parent))
+            return wait_dir
 
         rec = InstanceRecord(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,

@@ -47,9 +47,13 @@ class RecordOutcome:
     old_path: Optional[str] = None
 
 
-def record_instance(sessions, rec: InstanceRecord, place_file: Callable[[], None], *,
+def record_instance(sessions, rec: InstanceRecord, place_file: Callable[[], Optional[Callable[[], None]]], *,
                     exists: Callable[[str], bool] = lambda p: True, retries: int = 5) -> RecordOutcome:
-    """Index one stored instance; retries on unique-key races and busy databases."""
+    """Index one stored instance; retries on unique-key races and busy databases.
+
+    ``place_file()`` runs inside the transaction after the duplicate check; it may return a
+    callable that is awaited after the SQL statements and before the COMMIT (the spool
+    uses it to overlap the directory fsync with the statements)."""
     last: Exception | None = None
     for attempt in range(retries):
         try:
@@ -67,7 +71,7 @@ def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOut
         existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).first()
         if existing is not None and existing.sha256 == rec.sha256 and exists(existing.path):
             return RecordOutcome(duplicate=True, path=existing.path)
-        place_file()
+        wait = place_file()
         study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
         now = utcnow()
         values = dict(series_pk=series_pk, study_pk=study_pk, sop_class_uid=rec.sop_class_uid,
@@ -77,6 +81,9 @@ def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOut
                       **{k: a.get(k) for k in _INSTANCE_ATTRS})
         if existing is None:
             session.add(Instance(sop_instance_uid=rec.sop_instance_uid, replaced_count=0, **values))
+            session.flush()
+            if wait:
+                wait()
             return RecordOutcome(path=rec.path)
         session.add(InstanceHistory(
             sop_instance_uid=rec.sop_instance_uid, old_sha256=existing.sha256, new_sha256=rec.sha256,
@@ -86,6 +93,9 @@ def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOut
         for k, v in values.items():
             setattr(existing, k, v)
         existing.replaced_count = (existing.replaced_count or 0) + 1
+        session.flush()
+        if wait:
+            wait()
         return RecordOutcome(replaced=True, path=rec.path, old_path=old_path)
 
 
