@@ -35,11 +35,16 @@ class ModelChoice:
 
 
 def no_model_message(settings: Settings, detail: str = "") -> str:
-    where = settings.models_path
-    msg = (f"no EchoCLIP model installed (looked for '{settings.model.clip_model}' in {where})"
+    try:
+        from echonode.model.bundle import bundle_dir_for
+        where = bundle_dir_for(settings, "clip")
+    except Exception:  # pragma: no cover - a malformed model.clip_model
+        where = settings.models_path / settings.model.clip_model
+    msg = (f"no EchoCLIP model installed (looked in {where})"
            + (f": {detail}" if detail else "") + ". Analysis jobs wait in state waiting_model and run once "
-           "a model is installed: `echonode models import <published weights file or folder>` "
-           "(or `echonode models download` on a machine with internet access). "
+           "a model is installed: `echonode models import --name echo-clip --weights <published weights file or "
+           "folder>` (and --name echo-clip-r for comparison with prior studies), or `echonode models download "
+           "echo-clip` on a machine with internet access. "
            "For a demonstration only, set model.allow_demo_model = true "
            "(tiny demo model, DEMO MODEL — NOT FOR CLINICAL USE).")
     return msg
