@@ -225,6 +225,28 @@ def _realworld_raw_bytes_exact(node, realworld_dir, tmp_path):
     assert len(check_index(node, files, exact_bytes=True)["history"]) == 2
 
 
+def test_association_policy_unit():
+    from echonode.config import AllowedPeer, NodeSettings
+    from echonode.dicom.scp import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociationPolicy
+
+    open_default = AssociationPolicy(NodeSettings())
+    assert open_default.default_open and open_default.check("ANY", "ECHONODE", "10.1.2.3").accept
+    assert open_default.check("ANY", "OTHER", "10.1.2.3").reject == REJECT_CALLED_AE
+    deny = AssociationPolicy(NodeSettings(allow_any_calling_ae=False))
+    assert not deny.check("ANY", "ECHONODE", "127.0.0.1").accept      # empty allow-list denies all
+    pol = AssociationPolicy(NodeSettings(allowed=(AllowedPeer("CART1", ("10.0.0.0/24",)),
+                                                  AllowedPeer("PACS", ("127.0.0.1",)), AllowedPeer("ROAM"))))
+    assert not pol.default_open                                          # a list closes the open default
+    assert pol.check("CART1", "ECHONODE", "10.0.0.7").accept
+    assert pol.check("CART1", "ECHONODE", "::ffff:10.0.0.7").accept    # IPv4-mapped peer address
+    assert not pol.check("CART1", "ECHONODE", "10.0.1.7").accept
+    assert pol.check("PACS", "ECHONODE", "127.0.0.1").accept
+    assert pol.check("ROAM", "ECHONODE", "192.168.9.9").accept
+    d = pol.check("STRANGER", "ECHONODE", "10.0.0.7")
+    assert not d.accept and d.reject == REJECT_CALLING_AE and "STRANGER" in d.reason
+    assert AssociationPolicy(NodeSettings(require_called_ae=False)).check("X", "WHATEVER", "1.2.3.4").accept
+
+
 def _ct_file(path: Path) -> Path:
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
@@ -250,7 +272,8 @@ def test_policy_ct_and_truncated(node_factory, realworld_dir, tmp_path):
     n = node_factory({"node": {"allow_any_calling_ae": False,
                                "allowed": [{"ae_title": "CART1", "hosts": ["127.0.0.1"]},
                                            {"ae_title": "CART2", "hosts": ["10.99.99.99"]},
-                                           {"ae_title": "STORESCU"}, {"ae_title": "RAWSCU"}]}})
+                                           {"ae_title": "STORESCU"}, {"ae_title": "RAWSCU"}],
+                               "max_associations": 2}})
     n.start(echo_ae="CART1")  # ECHOSCU, the default probe, is not allowed here
     assert n.echo(calling_ae="CART1") == 0
     assert n.echo(calling_ae="UNKNOWN") != 0
@@ -260,6 +283,23 @@ def test_policy_ct_and_truncated(node_factory, realworld_dir, tmp_path):
     log = n.log_text()
     assert "association rejected: calling AE 'UNKNOWN'" in log
     assert "calling AE 'CART2' not allowed from 127.0.0.1" in log
+
+    # concurrency cap: two associations held open, a third is rejected, then room again
+    from pynetdicom import AE as _AE
+
+    cap_ae = _AE(ae_title="RAWSCU")
+    cap_ae.add_requested_context("1.2.840.10008.1.1")
+    held = [cap_ae.associate("127.0.0.1", n.port, ae_title="ECHONODE") for _ in range(2)]
+    assert all(a.is_established for a in held)
+    third = cap_ae.associate("127.0.0.1", n.port, ae_title="ECHONODE")
+    assert third.is_rejected
+    for a in held:
+        a.release()
+    time.sleep(0.5)
+    again = cap_ae.associate("127.0.0.1", n.port, ae_title="ECHONODE")
+    assert again.is_established
+    again.release()
+    cap_ae.shutdown()
 
     # CT: refused at presentation-context negotiation, nothing stored
     ct = _ct_file(tmp_path / "ct.dcm")

@@ -190,3 +190,36 @@ def test_crash_leftovers_are_cleaned(ingest_settings):
         assert not (sp.incoming / "deadbeef.part").exists()
     finally:
         engine.dispose()
+
+
+def test_status_cli(spool, ingest_settings, tmp_path):
+    """``echonode status --json`` over a store with one clip; config errors exit 3."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures.node import ROOT, write_config
+
+    ds = us_dataset(frames=6)
+    assert store(spool, ds).ok
+    cfg = write_config(tmp_path / "s.toml", {"data_dir": str(ingest_settings.data_path),
+                                             "database_url": ingest_settings.db_url})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "echonode", "status", "--json", "--config", str(cfg)],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["patients"], out["series"], out["instances"], out["study_count"]) == (1, 1, 1, 1)
+    assert out["counts"] == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+    [st] = out["studies"]
+    assert (st["study_instance_uid"], st["instances"], st["clips_to_analyse"], st["state"]) == \
+        (ds.StudyInstanceUID, 1, 1, "receiving")
+    assert out["jobs"]["queued"] == 0
+    res = subprocess.run([sys.executable, "-m", "echonode", "status", "--config", str(cfg)],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+    assert res.returncode == 0 and ds.StudyInstanceUID in res.stdout
+    res = subprocess.run([sys.executable, "-m", "echonode", "status", "--config", str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
+    assert res.returncode == 3 and "not found" in res.stderr
