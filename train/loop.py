@@ -71,6 +71,7 @@ class TrainConfig:
     threads: int = 0                    # torch CPU threads (0 = torch default)
     low_res: int = 0                    # train at this input size first (progressive resizing; 0 = off)
     low_res_fraction: float = 0.7       # share of the run (by schedule progress) spent at low_res
+    augment: bool = True                # random zoom/shift/gain/gamma per training frame
     log_every: int = 10
 
 
@@ -94,6 +95,21 @@ def clip_loss(img, txt, logit_scale):
     logits = logit_scale * img @ txt.T
     labels = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def augment(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Light echo-plausible augmentation of one (S, S, 3) uint8 frame: a random zoom
+    (0.9-1.1) and shift (up to 6 % of the size), gain (0.8-1.2) and gamma (0.85-1.15)."""
+    import cv2
+
+    S = im.shape[0]
+    z = rng.uniform(0.9, 1.1)
+    tx, ty = rng.uniform(-0.06, 0.06, size=2) * S
+    M = np.array([[z, 0, (1 - z) * S / 2 + tx], [0, z, (1 - z) * S / 2 + ty]], dtype=np.float32)
+    out = cv2.warpAffine(im, M, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    g, gam = rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15)
+    lut = np.clip(255.0 * g * (np.arange(256) / 255.0) ** gam, 0, 255).astype(np.uint8)
+    return lut[out]
 
 
 def lr_at(progress: float, warmup_frac: float, base_lr: float) -> float:
@@ -158,8 +174,11 @@ def prepare_split(manifest: Manifest, split: str, cache: FrameCache, desc: str) 
     return Prepared(good, arrays, problems)
 
 
-def embed_clips(model, frames_list, device, mean, std, n_frames: int = 4, batch: int = 128, autocast=None):
-    """Mean of L2-normalised embeddings of ``n_frames`` evenly spaced cached frames per clip."""
+def embed_clips(model, frames_list, device, mean, std, n_frames: int = 4, batch: int = 128, autocast=None,
+                size: int = 0):
+    """Mean of L2-normalised embeddings of ``n_frames`` evenly spaced cached frames per clip
+    (resized to ``size`` first when given: validation during the low-resolution phase)."""
+    import cv2
     import torch
     import torch.nn.functional as F
     from echonode.model.preprocess import normalize
@@ -185,7 +204,10 @@ def embed_clips(model, frames_list, device, mean, std, n_frames: int = 4, batch:
         k = len(fr)
         sel = np.unique(np.linspace(0, k - 1, num=min(n_frames, k)).round().astype(int)) if n_frames else np.arange(k)
         for j in sel:
-            buf.append(np.asarray(fr[j]))
+            im = np.asarray(fr[j])
+            if size and size != im.shape[0]:
+                im = cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
+            buf.append(im)
             owners.append(ci)
             if len(buf) >= batch:
                 flush()
@@ -228,6 +250,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     main = rank == 0
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+        cv2.setNumThreads(int(cfg.threads))
     out = Path(cfg.out)
     ckdir = out / "checkpoints"
     if main:
@@ -310,11 +333,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         elapsed_before = float(ck.get("elapsed", 0.0))
         writer(event="resume", epoch=start_epoch, step=step)
     budget = cfg.max_minutes * 60.0 if cfg.max_minutes else 0.0
+    t_loop = time.time()  # the time budget covers the training loop (frame caching is logged apart)
+    writer(event="prepared", seconds=round(t_loop - t_start, 1))
 
     def progress_frac():
         p = step / max(1, total_updates)
         if budget:
-            p = max(p, (elapsed_before + time.time() - t_start) / budget)
+            p = max(p, (elapsed_before + time.time() - t_loop) / budget)
         return p
 
     bar = None
@@ -339,6 +364,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         for bi in range(steps_per_epoch):
             idx = perm[bi * bs:(bi + 1) * bs]
             imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
+            if cfg.augment:
+                imgs = np.stack([augment(im, rng) for im in imgs])
             if cfg.low_res and cfg.low_res < imgs.shape[1] and progress_frac() < cfg.low_res_fraction:
                 imgs = np.stack([cv2.resize(im, (cfg.low_res, cfg.low_res), interpolation=cv2.INTER_AREA)
                                  for im in imgs])
@@ -375,8 +402,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                "epoch_seconds": round(time.time() - t_ep, 2)}
         if main:
             model.eval()
+            low_phase = bool(cfg.low_res) and progress_frac() < cfg.low_res_fraction and not stop
             if len(va.rows) >= 2:
-                ie = embed_clips(model, va.frames, device, mean, std, n_frames=cfg.val_frames, autocast=autocast)
+                ie = embed_clips(model, va.frames, device, mean, std, n_frames=cfg.val_frames, autocast=autocast,
+                                 size=cfg.low_res if low_phase else 0)
                 te = embed_texts(model, sampler, [r.report for r in va.rows], device)
                 rr = retrieval(ie, te)
                 rec.update(val_mcmrr=rr["mcmrr"], val_i2t=rr["image_to_report_mean_rank"],
@@ -385,7 +414,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             else:
                 metric = float(np.mean(losses)) if losses else float("inf")  # no val split: lowest loss
                 rec.update(val_note="no validation split; best by training loss")
-            if metric < best:
+            if low_phase:
+                # validated at the low training size: logged, but only full-size epochs can be "best"
+                rec.update(val_size=cfg.low_res)
+            elif metric < best:
                 best, best_epoch = metric, epoch
                 torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckdir / "best.pt")
             rec.update(best_epoch=best_epoch, best=best)
@@ -394,7 +426,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             tmp = ckdir / "last.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
                         "best": best, "best_epoch": best_epoch, "history": history,
-                        "elapsed": elapsed_before + time.time() - t_start,
+                        "elapsed": elapsed_before + time.time() - t_loop,
                         "config": dataclasses.asdict(cfg)}, tmp)
             os.replace(tmp, last)
         if world > 1:

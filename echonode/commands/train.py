@@ -42,6 +42,7 @@ def register(sub, parents):
     p.add_argument("--low-res", type=int, default=0, metavar="SIZE",
                    help="progressive resizing: train at SIZE first, then at the model's size (0 = off)")
     p.add_argument("--low-res-fraction", type=float, default=0.7, help="share of the run at --low-res (default 0.7)")
+    p.add_argument("--no-augment", action="store_true", help="no random zoom/shift/gain/gamma of training frames")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_train)
 
@@ -116,7 +117,7 @@ def run_train(args) -> int:
                       device=args.device, precision=args.precision, channel_order=args.channel_order,
                       cache_dir=args.cache_dir, resume=args.resume, name=args.name, demo=args.demo,
                       weights_dtype=args.weights_dtype, threads=args.threads, low_res=args.low_res,
-                      low_res_fraction=args.low_res_fraction)
+                      low_res_fraction=args.low_res_fraction, augment=not args.no_augment)
     try:
         res = train(cfg)
     except (ManifestError, BundleError, FileNotFoundError, ValueError) as exc:
