@@ -304,14 +304,20 @@ class EchoSCP:
         t0 = time.monotonic()
         try:
             req = event.request
-            data = req.DataSet.getbuffer() if req.DataSet is not None else b""
-            result = self.spool.store(
-                sop_class_uid=str(req.AffectedSOPClassUID or ""),
-                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                data=data, calling_ae=st.calling_ae, peer=st.peer)
+            # the dataset bytes exactly as received (no decoding, no copy)
+            data = req.DataSet.getbuffer() if req.DataSet is not None else memoryview(b"")
+            try:
+                result = self.spool.store(
+                    sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    data=data, calling_ae=st.calling_ae, peer=st.peer)
+            finally:
+                try:
+                    data.release()
+                except BufferError:
+                    pass
             status = result.status
-            del data
         except Exception as exc:  # never let an exception leave a C-STORE unanswered
             LOG.error("C-STORE handler failed: %s: %s", type(exc).__name__, str(exc)[:200])
             status = PROCESSING_FAILURE
