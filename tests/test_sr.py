@@ -318,3 +318,26 @@ def test_non_finite_numbers_are_omitted_and_empty_reports_refused(realworld_dir,
     assert any("not a finite number" in t for t in _texts(lvef))
     with pytest.raises(SRBuildError, match="nothing to report"):
         build_sr(dataclasses.replace(interp, tasks={}), sources)
+
+
+def test_non_standard_character_set_of_a_cart_is_corrected(realworld_dir, tmp_path):
+    """Carts write 'ISO-IR 100' (a real file in the fixtures does); the SR must still build."""
+    from echonode.dicom.overlays import build_overlays
+    from echonode.dicom.sr import _fixed_charset
+    from tests.fixtures.interp import make_interpretation
+
+    assert _fixed_charset("ISO-IR 100") == ["ISO_IR 100"]
+    assert _fixed_charset(["", "ISO 2022 IR 87"]) == ["", "ISO 2022 IR 87"]
+    assert _fixed_charset("NOT A CHARSET") == ["ISO_IR 192"]
+    sources = make_sources(realworld_dir)
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO-IR 100"
+    interp = make_interpretation(sources)
+    sr = build_sr(interp, sources)
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert sources[0].SpecificCharacterSet == "ISO-IR 100"   # the caller's data is untouched
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    assert len(build_overlays(interp, sources)) == len(interp.promptcams)

@@ -308,11 +308,49 @@ def _check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
                                f"(StudyInstanceUID {s} != {study})")
         uid = check_uid(getattr(ds, "SOPInstanceUID", None), "source SOPInstanceUID")
         check_uid(getattr(ds, "SOPClassUID", None), "source SOPClassUID")
-        by_uid[uid] = ds
+        by_uid[uid] = _header_copy(ds)
     clip_uids = {c.sop_instance_uid for c in interp.clips}
     if clip_uids and not clip_uids & set(by_uid):
         raise SRBuildError("build_sr: none of the analysed clips is among the source datasets")
     return by_uid
+
+
+def _fixed_charset(value) -> list[str]:
+    """Specific Character Set terms as the standard spells them.
+
+    Carts in the field write e.g. ``ISO-IR 100``; pydicom reads it with a warning but
+    highdicom (rightly) refuses to copy a non-standard term into a new object.
+    Unknown terms fall back to UTF-8 (``ISO_IR 192``), which is what we write anyway.
+    """
+    from pydicom.charset import python_encoding
+
+    terms = [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for term in terms:
+        t = str(term).strip().upper()
+        for cand in (t, t.replace("-", "_"), t.replace("-", "_").replace("ISO_IR_", "ISO_IR "),
+                     t.replace("-", " ").replace("ISO IR", "ISO_IR"),
+                     t.replace("ISO_2022_IR_", "ISO 2022 IR ")):
+            if cand in python_encoding:
+                out.append(cand)
+                break
+        else:
+            return ["ISO_IR 192"]
+    return out
+
+
+def _header_copy(ds: Dataset) -> Dataset:
+    """The source without pixel data, with a standard Specific Character Set."""
+    e = Dataset()
+    for elem in ds:
+        if elem.tag.group in (0x7FE0,) or elem.tag == 0x00280000:
+            continue
+        e.add(elem)
+    if "SpecificCharacterSet" in ds:
+        fixed = _fixed_charset(ds.SpecificCharacterSet)
+        del e[0x00080005]   # the element object is shared with the caller's dataset
+        e.SpecificCharacterSet = fixed[0] if len(fixed) == 1 else fixed
+    return e
 
 
 def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
