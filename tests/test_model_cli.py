@@ -113,3 +113,9 @@ def test_embed_bad_file_is_failure(tiny_bundle, data_dir, tmp_path, capsys):
     rc = main(["embed", "--model", str(tiny_bundle.path), str(bad), "--json"])
     captured = capsys.readouterr()
     assert rc == 1 and "junk.dcm" in captured.err
+
+
+def test_embed_all_frames(tiny_bundle_r, data_dir, realworld_dir, capsys):
+    dcm = realworld_dir / "us_multiframe" / "pydicom__examples_ybr_color.dcm"
+    rc, out, _ = run_json(capsys, ["embed", "--model", str(tiny_bundle_r.path), "--all-frames", str(dcm), "--json"])
+    assert rc == 0 and out["files"][0]["indices"] == list(range(30)) and out["texts"] == []
