@@ -90,8 +90,9 @@ def test_embedded_serve_phantom_and_real_clip(node_factory, orthanc, tiny_bundle
 
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_production_shape_kill9_and_prior(node_factory, worker_factory, orthanc, tiny_bundle, tiny_bundle_r,
-                                          phantom_factory, pg_url, redis_url):
+def test_production_shape_kill9_and_prior(pg_url, redis_url, node_factory, worker_factory, orthanc, tiny_bundle,
+                                          tiny_bundle_r, phantom_factory):
+    # pg_url / redis_url first: set up before, torn down after the processes that use them
     cfg = _config(orthanc, tiny_bundle, tiny_bundle_r, embedded_worker=False, broker_url=redis_url,
                   visibility_timeout_s=3600)
     node = node_factory(cfg, database_url=pg_url).start()
@@ -127,3 +128,5 @@ def test_production_shape_kill9_and_prior(node_factory, worker_factory, orthanc,
     status = node.status()
     assert status["jobs"]["done"] == 2 and status["queue"]["broker"] == "redis"
     assert json.dumps(status)  # serialisable
+    w2.stop()
+    assert node.stop() == 0
