@@ -69,7 +69,7 @@ class TrainConfig:
     demo: bool = False
     weights_dtype: str = ""             # "" = fp32; "fp16" halves the bundle
     threads: int = 0                    # torch CPU threads (0 = torch default)
-    low_res: int = 0                    # train at this input size first (progressive resizing; 0 = off)
+    low_res: str = ""                   # progressive resizing: "96" or "96,160" (sizes before the model's own)
     low_res_fraction: float = 0.7       # share of the run (by schedule progress) spent at low_res
     augment: bool = True                # random zoom/shift/gain/gamma per training frame
     log_every: int = 10
@@ -353,6 +353,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     mean, std = mcfg.mean, mcfg.std
     from echonode.model.preprocess import normalize
+    low_sizes = [int(x) for x in str(cfg.low_res or "").replace(" ", "").split(",") if x and int(x) > 0]
+
+    def train_size() -> int:
+        """Input size at the current point of the run (the model's own size after the low-res share)."""
+        p = progress_frac()
+        if not low_sizes or p >= cfg.low_res_fraction:
+            return 0
+        return low_sizes[min(len(low_sizes) - 1, int(p / cfg.low_res_fraction * len(low_sizes)))]
     stop = False
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
@@ -366,8 +374,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
             if cfg.augment:
                 imgs = np.stack([augment(im, rng) for im in imgs])
-            if cfg.low_res and cfg.low_res < imgs.shape[1] and progress_frac() < cfg.low_res_fraction:
-                imgs = np.stack([cv2.resize(im, (cfg.low_res, cfg.low_res), interpolation=cv2.INTER_AREA)
+            size_now = train_size()
+            if size_now and size_now < imgs.shape[1]:
+                imgs = np.stack([cv2.resize(im, (size_now, size_now), interpolation=cv2.INTER_AREA)
                                  for im in imgs])
             ids = np.stack([sampler.sample(tr.rows[i].report, rng) for i in idx])
             x = normalize(imgs, mean, std).to(device, non_blocking=True)
@@ -402,10 +411,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                "epoch_seconds": round(time.time() - t_ep, 2)}
         if main:
             model.eval()
-            low_phase = bool(cfg.low_res) and progress_frac() < cfg.low_res_fraction and not stop
+            low_now = 0 if stop else train_size()
+            low_phase = bool(low_now)
             if len(va.rows) >= 2:
                 ie = embed_clips(model, va.frames, device, mean, std, n_frames=cfg.val_frames, autocast=autocast,
-                                 size=cfg.low_res if low_phase else 0)
+                                 size=low_now)
                 te = embed_texts(model, sampler, [r.report for r in va.rows], device)
                 rr = retrieval(ie, te)
                 rec.update(val_mcmrr=rr["mcmrr"], val_i2t=rr["image_to_report_mean_rank"],
@@ -416,7 +426,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 rec.update(val_note="no validation split; best by training loss")
             if low_phase:
                 # validated at the low training size: logged, but only full-size epochs can be "best"
-                rec.update(val_size=cfg.low_res)
+                rec.update(val_size=low_now)
             elif metric < best:
                 best, best_epoch = metric, epoch
                 torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckdir / "best.pt")

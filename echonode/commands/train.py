@@ -39,8 +39,8 @@ def register(sub, parents):
     p.add_argument("--demo", action="store_true", help="mark the bundle as a demo model (never for clinical use)")
     p.add_argument("--weights-dtype", default="", choices=("", "fp16"), help="store fp16 weights (halves the bundle)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--low-res", type=int, default=0, metavar="SIZE",
-                   help="progressive resizing: train at SIZE first, then at the model's size (0 = off)")
+    p.add_argument("--low-res", default="", metavar="SIZES",
+                   help="progressive resizing: e.g. 96 or 96,160 - train at these sizes first, then at the model's size")
     p.add_argument("--low-res-fraction", type=float, default=0.7, help="share of the run at --low-res (default 0.7)")
     p.add_argument("--no-augment", action="store_true", help="no random zoom/shift/gain/gamma of training frames")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
