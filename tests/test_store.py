@@ -146,6 +146,19 @@ def test_mismatch_and_garbage_are_refused(spool):
     assert len(list(spool.quarantine_dir.glob("*.dcm"))) == 2
 
 
+def test_out_of_range_integers_do_not_refuse_the_instance(spool):
+    """IS values beyond 32 bits (e.g. InstanceNumber 3000000000 from a cart) used to make
+    PostgreSQL's INTEGER columns fail the whole C-STORE (0xC211): index them as unknown."""
+    ds = us_dataset(InstanceNumber="3000000000", SeriesNumber="-2147483649")
+    r = store(spool, ds)
+    assert r.status == SUCCESS, r.reason
+    [inst] = rows(spool, Instance)
+    assert inst.instance_number is None and rows(spool, Series)[0].series_number is None
+    ds2 = us_dataset(InstanceNumber="2147483647")
+    assert store(spool, ds2).status == SUCCESS
+    assert {i.instance_number for i in rows(spool, Instance)} == {None, 2147483647}
+
+
 def test_free_space_floor(ingest_settings):
     s = ingest_settings.replace(node=ingest_settings.node.__class__(min_free_mb=10**12))
     engine = db.make_engine(s.db_url)

@@ -119,12 +119,20 @@ def _text(ds: Any, keyword: str, limit: int = 64) -> Optional[str]:
     return text[:limit] if text else None
 
 
+_INT_MIN, _INT_MAX = -2**31, 2**31 - 1  # IS range (PS3.5 §6.2) and the SQL INTEGER columns
+
+
 def _int(ds: Any, keyword: str) -> Optional[int]:
+    """An integer attribute, or None when absent, unparsable or outside the 32-bit range
+    (an out-of-range InstanceNumber must not make PostgreSQL refuse the whole instance)."""
     try:
         value = ds.get(keyword)
-        return None if value is None or value == "" else int(value)
+        if value is None or value == "":
+            return None
+        n = int(value)
     except Exception:
         return None
+    return n if _INT_MIN <= n <= _INT_MAX else None
 
 
 def _float(ds: Any, keyword: str) -> Optional[float]:
