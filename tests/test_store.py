@@ -159,6 +159,21 @@ def test_out_of_range_integers_do_not_refuse_the_instance(spool):
     assert {i.instance_number for i in rows(spool, Instance)} == {None, 2147483647}
 
 
+def test_sql_errors_do_not_carry_parameters(db_url):
+    """SQLAlchemy exception messages (which reach the logs) must not echo patient data."""
+    from sqlalchemy import text
+
+    engine = db.make_engine(db_url)
+    try:
+        with pytest.raises(Exception) as exc, engine.begin() as conn:
+            conn.execute(text("SELECT no_such_function(:pid)"), {"pid": "DOE-JOHN-19500101"})
+        assert "DOE-JOHN-19500101" not in db.describe_error(exc.value)
+        if db.is_sqlite(db_url):  # PostgreSQL quotes the statement with its values itself
+            assert "DOE-JOHN-19500101" not in str(exc.value)
+    finally:
+        engine.dispose()
+
+
 def test_free_space_floor(ingest_settings):
     s = ingest_settings.replace(node=ingest_settings.node.__class__(min_free_mb=10**12))
     engine = db.make_engine(s.db_url)

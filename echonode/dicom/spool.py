@@ -44,6 +44,7 @@ from echonode.config import Settings
 from echonode.dicom import select as selection
 from echonode.dicom.uids import UIDError, check_uid, is_valid_uid
 from echonode.store.index import InstanceRecord, record_instance
+from echonode.store.db import describe_error
 
 LOG = logging.getLogger("echonode.spool")
 
@@ -378,7 +379,7 @@ class Spool:
             LOG.error("could not store instance: %s", exc.strerror or exc)
             return StoreResult(status, f"storage failed: {exc.strerror or exc}", sop_uid)
         except Exception as exc:
-            LOG.error("could not index instance: %s: %s", type(exc).__name__, str(exc)[:300])
+            LOG.error("could not index instance: %s", describe_error(exc))
             return StoreResult(PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", sop_uid)
         if outcome.duplicate:
             return StoreResult(SUCCESS, "duplicate with identical bytes", sop_uid, study_uid,

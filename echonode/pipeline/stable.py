@@ -18,6 +18,7 @@ import threading
 from typing import Callable, Optional
 
 from echonode.config import Settings
+from echonode.store.db import describe_error
 from echonode.store.index import CreatedJob, stabilise_studies
 
 LOG = logging.getLogger("echonode.stable")
@@ -55,7 +56,8 @@ class StableScheduler:
             try:
                 self.tick()
             except Exception as exc:  # the database may be briefly unavailable; keep going
-                LOG.error("stable-study tick failed: %s: %s", type(exc).__name__, str(exc)[:200])
+                LOG.error("stable-study tick failed: %s", describe_error(exc) if hasattr(exc, "orig")
+                          else f"{type(exc).__name__}: {str(exc)[:200]}")
             self._stop.wait(max(0.05, float(self.settings.stable.poll_s)))
 
     def start(self) -> "StableScheduler":

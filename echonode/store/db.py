@@ -34,7 +34,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
-__all__ = ["Base", "make_engine", "session_factory", "migrate", "is_sqlite", "get_engine"]
+__all__ = ["Base", "make_engine", "session_factory", "migrate", "is_sqlite", "get_engine", "describe_error"]
 
 
 def is_sqlite(url: str) -> bool:
@@ -42,7 +42,11 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    """A new Engine for ``url``; SQLite gets WAL, full fsync and immediate write locks."""
+    """A new Engine for ``url``; SQLite gets WAL, full fsync and immediate write locks.
+
+    Statement parameters are hidden from SQLAlchemy's exception messages (``hide_parameters``):
+    they hold patient IDs and birth dates, and those messages reach the logs."""
+    kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         u = make_url(url)
         if u.database and u.database != ":memory:":
@@ -68,6 +72,24 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A log-safe description of a database error: no statement, no parameters, no values.
+
+    PostgreSQL's own messages quote the offending statement with its values interpolated
+    (psycopg2 binds on the client) and data errors quote the value itself, so only the
+    error class and SQLSTATE are kept for it; SQLite's messages name tables/columns only.
+    """
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return type(exc).__name__
+    pgcode = getattr(orig, "pgcode", None)
+    if pgcode is not None or type(orig).__module__.startswith("psycopg"):
+        return f"{type(exc).__name__} ({type(orig).__name__}, SQLSTATE {pgcode or '?'})"
+    if type(orig).__module__.startswith("sqlite3"):
+        return f"{type(exc).__name__} ({str(orig).splitlines()[0][:200] if str(orig) else type(orig).__name__})"
+    return f"{type(exc).__name__} ({type(orig).__name__})"
 
 
 def get_engine(url: str) -> Engine:
