@@ -295,8 +295,12 @@ def test_policy_ct_and_truncated(node_factory, realworld_dir, tmp_path):
     assert third.is_rejected
     for a in held:
         a.release()
-    time.sleep(0.5)
-    again = cap_ae.associate("127.0.0.1", n.port, ae_title="ECHONODE")
+    deadline = time.monotonic() + 15  # the node's association threads end asynchronously (slow under load)
+    while True:
+        again = cap_ae.associate("127.0.0.1", n.port, ae_title="ECHONODE")
+        if again.is_established or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert again.is_established
     again.release()
     cap_ae.shutdown()
