@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mov", ".m4v", ".mkv", ".wmv", ".mpg", ".mpeg", ".webm"}
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def register(sub, parents):
@@ -54,7 +52,10 @@ def pseudo_study_uid(path: Path) -> str:
 
 
 def _valid_uid(uid: str) -> bool:
-    return bool(uid) and len(uid) <= 64 and bool(_UID_RE.match(uid))
+    """Safe as a path component: the node's own UID check (echonode.dicom.uids, lenient form)."""
+    from echonode.dicom.uids import is_valid_uid
+
+    return is_valid_uid(uid, strict=False)
 
 
 def _err(msg: str) -> None:
