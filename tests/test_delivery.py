@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import update as sa_update
 
 from echonode.config import load_settings
 from echonode.dicom import scu
@@ -254,6 +255,38 @@ def test_enqueue_validates_and_writes_under_results(tmp_path, sources):
     with sf() as s, pytest.raises(scu.DeliveryError, match="not a readable DICOM file"):
         scu.enqueue(s, [junk], ["pacs"])
     engine.dispose()
+
+
+def test_expired_lease_is_claimed_once(pg_url):
+    """Two deliverers race for a 'sending' row whose lease expired (its worker died): on
+    PostgreSQL the loser's UPDATE used to match too (state is still 'sending' after the
+    winner's claim), so the object was sent twice. The lease is part of the check."""
+    db.migrate(pg_url)
+    engine = db.make_engine(pg_url)
+    sf = db.session_factory(engine)
+    now = ob.utcnow()
+    with sf() as s:
+        ob.add(s, [ob.OutboxObject(path="/x.dcm", sop_instance_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                                   study_instance_uid="1.2", kind="sc")], ["pacs"], now=now)
+        s.execute(sa_update(ob.OutboxRow).values(state=ob.SENDING, lease_until=now - dt.timedelta(seconds=1)))
+        s.commit()
+    a, b = sf(), sf()
+    real, calls, won_by_b = a.execute, [], []
+
+    def a_execute(stmt, *args, **kw):  # A has read the candidates; B claims before A's UPDATE
+        calls.append(stmt)
+        if len(calls) == 2:
+            won_by_b.extend(r.id for r in ob.claim_due(b, now=now))
+        return real(stmt, *args, **kw)
+
+    a.execute = a_execute
+    try:
+        got_a = ob.claim_due(a, now=now)
+        assert len(won_by_b) == 1 and got_a == []
+    finally:
+        a.close()
+        b.close()
+        engine.dispose()
 
 
 def test_backoff_delay():

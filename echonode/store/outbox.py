@@ -150,11 +150,15 @@ def claim_due(session: Session, now: Optional[dt.datetime] = None, limit: int = 
         (OutboxRow.state == SENDING) & (OutboxRow.lease_until < now),
     )
     candidates = session.execute(
-        select(OutboxRow.id, OutboxRow.state).where(due).order_by(OutboxRow.id).limit(limit)).all()
+        select(OutboxRow.id, OutboxRow.state, OutboxRow.lease_until).where(due)
+        .order_by(OutboxRow.id).limit(limit)).all()
     lease = now + dt.timedelta(seconds=lease_s)
     claimed = []
-    for row_id, state in candidates:
-        res = session.execute(update(OutboxRow).where(OutboxRow.id == row_id, OutboxRow.state == state)
+    for row_id, state, old_lease in candidates:
+        # the lease is part of the check: an expired 'sending' row claimed by another worker
+        # in between is still 'sending' (PostgreSQL re-checks only the WHERE clause)
+        same_lease = OutboxRow.lease_until.is_(None) if old_lease is None else OutboxRow.lease_until == old_lease
+        res = session.execute(update(OutboxRow).where(OutboxRow.id == row_id, OutboxRow.state == state, same_lease)
                               .values(state=SENDING, lease_until=lease, updated_at=now))
         if res.rowcount == 1:
             claimed.append(row_id)
