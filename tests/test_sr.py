@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import subprocess
+from pathlib import Path
 
 import highdicom as hd
 import pytest
@@ -235,6 +236,26 @@ def test_result_uid_refuses_bad_input():
     with pytest.raises(ValueError):
         result_uid("1.2.3", "", "0.1.0", "sr")
     assert result_uid("1.2.3", "ab" * 32, "0.1.0", "sc", 0) != result_uid("1.2.3", "ab" * 32, "0.1.0", "sc", 1)
+
+
+def test_cart_uids_with_leading_zero_components_get_results(realworld_dir, tmp_path):
+    """The receive side accepts path-safe but non-conformant UIDs (a real-world file has
+    ``...768994.0104484``); the SR, the overlays and the result files must follow."""
+    from echonode.dicom.overlays import build_overlays
+    from echonode.dicom.scu import write_results
+    from tests.fixtures.interp import make_interpretation
+    study = "1.2.826.0.1.3680043.2.0123.77"
+    sources = make_sources(realworld_dir, study_uid=study)
+    sources[0].SOPInstanceUID = "1.4.13.3.1.0.19.544194620.9411.768994.0104484"
+    interp = make_interpretation(sources)
+    sr = build_sr(interp, sources)
+    scs = build_overlays(interp, sources)
+    assert sr.StudyInstanceUID == study and all(sc.StudyInstanceUID == study for sc in scs)
+    written = write_results(tmp_path, [sr, *scs])
+    assert [o.study_instance_uid for o in written] == [study] * (1 + len(scs))
+    assert all(Path(o.path).parent == tmp_path / study for o in written)
+    with pytest.raises(ValueError):
+        result_uid("1.2.03/4", "ab" * 32, "0.1.0", "sr")  # still path-safe only
 
 
 def test_sources_from_another_study_are_refused(realworld_dir):

@@ -38,7 +38,7 @@ def result_uid(study_uid: str, weights_sha256: str, version: str, kind: str, ind
     checksum of the model weights and ``version`` the echonode version; both enter
     the hash unchanged, so any change in either yields a different UID.
     """
-    check_uid(study_uid, "StudyInstanceUID")
+    check_uid(study_uid, "StudyInstanceUID", strict=False)  # as received (leading zeros happen)
     if not weights_sha256:
         raise ValueError("result_uid: weights_sha256 is empty")
     if not version:

@@ -86,7 +86,7 @@ def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -
     root = Path(results_path)
     out = []
     for ds in datasets:
-        study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID")
+        study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID", strict=False)
         sop = check_uid(getattr(ds, "SOPInstanceUID", None), "result SOPInstanceUID")
         cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
         folder = root / study
@@ -122,7 +122,8 @@ def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
     return ob.OutboxObject(path=str(p.resolve()),
                            sop_instance_uid=check_uid(getattr(ds, "SOPInstanceUID", None), f"{p.name}: SOPInstanceUID"),
                            sop_class_uid=cls,
-                           study_instance_uid=check_uid(getattr(ds, "StudyInstanceUID", None), f"{p.name}: StudyInstanceUID"),
+                           study_instance_uid=check_uid(getattr(ds, "StudyInstanceUID", None), f"{p.name}: StudyInstanceUID",
+                                                        strict=False),
                            kind=KIND_BY_CLASS.get(cls, ""))
 
 

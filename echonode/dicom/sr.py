@@ -272,7 +272,7 @@ def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
                                         f"{p.similarity:.3f}" + (f" ({role})" if role else "")))
     if ref is not None:
         notes.append(UIDRefContentItem(name=C.STUDY_INSTANCE_UID, value=check_uid(ref.study_instance_uid,
-                                       "prior StudyInstanceUID"), relationship_type=CONTAINS))
+                                       "prior StudyInstanceUID", strict=False), relationship_type=CONTAINS))
         if len(ref.study_date) == 8 and ref.study_date.isdigit():
             import datetime
             notes.append(DateContentItem(name=C.STUDY_DATE, value=datetime.date(
@@ -297,17 +297,18 @@ def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
 
 
 def _check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
-    study = check_uid(interp.study_instance_uid, "Interpretation.study_instance_uid")
+    # UIDs from the cart: the receive side accepts leading-zero components (strict=False), so must we
+    study = check_uid(interp.study_instance_uid, "Interpretation.study_instance_uid", strict=False)
     if not sources:
         raise SRBuildError("build_sr: no source datasets; the SR copies patient and study from them")
     by_uid = {}
     for ds in sources:
-        s = check_uid(getattr(ds, "StudyInstanceUID", None), "source StudyInstanceUID")
+        s = check_uid(getattr(ds, "StudyInstanceUID", None), "source StudyInstanceUID", strict=False)
         if s != study:
             raise SRBuildError("build_sr: a source dataset belongs to another study "
                                f"(StudyInstanceUID {s} != {study})")
-        uid = check_uid(getattr(ds, "SOPInstanceUID", None), "source SOPInstanceUID")
-        check_uid(getattr(ds, "SOPClassUID", None), "source SOPClassUID")
+        uid = check_uid(getattr(ds, "SOPInstanceUID", None), "source SOPInstanceUID", strict=False)
+        check_uid(getattr(ds, "SOPClassUID", None), "source SOPClassUID", strict=False)
         by_uid[uid] = _header_copy(ds)
     clip_uids = {c.sop_instance_uid for c in interp.clips}
     if clip_uids and not clip_uids & set(by_uid):
