@@ -7,10 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 import pydicom
-import pytest
 
 from echonode.config import Destination, load_settings
-from echonode.store import db
 from echonode.store import results as rs
 from echonode.store.models import AnalysisJob
 from tests.fixtures.pipeline import ingest

@@ -166,7 +166,6 @@ def _load_inputs(rt: WorkerRuntime, ctx) -> tuple[list, list, list[str]]:
 
 def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     """The body of ``echonode.analyse_study``. Returns a short outcome word."""
-    from echonode.pipeline import outbox_glue
     from echonode.pipeline.modelsel import choose_models
     from echonode.store import results as rs
 

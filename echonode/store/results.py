@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 from sqlalchemy import (DateTime, ForeignKey, Integer, LargeBinary, String, Text, Boolean,
-                        UniqueConstraint, and_, delete, func, or_, select, update)
+                        UniqueConstraint, and_, func, or_, select, update)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
