@@ -311,3 +311,31 @@ def test_worker_command_usage_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["worker", "--help"])
     assert exc.value.code == 0 and "--queues" in capsys.readouterr().out
+
+
+def test_embedded_worker_is_restarted_after_kill9(tmp_path):
+    """serve's embedded worker (the real `echonode worker` child) comes back after kill -9."""
+    import os
+    import signal
+    import time
+
+    from echonode.pipeline.service import EmbeddedWorker
+
+    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path / "data")})
+    db.migrate(settings.db_url)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n[metrics]\nenabled = false\n')
+    w = EmbeddedWorker(settings, config_path=str(cfg), queues="deliver")
+    w.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (w.proc is None or w.proc.poll() is not None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = w.proc.pid
+        os.kill(first, signal.SIGKILL)
+        while (w.restarts < 1 or w.proc.pid == first or w.proc.poll() is not None) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert w.restarts == 1 and w.proc.pid != first and w.proc.poll() is None
+    finally:
+        w.stop(timeout=20)
+    assert w.proc.poll() is not None, "stopped with serve"
