@@ -268,6 +268,11 @@ def test_analyze_cli_errors(tiny_bundle, realworld_dir, tmp_path, monkeypatch, c
     assert main(["analyze", dcm, "--model", str(tiny_bundle.path), "--no-promptcam"]) == 0
     out = capsys.readouterr().out
     assert "Pacemaker or ICD lead" in out and "uncalibrated" in out and "not a diagnosis" in out
+    # a damaged file (struct.error inside pydicom) is reported, not a traceback
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes((realworld_dir / YBR_CLIP).read_bytes()[:154])
+    assert main(["analyze", str(broken), "--model", str(tiny_bundle.path)]) == 1
+    assert "broken.dcm: not a readable DICOM file" in capsys.readouterr().err
 
 
 def test_bf16_autocast_path(tiny_bundle, tmp_path):

@@ -74,7 +74,7 @@ def _group_files(paths: list[Path]) -> tuple[dict, list[str]]:
             continue
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
+        except Exception as exc:  # pydicom raises many types on damaged files (struct.error, ...)
             problems.append(f"{p}: not a readable DICOM file ({type(exc).__name__})")
             continue
         uid = str(getattr(ds, "StudyInstanceUID", "") or "")
