@@ -339,3 +339,32 @@ def test_embedded_worker_is_restarted_after_kill9(tmp_path):
     finally:
         w.stop(timeout=20)
     assert w.proc.poll() is not None, "stopped with serve"
+
+
+def test_lost_message_is_sent_again(db_url, tmp_path, monkeypatch):
+    """A worker that died after taking the message but before starting the job: once the
+    analyze queue is empty and lease_s passed, the dispatcher sends the job again."""
+    from echonode.pipeline import modelsel
+    from echonode.pipeline.celery_app import make_app, queue_depths
+    from echonode.pipeline.service import Dispatcher
+
+    settings = settings_for(tmp_path, db_url, lease_s=30)
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    monkeypatch.setattr(modelsel, "choose_models", lambda s, **k: _Choice(True))
+    app = make_app(settings, with_tasks=False)
+    d = Dispatcher(settings, Session, app)
+    assert d.tick()["sent"] == 1
+    assert d.tick()["sent"] == 0, "a message waiting in the queue is not duplicated"
+    with app.connection_for_write() as conn:       # a worker takes the message and dies
+        conn.default_channel.queue_purge("analyze")
+    assert queue_depths(settings, app)["analyze"] == 0
+    assert d.tick()["sent"] == 0, "not before lease_s"
+    with Session.begin() as s:
+        s.query(rs.JobDispatch).filter_by(job_id=jid).update(
+            {"dispatched_at": utcnow() - dt.timedelta(seconds=60)})
+    assert d.tick()["sent"] == 1
+    assert queue_depths(settings, app)["analyze"] == 1
+    with Session() as s:
+        assert s.get(rs.JobDispatch, jid).dispatches == 2
+    app.close()

@@ -92,6 +92,7 @@ class Dispatcher:
             if out["released"]:
                 log.info("%d waiting job(s) queued again: a model is installed", out["released"])
             if available:
+                self._resend_lost()
                 with self.Session.begin() as s:
                     rs.ensure_dispatch_rows(s)
                 with self.Session() as s:
@@ -116,6 +117,22 @@ class Dispatcher:
         self._kick_delivery()
         self._purge_broker()
         return out
+
+    def _resend_lost(self) -> None:
+        """A queued job sent more than ``queue.lease_s`` ago while the analyze queue is empty
+        has lost its message (a worker died after taking it, before starting the job): send
+        it again. A duplicate is harmless — the job is claimed once."""
+        from echonode.pipeline.celery_app import ANALYZE_QUEUE, queue_depths
+        from echonode.store import results as rs
+
+        with self.Session() as s:
+            stale = rs.stale_dispatches(s, self.settings.queue.lease_s)
+        if not stale or queue_depths(self.settings, self.app).get(ANALYZE_QUEUE) != 0:
+            return
+        with self.Session.begin() as s:
+            rs.reset_dispatch(s, stale)
+        for jid in stale:
+            log.warning("job %d: its message is no longer queued and the job never started; sending it again", jid)
 
     def _kick_delivery(self) -> None:
         """Ask for a delivery run when outbox rows are due (retries after backoff)."""

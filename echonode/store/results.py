@@ -202,6 +202,15 @@ def claim_dispatch(session: Session, job_id: int, seen_dispatches: int, who: str
     return res.rowcount == 1
 
 
+def stale_dispatches(session: Session, older_than_s: float) -> list[int]:
+    """Queued jobs whose message was sent more than ``older_than_s`` ago and not started."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    return list(session.execute(
+        select(JobDispatch.job_id).join(AnalysisJob, AnalysisJob.id == JobDispatch.job_id)
+        .where(AnalysisJob.state == JOB_QUEUED, JobDispatch.dispatched_at.is_not(None),
+               JobDispatch.dispatched_at < cutoff)).scalars())
+
+
 def reset_dispatch(session: Session, job_ids: Iterable[int]) -> None:
     """Forget that these jobs were sent (they are queued again and will be re-sent)."""
     ids = list(job_ids)
