@@ -1,5 +1,7 @@
 """``echonode calibrate``: decision thresholds from a labelled manifest, into the bundle.
 
+* Tasks whose score separates the classes with an AUC below ``min_auc`` (0.6) or with
+  fewer than 3 positives or negatives get no threshold (listed as skipped).
 * Binary tasks: the threshold at Youden's index of the zero-shot score (the interpreter
   calls "present" when ``score > threshold``), with its AUC, n, sensitivity, specificity.
 * Categorical levels that have no binary task of their own (e.g. pericardial effusion
@@ -33,15 +35,21 @@ from train.evaluate import EvalConfig, _select_rows, score_manifest
 from train.manifest import load_manifest
 
 MIN_POS = 3  # fewer positives (or negatives) than this: no threshold for the task
+#: a score that does not separate the classes better than this gets no threshold: a yes/no
+#: call from it would be noise (the interpreter then reports the task as uncalibrated)
+MIN_AUC = 0.6
 
 
-def _entry(y, s) -> Optional[dict]:
+def _entry(y, s, min_auc: float = MIN_AUC) -> Optional[dict]:
     y = np.asarray(y, float)
     s = np.asarray(s, float)
     ok = np.isfinite(y) & np.isfinite(s)
     y, s = y[ok], s[ok]
     npos = int(y.sum())
     if npos < MIN_POS or len(y) - npos < MIN_POS:
+        return None
+    a = M.auc(y, s)
+    if not a >= min_auc:
         return None
     yd = M.youden(y, s)
     return {"threshold": round(float(yd["threshold"]), 6), "auc": round(M.auc(y, s), 4), "n": int(len(y)),
@@ -61,7 +69,7 @@ def _changed(prev: dict, cur: dict, procedure: str) -> float:
     return 0.0
 
 
-def longitudinal(scores) -> tuple[Optional[dict], dict]:
+def longitudinal(scores, min_auc: float = MIN_AUC) -> tuple[Optional[dict], dict]:
     """(longitudinal calibration or None, details)."""
     emb = scores.study_emb
     rows = scores.rows
@@ -70,7 +78,7 @@ def longitudinal(scores) -> tuple[Optional[dict], dict]:
     y, sim = M.same_patient_pairs(emb, [r.patient_id for r in rows])
     out: dict = {}
     det: dict = {"same_patient_pairs": int(y.sum()), "different_patient_pairs": int((~y).sum())}
-    if y.sum() >= MIN_POS and (~y).sum() >= MIN_POS:
+    if y.sum() >= MIN_POS and (~y).sum() >= MIN_POS and M.auc(y, sim) >= min_auc:
         yd = M.youden(y, sim)
         out["same_patient_threshold"] = round(float(yd["threshold"]), 6)
         out["auc"] = round(M.auc(y, sim), 4)
@@ -90,7 +98,7 @@ def longitudinal(scores) -> tuple[Optional[dict], dict]:
             ch_s.append(float(e[a] @ e[b]))
     det["consecutive_pairs"] = len(ch_y)
     det["changed_pairs"] = int(sum(ch_y))
-    ch = _entry(ch_y, -np.asarray(ch_s)) if ch_y else None
+    ch = _entry(ch_y, -np.asarray(ch_s), min_auc) if ch_y else None
     if ch:
         out["change_threshold"] = round(-ch["threshold"], 6)  # flag when similarity < threshold
         out["change_auc"] = ch["auc"]
@@ -100,7 +108,7 @@ def longitudinal(scores) -> tuple[Optional[dict], dict]:
 
 def calibrate(manifest: str, bundle: str, *, split: str = "val", r_bundle: str = "", device: str = "cpu",
               precision: str = "fp32", channel_order: str = "bgr", cache_dir: str = "", tasks_file: str = "",
-              dataset: str = "", write: bool = True) -> dict:
+              dataset: str = "", write: bool = True, min_auc: float = MIN_AUC) -> dict:
     """Compute thresholds; write them into the bundle(s) unless ``write`` is False."""
     from echonode.interpret.prompts import load_catalog
     from echonode.model.bundle import Bundle, write_calibration
@@ -118,7 +126,7 @@ def calibrate(manifest: str, bundle: str, *, split: str = "val", r_bundle: str =
     skipped: list = []
     for tid, sc in s.binary.items():
         y = [L.task_label(tid, lab) for lab in s.labels]
-        e = _entry(y, sc)
+        e = _entry(y, sc, min_auc)
         if e:
             tasks[tid] = e
         elif not all(math.isnan(v) for v in y):
@@ -134,12 +142,12 @@ def calibrate(manifest: str, bundle: str, *, split: str = "val", r_bundle: str =
             if lv.task and lv.task in tasks:
                 continue
             y = np.where(np.isnan(g), np.nan, (g >= lv.value).astype(float))
-            e = _entry(y, per[lv.value])
+            e = _entry(y, per[lv.value], min_auc)
             if e:
                 tasks[f"{tid}:{lv.value}"] = e
             else:
                 skipped.append(f"{tid}:{lv.value}")
-    lon, lon_details = longitudinal(s)
+    lon, lon_details = longitudinal(s, min_auc)
     prov = {"dataset": dataset or f"{Path(manifest).name} [{split}]",
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n": len(s.rows), "tool": f"echonode calibrate {__version__}"}

@@ -66,6 +66,7 @@ def register(sub, parents):
     c.add_argument("--split", default="val", choices=("test", "val", "train", "all"))
     c.add_argument("--dataset", default="", help="data set name recorded in the provenance")
     c.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
+    c.add_argument("--min-auc", type=float, default=0.6, help="no threshold for tasks whose AUC is below this (default 0.6)")
     c.set_defaults(func=run_calibrate)
 
 
@@ -177,7 +178,8 @@ def run_calibrate(args) -> int:
     try:
         res = calibrate(args.manifest, bundle, split=args.split, r_bundle=args.r_bundle, device=args.device,
                         precision=args.precision, channel_order=args.channel_order, cache_dir=args.cache_dir,
-                        tasks_file=args.tasks_file, dataset=args.dataset, write=not args.dry_run)
+                        tasks_file=args.tasks_file, dataset=args.dataset, write=not args.dry_run,
+                        min_auc=args.min_auc)
     except (ManifestError, BundleError, ValueError) as exc:
         print(f"echonode calibrate: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -192,6 +194,6 @@ def run_calibrate(args) -> int:
         if res["longitudinal"]:
             print(f"  longitudinal: {res['longitudinal']}")
         if res["skipped"]:
-            print(f"  no threshold (too few positives or negatives): {', '.join(res['skipped'])}")
+            print(f"  no threshold (AUC below --min-auc, or too few positives/negatives): {', '.join(res['skipped'])}")
         print("written to: " + (", ".join(res["written"]) if res["written"] else "nothing (--dry-run)"))
     return EXIT_OK
