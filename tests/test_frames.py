@@ -341,6 +341,14 @@ def test_not_dicom_and_truncated(tmp_path):
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(FrameDecodeError):
         load_clip(cut)
+    # damaged headers make pydicom raise struct.error / BytesLengthException: still a FrameDecodeError
+    blob = (MF / "dbdicom__UltrasoundPaletteColor_0020.dcm").read_bytes()
+    for n in (143, 154):
+        cut.write_bytes(blob[:n])
+        with pytest.raises(FrameDecodeError):
+            load_clip(cut)
+        with pytest.raises(FrameDecodeError):
+            count_frames(cut)
     with pytest.raises(FrameDecodeError) as ei:
         load_clip(tmp_path / "missing.dcm")
     assert "not found" in ei.value.reason

@@ -170,6 +170,8 @@ def _read_dataset(path: Path, *, pixels: bool):
         raise FrameDecodeError(f"not a DICOM file ({exc})", str(path)) from exc
     except (OSError, ValueError, EOFError) as exc:
         raise FrameDecodeError(f"cannot read DICOM file: {exc}", str(path)) from exc
+    except Exception as exc:  # damaged headers: struct.error, BytesLengthException, ...
+        raise FrameDecodeError(f"cannot read DICOM file: {type(exc).__name__}: {exc}", str(path)) from exc
 
 
 _DEFER_BYTES = 4 * 1024 * 1024
