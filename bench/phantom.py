@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=160, help="phantom frame size (default 160)")
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    ap.add_argument("--low-res", default="96,128,160,192", help="progressive resizing stages before 224")
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--workdir", default="")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -71,12 +73,12 @@ def main(argv=None) -> int:
                           "seconds_per_study": round((t_gen1 + t_gen2) / (args.train_studies + args.test_studies), 3)}))
         out, t_train = sh(["train", "--manifest", str(work / "train" / "manifest.csv"), "--out", str(work / "run"),
                            "--architecture", "tiny", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                           "--lr", str(args.lr), "--max-minutes", str(args.minutes), "--json"])
+                           "--lr", str(args.lr), "--max-minutes", str(args.minutes), "--threads", str(args.threads),
+                           "--low-res", args.low_res, "--low-res-fraction", "0.75", "--json"])
         tr = json.loads(out.strip().splitlines()[-1])
-        import torch
         print(json.dumps({"stage": "train", "seconds": round(t_train, 1), "budget_s": args.minutes * 60,
                           "steps": tr["steps"], "epochs": tr["epochs"], "best_epoch": tr["best_epoch"],
-                          "best_val_mcmrr": tr["best_val_mcmrr"], "torch_threads": torch.get_num_threads(),
+                          "best_val_mcmrr": tr["best_val_mcmrr"], "torch_threads": args.threads,
                           "loadavg_at_start": load}))
         out, t_eval = sh(["eval", "--manifest", str(work / "heldout" / "manifest.csv"), "--bundle",
                           str(work / "run" / "bundle"), "--split", "test", "--out", str(work / "eval"),

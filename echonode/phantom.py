@@ -411,15 +411,15 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
             mid = ((tip_l[0] + tip_r[0]) / 2, (tip_l[1] + tip_r[1]) / 2)
             offs = (0.0,) if truth.mitraclip == 1 else (-0.013, 0.013)
             for o in offs:
-                cv.blob(mid[0] + o, mid[1] - 0.004, 0.011, 0.016, 1.0)
+                cv.blob(mid[0] + o, mid[1] - 0.004, 0.015, 0.022, 1.0)
         if truth.pacemaker:
             rv_apex = (rv_tip[0] - 0.005, rv_tip[1] + 0.03)
             pts = [(ra_cx - ra_hw * 0.5, ra_cy + ra_hh * 0.95), (ra_cx - ra_hw * 0.1, ra_cy),
                    ((tv_l[0] + tv_r[0]) / 2, av_y + 0.005), (rv_cx + rv_hw * 0.05, rv_cy),
                    rv_apex]
-            cv.polyline(pts, 0.0075, 1.0)
+            cv.polyline(pts, 0.011, 1.0)
             # reverberation artefact: a fainter parallel echo deeper along the beam
-            cv.polyline([(x + 0.004, y + 0.014) for x, y in pts], 0.005, 0.45)
+            cv.polyline([(x + 0.004, y + 0.016) for x, y in pts], 0.007, 0.6)
         if truth.impella:
             a0 = (lv_tip[0] + 0.02, lv_tip[1] + 0.07)
             a1 = (septum_x + dx + 0.03, av_y - 0.015)
@@ -437,9 +437,9 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
             cx0, cy0 = septum_x + dx + 0.006, av_y + 0.02
             hw_, hh_ = 0.032, 0.045
             for q in np.linspace(-1, 1, 4):
-                cv.segment((cx0 + q * hw_, cy0 - hh_), (cx0 - q * hw_, cy0 + hh_), 0.0035, 0.95)
-            cv.segment((cx0 - hw_, cy0 - hh_), (cx0 - hw_, cy0 + hh_), 0.005, 1.0)
-            cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.005, 1.0)
+                cv.segment((cx0 + q * hw_, cy0 - hh_), (cx0 - q * hw_, cy0 + hh_), 0.006, 1.0)
+            cv.segment((cx0 - hw_, cy0 - hh_), (cx0 - hw_, cy0 + hh_), 0.008, 1.0)
+            cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.008, 1.0)
 
         # --- image formation: speckle, gain, haze, log compression, sector
         nb, oy, ox = noise_offs[k]
