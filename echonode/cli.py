@@ -52,7 +52,9 @@ def setup_logging(level: str = "INFO") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="FILE",
+    # SUPPRESS: nested sub-commands (outbox list, models import …) repeat these options; a
+    # None default there would overwrite a --config given before the action
+    common.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML configuration file (default: $ECHONODE_CONFIG, else built-in defaults)")
     parser = argparse.ArgumentParser(
         prog="echonode",

@@ -289,6 +289,25 @@ def test_expired_lease_is_claimed_once(pg_url):
         engine.dispose()
 
 
+def test_config_before_the_outbox_action_is_used(tmp_path, monkeypatch, capsys):
+    """`echonode outbox --config FILE list` used to drop FILE (the action's own --config
+    default overwrote it) and act on ./echonode-data instead."""
+    from echonode.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for k in ("ECHONODE_CONFIG", "ECHONODE_DATA_DIR", "ECHONODE_DATABASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("node = [broken\n")
+    assert main(["outbox", "--config", str(bad), "list"]) == 3
+    assert main(["outbox", "list", "--config", str(bad)]) == 3
+    good = tmp_path / "good.toml"
+    good.write_text(f'data_dir = "{tmp_path / "configured"}"\n')
+    assert main(["outbox", "--config", str(good), "list", "--json"]) == 0
+    assert (tmp_path / "configured").is_dir() and not (tmp_path / "echonode-data").exists()
+    capsys.readouterr()
+
+
 def test_backoff_delay():
     assert ob.backoff_delay(0, 5, 900) == 0
     assert [ob.backoff_delay(n, 5, 900) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]

@@ -11,7 +11,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def register(sub, parents):
-    p = sub.add_parser("models", help="list, verify, import or download EchoCLIP model bundles",
+    p = sub.add_parser("models", parents=parents, help="list, verify, import or download EchoCLIP model bundles",
                        description="Model bundles live in <models_dir>/<name>/ (model.models_dir, default "
                                    "<data_dir>/models): open_clip_config.json, the weights, for EchoCLIP-R the "
                                    "template vocabulary, and echonode.json with the sha256 of every file.")
