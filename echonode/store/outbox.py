@@ -30,6 +30,7 @@ from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, delete
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
+from echonode.store.models import utcnow  # one clock for every table (naive UTC)
 
 PENDING = "pending"
 SENDING = "sending"
@@ -43,11 +44,6 @@ __all__ = [
     "add", "claim_due", "mark_delivered", "mark_failed", "mark_committing", "apply_commitment",
     "expire_commitments", "list_rows", "counts", "retry", "purge", "backoff_delay", "utcnow",
 ]
-
-
-def utcnow() -> dt.datetime:
-    """Naive UTC timestamp (stored the same way in SQLite and PostgreSQL)."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 class OutboxRow(Base):
