@@ -61,10 +61,12 @@ def transport_options(settings: "Settings") -> dict:
         return {"pool_pre_ping": True}
     if kind == "filesystem":
         base = settings.data_path / "broker-fs"
-        for sub in ("in", "processed"):
+        for sub in ("in", "processed", "control"):
             (base / sub).mkdir(parents=True, exist_ok=True)
+        # control_folder: kombu's default is ./control in the current directory.
         return {"data_folder_in": str(base / "in"), "data_folder_out": str(base / "in"),
-                "processed_folder": str(base / "processed"), "store_processed": False}
+                "processed_folder": str(base / "processed"), "store_processed": False,
+                "control_folder": str(base / "control")}
     return {}
 
 

@@ -160,10 +160,9 @@ def render(session_factory=None, extra: Optional[Callable[[], list[str]]] = None
 
 
 def health(session_factory) -> tuple[bool, str]:
-    from sqlalchemy import text
+    from echonode.store.db import ping
     try:
-        with session_factory() as s:
-            s.execute(text("SELECT 1"))
+        ping(session_factory)
         return True, "ok"
     except Exception as exc:
         return False, f"database unavailable: {type(exc).__name__}"

@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from echonode.config import Settings
+from echonode.store.db import describe_error
 
 log = logging.getLogger("echonode.worker")
 
@@ -197,6 +200,14 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
         with rt.Session.begin() as s:
             rs.fail_job(s, job_id, str(exc), rt.worker_id)
         log.error("job %d failed: %s", job_id, exc)
+        return "failed"
+    except SQLAlchemyError as exc:
+        # PostgreSQL messages quote statement values (e.g. the PatientID of the priors
+        # query): keep only the error class and SQLSTATE, in the job row and the log.
+        reason = describe_error(exc)
+        with rt.Session.begin() as s:
+            rs.fail_job(s, job_id, reason, rt.worker_id)
+        log.error("job %d failed: %s", job_id, reason)
         return "failed"
     except Exception as exc:
         with rt.Session.begin() as s:

@@ -17,7 +17,7 @@ import importlib
 import threading
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,6 +72,12 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def ping(session_factory) -> None:
+    """Round-trip to the database (raises if it does not answer); for health checks."""
+    with session_factory() as s:
+        s.execute(text("SELECT 1"))
 
 
 def describe_error(exc: BaseException) -> str:
