@@ -1,4 +1,8 @@
-"""``echonode train``: a short real training run must learn (so a broken loss or scoring fails CI)."""
+"""``echonode train``: a short real training run must learn (so a broken loss or scoring fails CI).
+
+A 90-second CPU run (1 thread, 96 px) on 160 phantom studies must lower the loss and beat chance
+in validation retrieval; the shipped demo model must separate fresh phantoms through ``echonode eval``.
+"""
 
 from __future__ import annotations
 
@@ -20,33 +24,43 @@ def _run(*args, timeout=600):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("trainset")
-    return P.generate_dataset(d, 110, seed=31, n_frames=12, rows=128, cols=128, longitudinal=0.3)
+    return P.generate_dataset(d, 160, seed=31, n_frames=12, rows=128, cols=128, longitudinal=0.3)
 
 
 @pytest.mark.slow
-def test_one_minute_of_training_beats_chance(dataset, tmp_path):
+def test_short_training_learns(dataset, tmp_path):
+    """90 s of CPU training at 96 px: the contrastive loss falls and validation retrieval beats chance."""
     out = tmp_path / "run"
-    p = _run("train", "--manifest", str(dataset), "--out", str(out), "--epochs", "200", "--batch-size", "32",
-             "--lr", "2e-3", "--max-minutes", "1", "--low-res", "96", "--low-res-fraction", "0.75", "--json")
+    p = _run("train", "--manifest", str(dataset), "--out", str(out), "--epochs", "400", "--batch-size", "32",
+             "--lr", "2e-3", "--max-minutes", "1.5", "--threads", "1", "--low-res", "96",
+             "--low-res-fraction", "1.0", "--val-every", "10", "--json")
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    assert summary["steps"] >= 10
+    assert summary["steps"] >= 50
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in recs if r["event"] == "epoch"]
-    assert epochs and all("val_mcmrr" in r for r in epochs)
-    steps = [r for r in recs if r["event"] == "step"]
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3          # the contrastive loss falls
-    # the bundle loads and its zero-shot scores separate what the phantoms show (training split:
-    # this checks that loss, tokenizer, preprocessing and scoring fit together, not generalisation)
-    ev = tmp_path / "eval"
-    p = _run("eval", "--manifest", str(dataset), "--bundle", str(out / "bundle"), "--split", "train", "--out",
-             str(ev), "--bootstrap", "50", "--no-plots", "--json", "--cache-dir", str(out / "cache"))
+    steps = [r["loss"] for r in recs if r["event"] == "step"]
+    assert np.mean(steps[-3:]) < np.mean(steps[:2]) - 0.15, steps        # the contrastive loss falls
+    val = [r for r in recs if r["event"] == "epoch" and r.get("val_size") == 96]
+    assert val and min(r["val_mcmrr"] / r["val_chance"] for r in val) < 0.85, val
+    # the bundle it wrote is complete and loads
+    from echonode.model.bundle import Bundle
+    assert Bundle.open(out / "bundle").architecture == "tiny"
+
+
+def test_demo_model_scores_phantoms(tmp_path):
+    """The shipped demo model, through eval's preprocessing, tokenizer and the interpreter's scoring,
+    separates fresh phantoms (other seed, unseen patients): a broken scoring path fails here."""
+    from echonode.model.bundle import DEMO_BUNDLE_DIR
+
+    m = P.generate_dataset(tmp_path / "ph", 90, seed=77, n_frames=24, rows=160, cols=160, split="test")
+    p = _run("eval", "--manifest", str(m), "--bundle", str(DEMO_BUNDLE_DIR), "--split", "test", "--out",
+             str(tmp_path / "eval"), "--bootstrap", "50", "--no-plots", "--json", "--cache-dir", str(tmp_path / "c"))
     assert p.returncode == 0, p.stderr
     h = json.loads(p.stdout.strip().splitlines()[-1])["headline"]
-    assert h["mcmrr_over_chance"] < 0.6, h
-    aucs = [h.get("auc_pacemaker"), h.get("auc_pericardial_effusion"), h.get("auc_mitraclip"), h.get("auc_tavr")]
-    aucs = [a for a in aucs if a is not None]
-    assert max(aucs) > 0.75 and np.mean(aucs) > 0.6, h
+    assert h["auc_pericardial_effusion"] > 0.8, h
+    assert h["auc_severe_left_ventricle_dilation"] > 0.75, h
+    assert h["mcmrr_over_chance"] < 0.7, h
+    assert h["lvef_mae_ratio"] < 0.9, h
 
 
 def test_resume_and_bad_data(dataset, tmp_path):

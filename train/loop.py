@@ -64,6 +64,7 @@ class TrainConfig:
     channel_order: str = "bgr"
     cache_dir: str = ""                 # default <out>/cache
     val_frames: int = 4                 # frames per clip embedded for the validation MCMRR
+    val_every: int = 1                  # validate every N epochs (and always at the end)
     resume: bool = False
     name: str = ""                      # bundle name (default: architecture + "-trained")
     demo: bool = False
@@ -409,7 +410,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         # --- validation: MCMRR of clip vs full report embeddings
         rec = {"event": "epoch", "epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
                "epoch_seconds": round(time.time() - t_ep, 2)}
-        if main:
+        last_epoch = stop or epoch == cfg.epochs - 1 or (budget and progress_frac() >= 1.0)
+        if main and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
             model.eval()
             low_now = 0 if stop else train_size()
             low_phase = bool(low_now)

@@ -42,6 +42,7 @@ def register(sub, parents):
     p.add_argument("--low-res", default="", metavar="SIZES",
                    help="progressive resizing: e.g. 96 or 96,160 - train at these sizes first, then at the model's size")
     p.add_argument("--low-res-fraction", type=float, default=0.7, help="share of the run at --low-res (default 0.7)")
+    p.add_argument("--val-every", type=int, default=1, help="validate (and checkpoint) every N epochs")
     p.add_argument("--no-augment", action="store_true", help="no random zoom/shift/gain/gamma of training frames")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_train)
@@ -118,7 +119,8 @@ def run_train(args) -> int:
                       device=args.device, precision=args.precision, channel_order=args.channel_order,
                       cache_dir=args.cache_dir, resume=args.resume, name=args.name, demo=args.demo,
                       weights_dtype=args.weights_dtype, threads=args.threads, low_res=args.low_res,
-                      low_res_fraction=args.low_res_fraction, augment=not args.no_augment)
+                      low_res_fraction=args.low_res_fraction, augment=not args.no_augment,
+                      val_every=max(1, args.val_every))
     try:
         res = train(cfg)
     except (ManifestError, BundleError, FileNotFoundError, ValueError) as exc:
