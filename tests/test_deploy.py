@@ -28,10 +28,16 @@ def _parses(argv: list[str]) -> None:
     assert getattr(args, "func", None), argv
 
 
-def _compose_config() -> dict:
-    exe = shutil.which("docker-compose")
+def _tool(name: str) -> str:
+    """The validator's path; missing it fails (`.ci/run` installs it), never skips silently."""
+    exe = shutil.which(name)
     if exe is None:
-        pytest.skip("docker-compose (Debian package) not installed; .ci/run installs it")
+        pytest.fail(f"{name} not installed (Debian package; .ci/run installs it)")
+    return exe
+
+
+def _compose_config() -> dict:
+    exe = _tool("docker-compose")
     env = {**os.environ, "POSTGRES_PASSWORD": "test-only-password"}
     out = subprocess.run([exe, "-f", str(DEPLOY / "compose.yaml"), "--profile", "demo", "config"],
                          capture_output=True, text=True, env=env, timeout=60)
@@ -60,9 +66,7 @@ def test_compose_validates_and_commands_parse():
 
 
 def test_compose_requires_a_database_password():
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose not installed")
+    exe = _tool("docker-compose")
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     out = subprocess.run([exe, "-f", str(DEPLOY / "compose.yaml"), "config", "-q"], capture_output=True, text=True,
                          env=env, timeout=60)
@@ -71,9 +75,7 @@ def test_compose_requires_a_database_password():
 
 def test_compose_schema_rejects_a_broken_file(tmp_path):
     """The validator can fail: a misspelt key is refused."""
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose not installed")
+    exe = _tool("docker-compose")
     bad = tmp_path / "compose.yaml"
     bad.write_text((DEPLOY / "compose.yaml").read_text().replace("    restart: unless-stopped\n    command: [\"serve\"",
                                                                    "    restartt: unless-stopped\n    command: [\"serve\"", 1))
@@ -113,9 +115,7 @@ def test_systemd_units(tmp_path):
         m = re.search(r"^ExecStart=(\S+)\s+(.*)$", unit.read_text(), re.M)
         assert m and m.group(1).endswith("/echonode")
         _parses(shlex.split(m.group(2).replace("%i", "0")))
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True,
+    out = subprocess.run([_tool("systemd-analyze"), "verify", "--man=no", *map(str, units)], capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
 

@@ -240,8 +240,7 @@ def test_demo_model_needs_explicit_opt_in(tmp_path):
     base = load_settings(env={}, overrides={"data_dir": str(tmp_path)})
     assert base.model.allow_demo_model is False
     assert not modelsel.choose_models(base).available
-    if not (modelsel.DEMO_MODEL_DIR / "echonode.json").is_file():
-        pytest.skip("demo model not shipped yet")
+    assert (modelsel.DEMO_MODEL_DIR / "echonode.json").is_file(), "the demo model is shipped in the package"
     demo = modelsel.choose_models(base.replace(model=__import__("dataclasses").replace(base.model,
                                                                                       allow_demo_model=True)))
     assert demo.available and demo.demo and "NOT FOR CLINICAL USE" in demo.message
