@@ -269,7 +269,7 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
     lv_wall = 0.036 * (1.0 + 0.4 * truth.lv_hypertrophy) * (1 + j(0.05))
     rv_wall = 0.018 * (1.0 + 0.35 * max(0.0, (truth.pasp - 35) / 20)) * (1 + j(0.05))
     atrial_wall = 0.014
-    eff_w = (0.0, 0.014, 0.030, 0.052)[truth.pericardial_effusion] * (1 + j(0.08)) if truth.pericardial_effusion else 0.0
+    eff_w = (0.0, 0.022, 0.038, 0.060)[truth.pericardial_effusion] * (1 + j(0.08)) if truth.pericardial_effusion else 0.0
     peri_w = 0.011
     ef = float(np.clip(truth.lvef, 5, 90)) / 100.0
     rv_ef = float(np.clip(0.52 - max(0.0, truth.pasp - 40) * 0.006 + j(0.03), 0.2, 0.65))
@@ -409,9 +409,12 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
         # --- devices
         if truth.mitraclip:
             mid = ((tip_l[0] + tip_r[0]) / 2, (tip_l[1] + tip_r[1]) / 2)
-            offs = (0.0,) if truth.mitraclip == 1 else (-0.013, 0.013)
+            offs = (0.0,) if truth.mitraclip == 1 else (-0.016, 0.016)
             for o in offs:
-                cv.blob(mid[0] + o, mid[1] - 0.004, 0.015, 0.022, 1.0)
+                # a bright metal body (a few pixels wide even after the 10 % trim and the
+                # resize to 224) with a comet-tail reverberation deeper along the beam
+                cv.blob(mid[0] + o, mid[1] - 0.004, 0.016, 0.026, 1.25)
+                cv.segment((mid[0] + o, mid[1] + 0.02), (mid[0] + o * 1.2, mid[1] + 0.07), 0.006, 0.7)
         if truth.pacemaker:
             rv_apex = (rv_tip[0] - 0.005, rv_tip[1] + 0.03)
             pts = [(ra_cx - ra_hw * 0.5, ra_cy + ra_hh * 0.95), (ra_cx - ra_hw * 0.1, ra_cy),

@@ -156,7 +156,9 @@ class TextSampler:
         sents = self._sentences(report)
         if not sents:
             return self.full(report)
-        keep_p = rng.uniform(0.1, 0.5)
+        # short snippets (1-6 of ~20 sentences): each finding sentence is often contrasted
+        # on its own, as the single-sentence zero-shot prompts later score it
+        keep_p = rng.uniform(0.05, 0.3)
         order = np.arange(len(sents))
         chosen = order[rng.random(len(sents)) < keep_p]
         if len(chosen) == 0:
