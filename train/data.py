@@ -50,6 +50,12 @@ def split_sentences(report: str) -> list[str]:
     return [s for s in out if s.strip()]
 
 
+def _shape(sentence: str) -> str:
+    """A sentence with its numbers blanked (``LV EJECTION FRACTION IS #%.``): measurement
+    sentences count as one kind for the sentence frequencies."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", sentence)
+
+
 class FrameCache:
     def __init__(self, cache_dir, size: int = 224, channel_order: str = "bgr", limit: int = 40,
                  stride: int = 2):
@@ -135,6 +141,18 @@ class TextSampler:
         self.context = int(getattr(tokenizer, "context_length", 77))
         self._sent_cache: dict[str, list[list[int]]] = {}
         self._full_cache: dict[str, np.ndarray] = {}
+        self._freq: dict[str, float] = {}
+
+    def fit(self, reports: Iterable[str]) -> None:
+        """Sentence frequencies over the training reports (text only): rare sentences are
+        kept in snippets more often than boiler-plate ones, so a finding that few reports
+        mention still reaches the contrastive loss."""
+        from collections import Counter
+
+        reports = list(reports)
+        c = Counter(_shape(x) for r in reports for x in set(split_sentences(r)))
+        n = max(1, len(reports))
+        self._freq = {k: v / n for k, v in c.items()}
 
     def full(self, report: str) -> np.ndarray:
         ids = self._full_cache.get(report)
@@ -160,7 +178,12 @@ class TextSampler:
         # on its own, as the single-sentence zero-shot prompts later score it
         keep_p = rng.uniform(0.05, 0.3)
         order = np.arange(len(sents))
-        chosen = order[rng.random(len(sents)) < keep_p]
+        p = np.full(len(sents), keep_p)
+        if self._freq:
+            f = np.array([self._freq.get(_shape(x), 0.5) for x in split_sentences(report)][:len(sents)])
+            if len(f) == len(sents):
+                p = np.clip(keep_p * np.sqrt(0.5 / np.maximum(f, 0.02)), 0.0, 0.9)
+        chosen = order[rng.random(len(sents)) < p]
         if len(chosen) == 0:
             chosen = np.array([int(rng.integers(len(sents)))])
         # fit the context: drop random sentences until it fits

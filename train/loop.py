@@ -290,6 +290,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     tr = prepare_split(manifest, "train", cache, "cache train")
     va = prepare_split(manifest, "val", cache, "cache val")
     problems += tr.problems + va.problems
+    sampler.fit(r.report for r in tr.rows)
     for p in problems:
         log.warning("%s", p)
     if len(tr.rows) < 2:
