@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -45,13 +44,9 @@ def _best(fn, repeat: int) -> float:
 
 
 def _default_shared() -> Path:
-    env = os.environ.get("ECHONODE_SHARED")
-    if env:
-        return Path(env)
-    for cand in (ROOT.parent / "shared", ROOT / "shared"):
-        if cand.is_dir():
-            return cand
-    return ROOT.parent / "shared"
+    from conftest import SHARED   # the tests' lookup: $ECHONODE_SHARED, else ../shared or ./shared
+
+    return SHARED
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -248,13 +247,9 @@ def main() -> int:
              stage_means_s={k: round(statistics.mean(v), 3) for k, v in sorted(stages.items())})
         return 0
     finally:
+        from echonode.pipeline.service import terminate
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            terminate(p, 60)
         orthanc.stop()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -124,12 +123,8 @@ class _Orthanc:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        from echonode.pipeline.service import terminate
+        terminate(self.proc, 15)
         self.log.close()
 
 
@@ -332,13 +327,9 @@ def run(args) -> int:
         ok = all(s["state"] == "done" for s in report["studies"])
         return 0 if ok else EXIT_FAILURE
     finally:
+        from echonode.pipeline.service import terminate
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            terminate(p, 60)
         if orthanc is not None:
             orthanc.stop()
         if remove:

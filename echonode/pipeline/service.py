@@ -190,6 +190,20 @@ class Dispatcher:
             self._wake.clear()
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM a child process, wait up to ``timeout`` s, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the embedded worker gets SIGTERM when ``serve`` dies, even by kill -9."""
     try:
@@ -251,16 +265,8 @@ class EmbeddedWorker:
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                p.send_signal(signal.SIGTERM)   # Celery warm shutdown: finish or hand back the task
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-            except ProcessLookupError:
-                pass
+        if self.proc is not None:
+            terminate(self.proc, timeout)   # Celery warm shutdown: finish or hand back the task
 
 
 class PipelineService:
