@@ -8,7 +8,10 @@
 * :class:`TextSampler` turns a report into token ids: for the CLIP BPE tokenizer a random
   *snippet* (a random subset of the report's sentences, in report order, that fits in the
   77-token context — the paper trained EchoCLIP on report snippets); for the template
-  tokenizer the full report (EchoCLIP-R).
+  tokenizer the full report (EchoCLIP-R). Snippets keep 40-100 % of the sentences (then
+  drop random ones until they fit), rare sentences more often: short snippets of one to
+  six sentences were tried first and left a 10-minute run near chance, because most such
+  snippets say only boiler-plate that fits many clips of a batch equally well.
 """
 
 from __future__ import annotations
@@ -131,9 +134,14 @@ def _bar(total: int, desc: str):
 class TextSampler:
     """Report → (77,) token ids for training (snippets for BPE, full report for template)."""
 
-    def __init__(self, tokenizer, snippets: Optional[bool] = None, full_report_prob: float = 0.1):
+    def __init__(self, tokenizer, snippets: Optional[bool] = None, full_report_prob: float = 0.1,
+                 keep: tuple[float, float] = (0.4, 1.0)):
         import torch  # noqa: F401
 
+        lo, hi = float(keep[0]), float(keep[1])
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError(f"snippet keep range must satisfy 0 < LO <= HI <= 1, got {keep}")
+        self.keep = (lo, hi)
         self.tok = tokenizer
         self.kind = getattr(tokenizer, "kind", "clip-bpe")
         self.snippets = (self.kind == "clip-bpe") if snippets is None else bool(snippets)
@@ -168,31 +176,45 @@ class TextSampler:
             self._sent_cache[report] = s
         return s
 
+    def sentence_set(self, report: str) -> frozenset:
+        """The report's sentences (normalised white space), for :meth:`sample_with_sentences`."""
+        return frozenset(" ".join(x.split()) for x in split_sentences(report))
+
     def sample(self, report: str, rng: np.random.Generator) -> np.ndarray:
+        return self.sample_with_sentences(report, rng)[0]
+
+    def sample_with_sentences(self, report: str, rng: np.random.Generator) -> tuple[np.ndarray, Optional[frozenset]]:
+        """(token ids, the sentences they say) — the sentences are ``None`` for a full
+        report (which the context may truncate), so only the report itself matches it."""
         if not self.snippets or rng.random() < self.full_report_prob:
-            return self.full(report)
+            return self.full(report), None
+        texts = split_sentences(report)
         sents = self._sentences(report)
         if not sents:
-            return self.full(report)
-        # short snippets (1-6 of ~20 sentences): each finding sentence is often contrasted
-        # on its own, as the single-sentence zero-shot prompts later score it
-        keep_p = rng.uniform(0.05, 0.3)
+            return self.full(report), None
+        # a share of the sentences, rare ones (devices, grades) kept more often
+        keep_p = rng.uniform(*self.keep)
         order = np.arange(len(sents))
         p = np.full(len(sents), keep_p)
         if self._freq:
-            f = np.array([self._freq.get(_shape(x), 0.5) for x in split_sentences(report)][:len(sents)])
+            f = np.array([self._freq.get(_shape(x), 0.5) for x in texts][:len(sents)])
             if len(f) == len(sents):
                 p = np.clip(keep_p * np.sqrt(0.5 / np.maximum(f, 0.02)), 0.0, 0.9)
         chosen = order[rng.random(len(sents)) < p]
         if len(chosen) == 0:
             chosen = np.array([int(rng.integers(len(sents)))])
-        # fit the context: drop random sentences until it fits
+        # fit the context: drop sentences until it fits, frequent (boiler-plate) ones first
+        # in proportion to how many training reports say them
         budget = self.context - 2
         chosen = list(chosen)
         while sum(len(sents[i]) for i in chosen) > budget and len(chosen) > 1:
-            chosen.pop(int(rng.integers(len(chosen))))
-        ids = [t for i in sorted(chosen) for t in sents[i]][:budget]
+            w = np.array([self._freq.get(_shape(texts[i]), 0.5) if i < len(texts) else 0.5 for i in chosen])
+            w = np.maximum(w, 1e-3)
+            chosen.pop(int(rng.choice(len(chosen), p=w / w.sum())))
+        ids = [t for i in sorted(chosen) for t in sents[i]]
+        said = frozenset(" ".join(texts[i].split()) for i in chosen) if len(ids) <= budget else None
+        ids = ids[:budget]
         out = np.zeros(self.context, dtype=np.int64)
         seq = [self.tok.sot_id] + ids + [self.tok.eot_id]
         out[:len(seq)] = seq
-        return out
+        return out, said

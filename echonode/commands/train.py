@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import logging
 import sys
@@ -43,7 +45,17 @@ def register(sub, parents):
                    help="progressive resizing: e.g. 96 or 96,160 - train at these sizes first, then at the model's size")
     p.add_argument("--low-res-fraction", type=float, default=0.7, help="share of the run at --low-res (default 0.7)")
     p.add_argument("--val-every", type=int, default=1, help="validate (and checkpoint) every N epochs")
-    p.add_argument("--no-augment", action="store_true", help="no random zoom/shift/gain/gamma of training frames")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random zoom/shift/gain/gamma of training frames (default off: in short from-scratch runs "
+                        "it dominated the embeddings and slowed learning)")
+    p.add_argument("--full-report-prob", type=float, default=0.1,
+                   help="BPE: share of training texts that are the whole report instead of a snippet (default 0.1)")
+    p.add_argument("--positives", default="report", choices=("report", "none"),
+                   help="report (default): a snippet counts as a positive of every image in the batch whose report "
+                        "contains all of its sentences; none: plain InfoNCE, only the clip's own text")
+    p.add_argument("--snippet-keep", default="0.4,1.0", metavar="LO,HI",
+                   help="share of a report's sentences kept in a BPE snippet, drawn from [LO, HI]; sentences are then "
+                        "dropped at random until the snippet fits the 77-token context (default 0.4,1.0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_train)
 
@@ -119,7 +131,8 @@ def run_train(args) -> int:
                       device=args.device, precision=args.precision, channel_order=args.channel_order,
                       cache_dir=args.cache_dir, resume=args.resume, name=args.name, demo=args.demo,
                       weights_dtype=args.weights_dtype, threads=args.threads, low_res=args.low_res,
-                      low_res_fraction=args.low_res_fraction, augment=not args.no_augment,
+                      low_res_fraction=args.low_res_fraction, augment=args.augment,
+                      positives=args.positives, full_report_prob=args.full_report_prob, snippet_keep=args.snippet_keep,
                       val_every=max(1, args.val_every))
     try:
         res = train(cfg)
