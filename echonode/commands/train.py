@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -17,7 +18,11 @@ def register(sub, parents):
         description="Contrastive CLIP training on clip/report pairs from a manifest (CSV or Parquet with "
                     "path, report, patient_id, study_date, split). Writes <out>/bundle (published "
                     "open_clip layout), <out>/metrics.jsonl and per-epoch checkpoints (<out>/checkpoints).")
-    p.add_argument("--manifest", required=True, help="manifest CSV/Parquet")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="manifest CSV/Parquet")
+    src.add_argument("--from-db", action="store_true",
+                     help="train on the node's own SQL index: analysable clips of studies that hold a report "
+                          "(an SR not written by echonode); writes OUT/manifest-from-db.csv first")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--architecture", default="tiny", choices=("tiny", "echo-clip", "echo-clip-r"),
                    help="architecture when training from scratch (default tiny)")
@@ -124,7 +129,24 @@ def run_train(args) -> int:
         print("echonode train: --epochs >= 1, --batch-size >= 2, --accum-steps >= 1 and --lr > 0 are required",
               file=sys.stderr)
         return EXIT_USAGE
-    cfg = TrainConfig(manifest=args.manifest, out=args.out, architecture=args.architecture, init_bundle=args.init,
+    manifest = args.manifest
+    if args.from_db:
+        from echonode.cli import settings_from_args
+        from train.fromdb import export_manifest
+
+        settings = settings_from_args(args)
+        manifest = str(Path(args.out) / "manifest-from-db.csv")
+        try:
+            exp = export_manifest(settings, manifest)
+        except Exception as exc:  # noqa: BLE001 - database unreachable etc.: a clear one-line error
+            from echonode.store.db import describe_error
+            print(f"echonode train: cannot read the node's index: {describe_error(exc)}", file=sys.stderr)
+            return EXIT_FAIL
+        for p in exp.problems:
+            print(f"echonode train: {p}", file=sys.stderr)
+        print(f"echonode train: {len(exp.rows)} clips from {exp.studies} studies in the index -> {manifest}",
+              file=sys.stderr)
+    cfg = TrainConfig(manifest=manifest, out=args.out, architecture=args.architecture, init_bundle=args.init,
                       tokenizer=args.tokenizer, epochs=args.epochs, batch_size=args.batch_size,
                       accum_steps=args.accum_steps, lr=args.lr, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, max_minutes=args.max_minutes, seed=args.seed,
