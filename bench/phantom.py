@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
-    ap.add_argument("--low-res", default="96,128,160,192", help="progressive resizing stages before 224")
+    ap.add_argument("--low-res", default="", help="progressive resizing stages before the model size (e.g. 96)")
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--workdir", default="")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

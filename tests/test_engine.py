@@ -281,7 +281,8 @@ def test_bf16_autocast_path(tiny_bundle, tmp_path):
     few = {k: cat[k] for k in ("pacemaker", "right_atrial_pressure")}
     it = Interpreter(tiny_bundle, precision="bf16", cache_dir=tmp_path, promptcam_tasks=("pacemaker",), tasks=few)
     out = it.interpret("1.2.3", make_clips(sizes=(3,)))
-    assert len(out.promptcams) == 1 and out.promptcams[0].heatmap.shape == (224, 224)
+    size = tiny_bundle.config.image_size
+    assert len(out.promptcams) == 1 and out.promptcams[0].heatmap.shape == (size, size)
     fp32 = Interpreter(tiny_bundle, cache_dir=tmp_path, promptcam_tasks=(), tasks=few)
     ref = fp32.interpret("1.2.3", make_clips(sizes=(3,)))
     assert out.tasks["pacemaker"].score == pytest.approx(ref.tasks["pacemaker"].score, abs=0.05)

@@ -117,5 +117,5 @@ def test_interpreter_promptcam_on_best_frame(tiny_bundle):
     assert cam.prompt == it.tasks["pacemaker"].prompts[p]
     assert cam.score == pytest.approx(float(sims[n, p]), abs=1e-5)
     # the frame is the RGB crop the model saw (model resolution), heat map on the same grid
-    assert np.array_equal(cam.frame, crop_and_scale(clips[ci].frames[local], size=224))
+    assert np.array_equal(cam.frame, crop_and_scale(clips[ci].frames[local], size=tiny_bundle.config.image_size))
     assert cam.heatmap.shape == cam.frame.shape[:2] and 0 <= cam.heatmap.min() <= cam.heatmap.max() <= 1
