@@ -119,9 +119,6 @@ def clip_loss(img, txt, logit_scale, positives=None):
 
     With only the diagonal this is exactly open_clip's loss.
     """
-    import torch
-    import torch.nn.functional as F
-
     return contrastive_loss(logit_scale * img @ txt.T, positives)
 
 
@@ -348,6 +345,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         tok_kind = cfg.tokenizer or mcfg.tokenizer_kind
         source = f"trained from scratch ({arch})"
     tokenizer = get_tokenizer(tok_kind)
+    if cfg.positives not in ("report", "none"):
+        raise ValueError(f"positives must be 'report' or 'none', got {cfg.positives!r}")
     try:
         keep_lo, keep_hi = (float(x) for x in str(cfg.snippet_keep).split(","))
     except ValueError:
@@ -365,8 +364,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     va = prepare_split(manifest, "val", cache, "cache val")
     problems += tr.problems + va.problems
     sampler.fit(r.report for r in tr.rows)
-    if cfg.positives not in ("report", "none"):
-        raise ValueError(f"positives must be 'report' or 'none', got {cfg.positives!r}")
     report_sets = [sampler.sentence_set(r.report) for r in tr.rows]
     for p in problems:
         log.warning("%s", p)
