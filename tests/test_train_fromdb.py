@@ -123,9 +123,8 @@ def test_split_is_stable_and_roughly_80_10_10():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)   # the export itself is tested on both databases
 def test_train_from_db_cli(filled, ingest_settings, tmp_path):
-    if not ingest_settings.db_url.startswith("sqlite"):
-        pytest.skip("the CLI run is covered once, on SQLite")
     env = dict(os.environ, ECHONODE_DATA_DIR=str(ingest_settings.data_path),
                ECHONODE_DATABASE_URL=ingest_settings.db_url)
     out = tmp_path / "run"

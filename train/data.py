@@ -147,7 +147,7 @@ class TextSampler:
         self.snippets = (self.kind == "clip-bpe") if snippets is None else bool(snippets)
         self.full_report_prob = full_report_prob
         self.context = int(getattr(tokenizer, "context_length", 77))
-        self._sent_cache: dict[str, list[list[int]]] = {}
+        self._sent_cache: dict[str, tuple[list[str], list[list[int]], np.ndarray]] = {}
         self._full_cache: dict[str, np.ndarray] = {}
         self._freq: dict[str, float] = {}
 
@@ -161,6 +161,7 @@ class TextSampler:
         c = Counter(_shape(x) for r in reports for x in set(split_sentences(r)))
         n = max(1, len(reports))
         self._freq = {k: v / n for k, v in c.items()}
+        self._sent_cache.clear()  # it holds frequencies
 
     def full(self, report: str) -> np.ndarray:
         ids = self._full_cache.get(report)
@@ -169,16 +170,20 @@ class TextSampler:
             self._full_cache[report] = ids
         return ids
 
-    def _sentences(self, report: str) -> list[list[int]]:
+    def _sentences(self, report: str) -> tuple[list[str], list[list[int]], np.ndarray]:
+        """(sentences with normalised white space, their token ids, their training-report
+        frequencies), computed once per report: sampling runs on every training step."""
         s = self._sent_cache.get(report)
         if s is None:
-            s = [self.tok.encode(x) for x in split_sentences(report)]
+            texts = split_sentences(report)
+            s = ([" ".join(x.split()) for x in texts], [self.tok.encode(x) for x in texts],
+                 np.array([self._freq.get(_shape(x), 0.5) for x in texts], dtype=float))
             self._sent_cache[report] = s
         return s
 
     def sentence_set(self, report: str) -> frozenset:
         """The report's sentences (normalised white space), for :meth:`sample_with_sentences`."""
-        return frozenset(" ".join(x.split()) for x in split_sentences(report))
+        return frozenset(self._sentences(report)[0])
 
     def sample(self, report: str, rng: np.random.Generator) -> np.ndarray:
         return self.sample_with_sentences(report, rng)[0]
@@ -188,31 +193,24 @@ class TextSampler:
         report (which the context may truncate), so only the report itself matches it."""
         if not self.snippets or rng.random() < self.full_report_prob:
             return self.full(report), None
-        texts = split_sentences(report)
-        sents = self._sentences(report)
+        texts, sents, freq = self._sentences(report)
         if not sents:
             return self.full(report), None
         # a share of the sentences, rare ones (devices, grades) kept more often
         keep_p = rng.uniform(*self.keep)
-        order = np.arange(len(sents))
-        p = np.full(len(sents), keep_p)
-        if self._freq:
-            f = np.array([self._freq.get(_shape(x), 0.5) for x in texts][:len(sents)])
-            if len(f) == len(sents):
-                p = np.clip(keep_p * np.sqrt(0.5 / np.maximum(f, 0.02)), 0.0, 0.9)
-        chosen = order[rng.random(len(sents)) < p]
-        if len(chosen) == 0:
-            chosen = np.array([int(rng.integers(len(sents)))])
+        p = np.clip(keep_p * np.sqrt(0.5 / np.maximum(freq, 0.02)), 0.0, 0.9) if self._freq \
+            else np.full(len(sents), keep_p)
+        chosen = list(np.flatnonzero(rng.random(len(sents)) < p))
+        if not chosen:
+            chosen = [int(rng.integers(len(sents)))]
         # fit the context: drop sentences until it fits, frequent (boiler-plate) ones first
         # in proportion to how many training reports say them
         budget = self.context - 2
-        chosen = list(chosen)
         while sum(len(sents[i]) for i in chosen) > budget and len(chosen) > 1:
-            w = np.array([self._freq.get(_shape(texts[i]), 0.5) if i < len(texts) else 0.5 for i in chosen])
-            w = np.maximum(w, 1e-3)
+            w = np.maximum(freq[chosen], 1e-3)
             chosen.pop(int(rng.choice(len(chosen), p=w / w.sum())))
         ids = [t for i in sorted(chosen) for t in sents[i]]
-        said = frozenset(" ".join(texts[i].split()) for i in chosen) if len(ids) <= budget else None
+        said = frozenset(texts[i] for i in chosen) if len(ids) <= budget else None
         ids = ids[:budget]
         out = np.zeros(self.context, dtype=np.int64)
         seq = [self.tok.sot_id] + ids + [self.tok.eot_id]

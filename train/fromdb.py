@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
-
-log = logging.getLogger(__name__)
 
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 OWN_MANUFACTURER = "echonode"
