@@ -13,7 +13,7 @@
    * MCMRR <= 0.1 x chance ((N + 1) / 2).
 
 Usage: ``python3 bench/phantom.py [--train-studies 900] [--test-studies 300] [--minutes 10]
-[--workdir DIR] [--keep]``. Timings depend on the machine; the JSON lines say how many CPU
+[--threads 2] [--seed 0] [--workdir DIR] [--keep]``. Timings depend on the machine; the JSON lines say how many CPU
 threads torch used and the load average when the run started.
 """
 
@@ -53,7 +53,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, the CI machine's cores)")
+    ap.add_argument("--val-every", type=int, default=2,
+                    help="validate (and checkpoint) every N epochs (default 2: an epoch is ~3 s here)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--low-res", default="", help="progressive resizing stages before the model size (e.g. 96)")
     ap.add_argument("--epochs", type=int, default=400)
     ap.add_argument("--workdir", default="")
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
         out, t_train = sh(["train", "--manifest", str(work / "train" / "manifest.csv"), "--out", str(work / "run"),
                            "--architecture", "tiny", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                            "--lr", str(args.lr), "--max-minutes", str(args.minutes), "--threads", str(args.threads),
-                           "--low-res", args.low_res, "--low-res-fraction", "0.75", "--json"])
+                           "--low-res", args.low_res, "--low-res-fraction", "0.75", "--val-every", str(args.val_every),
+                           "--seed", str(args.seed), "--json"])
         tr = json.loads(out.strip().splitlines()[-1])
         print(json.dumps({"stage": "train", "seconds": round(t_train, 1), "budget_s": args.minutes * 60,
                           "steps": tr["steps"], "epochs": tr["epochs"], "best_epoch": tr["best_epoch"],

@@ -4,7 +4,8 @@
   text→image half spreads the target over every image a snippet describes and its
   image→text half leaves the other true texts out of the softmax;
 * ``report_positives`` marks (image, snippet) pairs from report text only;
-* ``mean_pairwise_cos``, the collapse diagnostic logged with each validation.
+* ``mean_pairwise_cos``, the collapse diagnostic logged with each validation;
+* ``make_optimizer``'s fused AdamW makes the same updates as torch's reference AdamW.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from train.data import TextSampler  # noqa: E402
-from train.loop import clip_loss, contrastive_loss, mean_pairwise_cos, report_positives  # noqa: E402
+from train.loop import clip_loss, contrastive_loss, make_optimizer, mean_pairwise_cos, report_positives  # noqa: E402
 
 
 def _feats(n=5, d=8, seed=0):
@@ -128,3 +129,25 @@ def test_mean_pairwise_cos():
     assert mean_pairwise_cos(torch.ones(4, 3)) == pytest.approx(1.0)
     assert mean_pairwise_cos(torch.eye(3)) == pytest.approx(0.0)
     assert mean_pairwise_cos(torch.tensor([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(-1.0)
+
+
+def test_fused_optimizer_matches_reference_adamw():
+    g = torch.Generator().manual_seed(3)
+    w0 = [torch.randn(7, 5, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn_like(w) for w in w0] for _ in range(4)]
+
+    def run(make):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = make([{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}])
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return ps, opt
+
+    ours, opt = run(lambda groups: make_optimizer(groups, lr=1e-2))
+    ref, _ = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6))
+    for a, b, w in zip(ours, ref, w0):
+        assert not torch.equal(a, w)  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
