@@ -173,6 +173,21 @@ def test_thresholds_calibrated_published_none(tiny_bundle, tmp_path, interp_cach
     assert tiny.threshold(tiny.tasks["pacemaker"]) == (None, "uncalibrated")
 
 
+def test_regression_candidates_follow_the_models_trained_range(tiny_bundle, interp_cache):
+    """A bundle that records the LVEF values its training reports stated ranks only those
+    candidates; without a record (published weights) every value 0-100 is a candidate."""
+    full = Interpreter(tiny_bundle, cache_dir=interp_cache, promptcam_tasks=())
+    assert sorted(set(full._task_texts["ejection_fraction"][1])) == list(range(101))
+    narrowed = dataclasses.replace(tiny_bundle, manifest=dict(tiny_bundle.manifest,
+                                                              value_ranges={"ejection_fraction": [35, 45]}))
+    it = Interpreter(narrowed, cache_dir=interp_cache, promptcam_tasks=())
+    prompts, values = it._task_texts["ejection_fraction"]
+    assert sorted(set(values)) == list(range(35, 46)) and len(prompts) == 2 * 11
+    assert it._task_texts["pulmonary_artery_pressure"] == full._task_texts["pulmonary_artery_pressure"]
+    ef = it.interpret("1.2.3", make_clips()).tasks["ejection_fraction"].value
+    assert 35 <= ef <= 45
+
+
 def test_demo_banner_and_priors(tiny_bundle, tiny_bundle_r, interp_cache, result):
     interp, emb = result
     demo = dataclasses.replace(tiny_bundle, demo=True)

@@ -78,6 +78,25 @@ def test_report_rules_on_free_text():
     assert math.isnan(L.task_label("mild_right_ventricle_size", lab))
 
 
+def test_stated_value_range_and_trained_ranges():
+    from train.loop import trained_value_ranges
+
+    ef = ["THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE <#>% ", "LV EJECTION FRACTION IS <#>%. "]
+    reports = ["Normal LV size. LV ejection fraction was 35 %. Estimated PA pressure is 40 mmHg.",
+               "THE LEFT VENTRICULAR EJECTION FRACTION IS ESTIMATED TO BE 67.5% NORMAL WALL THICKNESS.",
+               "LV EJECTION FRACTION IS 52%. LV EJECTION FRACTION IS 20 %.",
+               "NO NUMBERS HERE. EJECTION FRACTION 90%."]               # not in a prompt's phrasing
+    assert L.stated_value_range(reports, ef) == (20, 68)
+    assert L.stated_value_range(["NORMAL STUDY."], ef) is None
+    # from scratch ({}): the ranges the reports state; a published start (None) reads 0-100: nothing
+    # recorded; a trained start is widened
+    got = trained_value_ranges(reports, {})
+    assert got["ejection_fraction"] == [20, 68] and got["pulmonary_artery_pressure"] == [40, 40]
+    assert trained_value_ranges(reports, None) is None
+    assert trained_value_ranges(reports, {"ejection_fraction": [10, 50]})["ejection_fraction"] == [10, 68]
+    assert trained_value_ranges(["NORMAL STUDY."], {}) is None
+
+
 # ------------------------------------------------------------------ manifests
 
 def _write_manifest(path, rows):

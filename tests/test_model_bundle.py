@@ -166,6 +166,25 @@ def test_calibration_roundtrip_and_validation(tiny_bundle, tmp_path):
         write_calibration(d, dict(CALIBRATION, tasks={"x": {"threshold": "high"}}))
 
 
+def test_value_ranges_recorded_and_validated(tiny_state_dict, tmp_path):
+    b = write_bundle(tmp_path / "v", tiny_state_dict, name="v", architecture="tiny", tokenizer_kind="clip-bpe",
+                     value_ranges={"ejection_fraction": [12, 78]})
+    assert b.value_range("ejection_fraction") == (12, 78)
+    assert b.value_range("pulmonary_artery_pressure") is None          # not recorded: the task's own range
+    assert b.info()["value_ranges"] == {"ejection_fraction": [12, 78]}
+    assert Bundle.open(b.path).value_range("ejection_fraction") == (12, 78)
+    man = json.loads((b.path / "echonode.json").read_text())
+    man["value_ranges"] = {"ejection_fraction": [80, 20]}
+    (b.path / "echonode.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="lo <= hi"):
+        Bundle.open(b.path)
+    with pytest.raises(BundleError, match="integers"):
+        write_bundle(tmp_path / "w", tiny_state_dict, name="w", architecture="tiny", tokenizer_kind="clip-bpe",
+                     value_ranges={"ejection_fraction": ["low", 50]})
+    plain = write_bundle(tmp_path / "p", tiny_state_dict, name="p", architecture="tiny", tokenizer_kind="clip-bpe")
+    assert "value_ranges" not in plain.manifest and plain.value_range("ejection_fraction") is None
+
+
 def test_fp16_storage_loads_in_fp32(tiny_state_dict, tmp_path):
     b = write_bundle(tmp_path / "h", tiny_state_dict, name="h", architecture="tiny", tokenizer_kind="clip-bpe",
                      dtype="fp16", demo=True)

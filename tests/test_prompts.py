@@ -144,3 +144,11 @@ def test_semantic_errors_name_line(tmp_path, text, line, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(TaskCatalogError, match="not found"):
         load_catalog(tmp_path / "nope.toml")
+
+
+def test_regression_values_narrowed_by_model_range(catalog):
+    ef = catalog["ejection_fraction"]
+    assert ef.regression_values() == range(0, 101)
+    assert ef.regression_values((12, 78)) == range(12, 79)
+    assert ef.regression_values((-5, 150)) == range(0, 101)      # never wider than the task's range
+    assert ef.regression_values((120, 150)) == range(0, 101)     # no overlap: the task's range

@@ -6,6 +6,7 @@ in validation retrieval; the shipped demo model must separate fresh phantoms thr
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -42,9 +43,13 @@ def test_short_training_learns(dataset, tmp_path):
     assert np.mean(steps[-3:]) < np.mean(steps[:2]) - 0.05, steps        # the contrastive loss falls
     val = [r for r in recs if r["event"] == "epoch" and r.get("val_size") == 96]
     assert val and min(r["val_mcmrr"] / r["val_chance"] for r in val) < 0.85, val
-    # the bundle it wrote is complete and loads
+    # the bundle it wrote is complete and loads, and records the LVEF values its training reports stated
     from echonode.model.bundle import Bundle
-    assert Bundle.open(out / "bundle").architecture == "tiny"
+    b = Bundle.open(out / "bundle")
+    assert b.architecture == "tiny"
+    with open(dataset, newline="") as fh:
+        efs = [round(float(r["lvef"])) for r in csv.DictReader(fh) if r["split"] == "train"]
+    assert b.value_range("ejection_fraction") == (min(efs), max(efs))
 
 
 def test_demo_model_scores_phantoms(tmp_path):

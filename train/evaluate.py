@@ -139,7 +139,8 @@ def score_manifest(cfg: EvalConfig, rows: list[Row], progress: bool = True) -> C
     res = ClipScores(rows=good, labels=[], label_source=[], problems=problems,
                      bundle_info={"name": bundle.name, "architecture": bundle.architecture,
                                   "weights_sha256": bundle.weights_sha256, "demo": bundle.demo,
-                                  "tokenizer": bundle.tokenizer_kind})
+                                  "tokenizer": bundle.tokenizer_kind,
+                                  "value_ranges": dict(bundle.manifest.get("value_ranges") or {})})
     for r in good:
         lab, src = L.row_labels(r.report, r.extra, catalog)
         res.labels.append(lab)
@@ -163,7 +164,8 @@ def score_manifest(cfg: EvalConfig, rows: list[Row], progress: bool = True) -> C
             res.categorical[tid] = {lv: np.array(v) for lv, v in per.items()}
             res.categorical[tid]["any"] = np.array(anyv)
         elif task.mode == "regression":
-            cands, cvals = scoring.regression_candidates(list(task.prompts), task.regression_values())
+            cands, cvals = scoring.regression_candidates(list(task.prompts),
+                                                         task.regression_values(bundle.value_range(tid)))
             ce = _text_emb(model, tok, cands, device)
             res.regression[tid] = np.array([scoring.regression_value(fe, ce, cvals) for fe in frame_embs])
     res.clip_emb = np.stack([fe.mean(axis=0) for fe in frame_embs]) if frame_embs else np.zeros((0, 0))
@@ -368,6 +370,9 @@ def write_reports(metrics: dict, scores: ClipScores, out: Path, plots: bool = Tr
         if r["kind"] == "regression":
             md.append(f"| {r['task']} | {r['n']} | {_fmt(r['mae'], 2)} ({_fmt(r['ci_low'], 2)}–{_fmt(r['ci_high'], 2)}) | "
                       f"{_fmt(r['baseline_mae'], 2)} | {_fmt(r['mae_ratio'], 2)} |")
+    if b.get("value_ranges"):
+        md += ["", "Regression candidates limited to the values the model's training reports stated: " +
+               ", ".join(f"{k} {v[0]}–{v[1]}" for k, v in sorted(b["value_ranges"].items())) + "."]
     rt = metrics.get("retrieval")
     if rt:
         md += ["", f"Retrieval over {rt['n']} clip/report pairs: image→report mean rank {rt['image_to_report_mean_rank']:.2f}, "

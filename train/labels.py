@@ -96,6 +96,18 @@ def prompt_pattern(prompt: str) -> re.Pattern:
     return re.compile(r"\d+(?:\.\d+)?".join(parts))
 
 
+def stated_value_range(reports, templates) -> Optional[tuple[int, int]]:
+    """(lowest, highest) whole value that ``reports`` state in one of the regression prompt
+    ``templates`` (``<#>`` = the value, e.g. ``LV EJECTION FRACTION IS <#>%.``), or None."""
+    pats = []
+    for t in templates:
+        parts = [re.escape(x) for x in normalise(t).rstrip(" .").split("<#>")]
+        if len(parts) == 2:
+            pats.append(re.compile(r"(\d+(?:\.\d+)?)".join(parts)))
+    vals = [float(m.group(1)) for r in reports for pat in pats for m in pat.finditer(normalise(r))]
+    return (int(math.floor(min(vals))), int(math.ceil(max(vals)))) if vals else None
+
+
 def prompt_in(report_norm: str, prompts) -> bool:
     return any(prompt_pattern(p).search(report_norm) for p in prompts)
 

@@ -13,7 +13,10 @@ The paper's recipe (issue 4, research/echoclip.md):
   batch whose reports say every one of its sentences (``positives="report"``, see
   :func:`clip_loss`; report text only, no labels);
 * the checkpoint kept is the one with the lowest mean cross-modal retrieval rank (MCMRR)
-  on the validation split.
+  on the validation split;
+* the bundle records the LVEF and PASP values the training reports stated
+  (:func:`trained_value_ranges`): the interpreter ranks only regression candidates the text
+  tower has read.
 
 No augmentation by default (``augment=True`` adds a random zoom, shift, gain and gamma):
 in 10-minute from-scratch runs on phantoms the random gain and gamma dominated the image
@@ -178,6 +181,30 @@ def augment(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     g, gam = rng.uniform(0.8, 1.2), rng.uniform(0.85, 1.15)
     lut = np.clip(255.0 * g * (np.arange(256) / 255.0) ** gam, 0, 255).astype(np.uint8)
     return lut[out]
+
+
+def trained_value_ranges(reports, base=None) -> Optional[dict]:
+    """{regression task id: [lo, hi]} of the values the training reports state in the task's
+    prompt phrasing (the default catalogue), recorded in the bundle so the interpreter ranks
+    only candidates the text tower has read (:meth:`echonode.model.bundle.Bundle.value_range`).
+
+    ``base`` is the starting bundle's record: None when it reads every value (published
+    weights; a fine-tune of them records nothing), {} for a model trained from scratch, or
+    its ranges, which the new reports widen."""
+    from echonode.interpret.prompts import load_catalog
+    from train.labels import stated_value_range
+
+    if base is None:
+        return None
+    out = {k: list(v) for k, v in base.items()}
+    for task in load_catalog().values():
+        if task.mode != "regression":
+            continue
+        r = stated_value_range(reports, task.prompts)
+        if r is not None:
+            old = out.get(task.id)
+            out[task.id] = [min(r[0], old[0]), max(r[1], old[1])] if old else [r[0], r[1]]
+    return out or None
 
 
 def make_optimizer(groups, lr: float):
@@ -377,6 +404,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     va = prepare_split(manifest, "val", cache, "cache val")
     problems += tr.problems + va.problems
     sampler.fit(r.report for r in tr.rows)
+    value_ranges = trained_value_ranges([r.report for r in tr.rows], b.manifest.get("value_ranges")
+                                        if cfg.init_bundle else {})
     report_sets = [sampler.sentence_set(r.report) for r in tr.rows]
     for p in problems:
         log.warning("%s", p)
@@ -552,6 +581,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             else {k: v.detach().cpu() for k, v in model.state_dict().items()}
         write_bundle(bundle_path, best_sd, name=cfg.name or f"{arch}-trained", architecture=arch,
                      tokenizer_kind=tok_kind, demo=cfg.demo, dtype=(cfg.weights_dtype or None),
+                     value_ranges=value_ranges,
                      source=f"echonode train: {source}; manifest {Path(cfg.manifest).name}; "
                             f"best epoch {best_epoch} (val MCMRR {best:.3f})", overwrite=True)
         writer(event="done", bundle=str(bundle_path), best_epoch=best_epoch, best=best, steps=step,

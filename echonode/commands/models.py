@@ -122,8 +122,9 @@ def run_list(args) -> int:
     for r in rows:
         if r["status"] == "ok":
             demo = "  DEMO MODEL - NOT FOR CLINICAL USE" if r["demo"] else ""
+            ranges = "".join(f"  {k} {v[0]}-{v[1]}" for k, v in sorted(r.get("value_ranges", {}).items()))
             print(f"{r['name']:<16} {r['architecture']:<12} {r['tokenizer_kind']:<9} "
-                  f"sha256 {r['weights_sha256'][:12]}…  {r['path']}{demo}")
+                  f"sha256 {r['weights_sha256'][:12]}…  {r['path']}{demo}{ranges and '  trained values:' + ranges}")
         else:
             print(f"{r['name']:<16} {r['status']}  {r['path']}")
     return EXIT_OK if all(r["status"] == "ok" for r in rows) else EXIT_FAIL

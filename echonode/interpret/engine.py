@@ -280,7 +280,9 @@ class Interpreter:
         texts: list[str] = []
         for task in self.tasks.values():
             if task.mode == "regression":
-                ps, vs = scoring.regression_candidates(task.prompts, task.regression_values())
+                value_range = getattr(getattr(self.clip, "bundle", None), "value_range", None)
+                trained = value_range(task.id) if value_range else None
+                ps, vs = scoring.regression_candidates(task.prompts, task.regression_values(trained))
             elif task.mode == "categorical":
                 ps, vs = list(task.prompts), list(task.values)
             else:

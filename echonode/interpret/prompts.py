@@ -90,8 +90,14 @@ class Task:
     def level_prompts(self, value: int) -> tuple[str, ...]:
         return tuple(p for p, v in zip(self.prompts, self.values) if v == value)
 
-    def regression_values(self) -> range:
-        return range(self.value_range[0], self.value_range[1] + 1)
+    def regression_values(self, model_range: Optional[tuple[int, int]] = None) -> range:
+        """The candidate values: the task's range, narrowed to ``model_range`` (the values the
+        model's training reports stated, :meth:`echonode.model.bundle.Bundle.value_range`)
+        where the two overlap."""
+        lo, hi = self.value_range
+        if model_range is not None and max(lo, model_range[0]) <= min(hi, model_range[1]):
+            lo, hi = max(lo, model_range[0]), min(hi, model_range[1])
+        return range(lo, hi + 1)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -9,7 +9,9 @@
         tokenizer.json ...           optional, kept as published (not used, see README)
         calibration.json             optional, written by ``echonode calibrate``
         echonode.json                manifest: name, architecture, tokenizer kind, demo flag,
-                                     source, sha256 + size of every file above
+                                     source, sha256 + size of every file above; for a model
+                                     echonode trained from scratch also ``value_ranges``
+                                     (see :meth:`Bundle.value_range`)
 
 :meth:`Bundle.open` reads the manifest and checks every file's sha256 without loading
 weights (hashes are cached in ``.echonode-verified.json`` by size + mtime, so a second
@@ -112,6 +114,19 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def validate_value_ranges(data: Any, where: str = MANIFEST) -> dict[str, list[int]]:
+    """``{task id: [lo, hi]}`` with integers lo <= hi, or :class:`BundleError`."""
+    if not isinstance(data, Mapping):
+        raise BundleError(f"{where}: 'value_ranges' must be an object of task id -> [lo, hi]")
+    out = {}
+    for tid, rng in data.items():
+        if (not isinstance(rng, (list, tuple)) or len(rng) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng) or rng[0] > rng[1]):
+            raise BundleError(f"{where}: value_ranges[{tid!r}] must be [lo, hi] integers with lo <= hi, got {rng!r}")
+        out[str(tid)] = [int(rng[0]), int(rng[1])]
+    return out
 
 
 def validate_calibration(data: Mapping[str, Any], where: str = CALIBRATION) -> dict:
@@ -238,6 +253,8 @@ class Bundle:
         name = str(man["name"])
         _check_pin(name, weights_sha, root / weights_name)
         cfg = _read_config(root / CONFIG_FILE, str(man["architecture"]), str(man["tokenizer_kind"]))
+        if "value_ranges" in man:
+            validate_value_ranges(man["value_ranges"], str(where))
         calibration = None
         cal_path = root / CALIBRATION
         if cal_path.is_file():
@@ -294,6 +311,18 @@ class Bundle:
         cache.save()
         return out
 
+    def value_range(self, task_id: str) -> tuple[int, int] | None:
+        """The lowest and highest value of a regression task (LVEF, PASP) that this model's
+        training reports stated, recorded by ``echonode train`` for a model trained from
+        scratch; None for the published weights (and fine-tunes of them), which read 0-100.
+
+        A text tower reads only numbers it was trained on: candidate prompts with values no
+        training report said embed like a generic sentence of the task and crowd the top 20 %
+        of the regression ranking (research/echoclip.md §5.2), so the interpreter ranks only
+        candidates inside this range."""
+        r = (self.manifest.get("value_ranges") or {}).get(task_id)
+        return (int(r[0]), int(r[1])) if r else None
+
     def load_model(self, device: str = "cpu", precision: str = "fp32"):
         """The CLIP with this bundle's weights, in eval mode (strict key match)."""
         from echonode.model.clip import WeightsError, model_from_state_dict, read_state_dict
@@ -315,7 +344,8 @@ class Bundle:
         return {"name": self.name, "path": str(self.path), "architecture": self.architecture,
                 "tokenizer_kind": self.tokenizer_kind, "demo": self.demo,
                 "weights": self.weights_path.name, "weights_sha256": self.weights_sha256,
-                "calibrated": self.calibration is not None, "source": self.source}
+                "calibrated": self.calibration is not None, "source": self.source,
+                "value_ranges": dict(self.manifest.get("value_ranges") or {})}
 
 
 def _check_pin(name: str, digest: str, path: Path) -> None:
@@ -400,8 +430,11 @@ def write_bundle(path: str | os.PathLike, state_dict: Mapping[str, Any], *, name
                  tokenizer_kind: str, template_vocab: str | os.PathLike | None = None, demo: bool = False,
                  config: ModelConfig | Mapping | None = None, weights_format: str = "safetensors",
                  dtype: str | None = None, source: str = "", calibration: Mapping | None = None,
-                 overwrite: bool = False) -> Bundle:
+                 value_ranges: Mapping[str, Any] | None = None, overwrite: bool = False) -> Bundle:
     """Write a state dict (open_clip keys) as a bundle and return it opened and verified.
+
+    ``value_ranges`` ({regression task id: [lo, hi]}) records the values the model's training
+    reports stated (:meth:`Bundle.value_range`).
 
     ``weights_format``: ``"safetensors"`` (open_clip_model.safetensors) or ``"bin"``
     (open_clip_pytorch_model.bin, a torch.save'd dict as published). ``dtype="fp16"`` stores
@@ -446,8 +479,9 @@ def write_bundle(path: str | os.PathLike, state_dict: Mapping[str, Any], *, name
         shutil.copyfile(src, path / TEMPLATE_VOCAB)
     if calibration is not None:
         _write_json_atomic(path / CALIBRATION, validate_calibration(calibration))
+    extra = {"value_ranges": validate_value_ranges(value_ranges)} if value_ranges else None
     return _finish(path, name=name, architecture=architecture, tokenizer_kind=tokenizer_kind,
-                   weights_name=weights_name, demo=demo, source=source or "echonode write_bundle")
+                   weights_name=weights_name, demo=demo, source=source or "echonode write_bundle", extra=extra)
 
 
 def import_bundle(path: str | os.PathLike, weights: str | os.PathLike, *, name: str,
