@@ -92,7 +92,10 @@ def scale_frames(frames_rgb: np.ndarray, channel_order: str = "bgr", size: int =
 def normalize(frames: np.ndarray, mean: Sequence[float] = OPENAI_MEAN,
               std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
     """(T, S, S, 3) uint8 → (T, 3, S, S) float32: ``(x / 255 − mean) / std`` per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+    a = np.ascontiguousarray(frames)
+    if not a.flags.writeable:  # a memory-mapped frame cache: torch must not alias read-only memory
+        a = a.copy()
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return x.sub_(m).div_(s).contiguous()
