@@ -82,7 +82,7 @@ def test_tiny_keys_and_sizes(tiny_bundle):
     sd = build_model("tiny").state_dict()
     oc = open_clip.model.CLIP(**get_config("tiny").open_clip_model_cfg()).state_dict()
     assert set(sd) == set(oc) and all(sd[k].shape == oc[k].shape for k in sd)
-    assert sum(v.numel() for v in sd.values()) < 2_000_000  # ≤ 4 MB in fp16 (shipped demo model)
+    assert sum(v.numel() for v in sd.values()) < 4_000_000  # ≤ 8 MB in fp16 (shipped demo model)
 
 
 def test_bf16_precision_runs(tiny_bundle, frames):
