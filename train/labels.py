@@ -104,7 +104,8 @@ def stated_value_range(reports, templates) -> Optional[tuple[int, int]]:
         parts = [re.escape(x) for x in normalise(t).rstrip(" .").split("<#>")]
         if len(parts) == 2:
             pats.append(re.compile(r"(\d+(?:\.\d+)?)".join(parts)))
-    vals = [float(m.group(1)) for r in reports for pat in pats for m in pat.finditer(normalise(r))]
+    texts = [normalise(r) for r in reports]
+    vals = [float(m.group(1)) for t in texts for pat in pats for m in pat.finditer(t)]
     return (int(math.floor(min(vals))), int(math.ceil(max(vals)))) if vals else None
 
 
