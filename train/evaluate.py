@@ -140,7 +140,7 @@ def score_manifest(cfg: EvalConfig, rows: list[Row], progress: bool = True) -> C
                      bundle_info={"name": bundle.name, "architecture": bundle.architecture,
                                   "weights_sha256": bundle.weights_sha256, "demo": bundle.demo,
                                   "tokenizer": bundle.tokenizer_kind,
-                                  "value_ranges": dict(bundle.manifest.get("value_ranges") or {})})
+                                  "value_ranges": bundle.value_ranges})
     for r in good:
         lab, src = L.row_labels(r.report, r.extra, catalog)
         res.labels.append(lab)

@@ -88,22 +88,18 @@ def normalise(text: str) -> str:
     return t
 
 
-def prompt_pattern(prompt: str) -> re.Pattern:
+def prompt_pattern(prompt: str, capture: bool = False) -> re.Pattern:
     p = normalise(prompt).rstrip(" .")
     # "<#>" and any number in the prompt (testers carry example values such as 4.0CM) match any number
     p = re.sub(r"\d+(?:\.\d+)?", "<#>", p)
     parts = [re.escape(x) for x in p.split("<#>")]
-    return re.compile(r"\d+(?:\.\d+)?".join(parts))
+    return re.compile((r"(\d+(?:\.\d+)?)" if capture else r"\d+(?:\.\d+)?").join(parts))
 
 
 def stated_value_range(reports, templates) -> Optional[tuple[int, int]]:
     """(lowest, highest) whole value that ``reports`` state in one of the regression prompt
     ``templates`` (``<#>`` = the value, e.g. ``LV EJECTION FRACTION IS <#>%.``), or None."""
-    pats = []
-    for t in templates:
-        parts = [re.escape(x) for x in normalise(t).rstrip(" .").split("<#>")]
-        if len(parts) == 2:
-            pats.append(re.compile(r"(\d+(?:\.\d+)?)".join(parts)))
+    pats = [prompt_pattern(t, capture=True) for t in templates if "<#>" in t]
     texts = [normalise(r) for r in reports]
     vals = [float(m.group(1)) for t in texts for pat in pats for m in pat.finditer(t)]
     return (int(math.floor(min(vals))), int(math.ceil(max(vals)))) if vals else None

@@ -404,7 +404,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     va = prepare_split(manifest, "val", cache, "cache val")
     problems += tr.problems + va.problems
     sampler.fit(r.report for r in tr.rows)
-    value_ranges = trained_value_ranges([r.report for r in tr.rows], b.manifest.get("value_ranges")
+    value_ranges = trained_value_ranges([r.report for r in tr.rows], (b.value_ranges or None)
                                         if cfg.init_bundle else {})
     report_sets = [sampler.sentence_set(r.report) for r in tr.rows]
     for p in problems:

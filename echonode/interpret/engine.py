@@ -278,9 +278,9 @@ class Interpreter:
     def _prepare_prompts(self) -> None:
         self._task_texts: dict[str, tuple[list[str], list[float]]] = {}
         texts: list[str] = []
+        value_range = getattr(getattr(self.clip, "bundle", None), "value_range", None)
         for task in self.tasks.values():
             if task.mode == "regression":
-                value_range = getattr(getattr(self.clip, "bundle", None), "value_range", None)
                 trained = value_range(task.id) if value_range else None
                 ps, vs = scoring.regression_candidates(task.prompts, task.regression_values(trained))
             elif task.mode == "categorical":

@@ -311,6 +311,11 @@ class Bundle:
         cache.save()
         return out
 
+    @property
+    def value_ranges(self) -> dict[str, list[int]]:
+        """{regression task id: [lo, hi]} recorded by ``echonode train`` ({} when none)."""
+        return dict(self.manifest.get("value_ranges") or {})
+
     def value_range(self, task_id: str) -> tuple[int, int] | None:
         """The lowest and highest value of a regression task (LVEF, PASP) that this model's
         training reports stated, recorded by ``echonode train`` for a model trained from
@@ -320,7 +325,7 @@ class Bundle:
         training report said embed like a generic sentence of the task and crowd the top 20 %
         of the regression ranking (research/echoclip.md §5.2), so the interpreter ranks only
         candidates inside this range."""
-        r = (self.manifest.get("value_ranges") or {}).get(task_id)
+        r = self.value_ranges.get(task_id)
         return (int(r[0]), int(r[1])) if r else None
 
     def load_model(self, device: str = "cpu", precision: str = "fp32"):
@@ -345,7 +350,7 @@ class Bundle:
                 "tokenizer_kind": self.tokenizer_kind, "demo": self.demo,
                 "weights": self.weights_path.name, "weights_sha256": self.weights_sha256,
                 "calibrated": self.calibration is not None, "source": self.source,
-                "value_ranges": dict(self.manifest.get("value_ranges") or {})}
+                "value_ranges": self.value_ranges}
 
 
 def _check_pin(name: str, digest: str, path: Path) -> None:
