@@ -74,12 +74,30 @@ class SelectSettings:
 
     # Regular expressions (case-insensitive) matched against SeriesDescription,
     # ImageComments, ProtocolName and similar free-text attributes.
-    a4c_text_patterns: tuple[str, ...] = (r"\bA4C\b", r"\bAP(ICAL)?\s*4", r"4\s*-?\s*CH(AMBER)?", r"\b4CH\b")
+    # The text is bounded first (white space runs collapsed to one space, at most 1 KiB), so
+    # `\s?` is enough between words. Each pattern is checked at load
+    # (echonode.dicom.select.check_text_pattern): no repeat inside a repeat, no
+    # back-reference, at most about one unbounded repeat, so peer text cannot make it backtrack.
+    a4c_text_patterns: tuple[str, ...] = (r"\bA4C\b", r"\bAP(ICAL)?\s?4", r"4\s?-?\s?CH(AMBER)?", r"\b4CH\b")
     skip_text_patterns: tuple[str, ...] = (r"\bA2C\b", r"\bPLAX\b", r"\bPSAX\b", r"\bA3C\b", r"\bA5C\b", r"SUBCOSTAL", r"\bSSN\b",
-                                      r"\bPS\s*LAX\b", r"\bPS\s*SAX\b", r"PARASTERNAL", r"\bA2CH\b", r"\bA3CH\b")
+                                      r"\bPS\s?LAX\b", r"\bPS\s?SAX\b", r"PARASTERNAL", r"\bA2CH\b", r"\bA3CH\b")
     # What to do with cine clips that carry no view information: "analyse" or "skip".
     unknown_view_policy: str = "analyse"
     min_frames: int = 2
+
+    def __post_init__(self) -> None:
+        from echonode.dicom.select import check_text_pattern  # the matcher owns its safety rules
+
+        for key in ("a4c_text_patterns", "skip_text_patterns"):
+            for i, pattern in enumerate(getattr(self, key)):
+                try:
+                    check_text_pattern(pattern)
+                except ValueError as exc:
+                    raise ConfigError(f"select.{key}[{i}] {pattern!r}: {exc}") from None
+        if self.unknown_view_policy not in ("analyse", "skip"):
+            raise ConfigError(f"select.unknown_view_policy: expected 'analyse' or 'skip', got {self.unknown_view_policy!r}")
+        if self.min_frames < 1:
+            raise ConfigError(f"select.min_frames: expected at least 1, got {self.min_frames}")
 
 
 @dataclass(frozen=True)

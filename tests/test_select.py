@@ -87,3 +87,91 @@ def test_realworld_decisions(realworld_dir):
     assert got["orthanc-tests__Issue16.dcm"].analyse                    # 2D + ECG trace regions
     assert got["dcm4che__will-jxl.dcm"].analyse                         # 2D colour flow, no view label
     assert "unknown_view_policy" in got["pydicom__examples_ybr_color.dcm"].reason
+
+
+# ------------------------------------------------------------------ hostile free text
+
+def test_huge_free_text_is_bounded_and_still_matched_in_its_first_kib():
+    """32 KiB+ of peer text in every attribute that selection reads: the decision comes fast
+    (the unbounded match of `4\\s*-?\\s*CH` on such a text took seconds with the GIL held),
+    and a view label in the first KiB is still found."""
+    import time
+
+    from echonode.dicom.select import TEXT_ATTRIBUTES, TEXT_MAX_CHARS
+
+    hostile = "4" + " " * 40000 + "x"               # worst case for chained \s* repeats
+    tabs = "PS" + "\t \r\n" * 10000 + "y"
+    attrs = {a: hostile for a in TEXT_ATTRIBUTES}
+    t0 = time.perf_counter()
+    d = decide(us_dataset(**attrs))
+    assert time.perf_counter() - t0 < 0.5
+    assert d.analyse and "without view information" in d.reason   # no label: unknown-view policy
+
+    attrs["ImageComments"] = "zoomed A4C, " + "4 " * 20000     # the label within the first KiB
+    attrs["ProtocolName"] = tabs
+    t0 = time.perf_counter()
+    d = decide(us_dataset(**attrs))
+    assert time.perf_counter() - t0 < 0.5
+    assert d.analyse and "ImageComments" in d.reason and "A4C" in d.reason
+
+    late = "x" * (TEXT_MAX_CHARS + 10) + " PLAX"       # beyond the bound: not read
+    d = decide(us_dataset(SeriesDescription=late))
+    assert "without view information" in d.reason
+    d = decide(us_dataset(SeriesDescription="x" * (TEXT_MAX_CHARS - 10) + " PLAX"))
+    assert not d.analyse and "SeriesDescription" in d.reason
+
+
+def test_multivalued_and_odd_text_values():
+    from echonode.dicom.select import TEXT_MAX_CHARS, bounded_text
+
+    assert bounded_text(["Apical", "4 chamber"]) == "Apical\\4 chamber"
+    assert bounded_text("  A4C \t\r\n zoom ") == "A4C zoom"
+    assert len(bounded_text(["a" * 5000] * 5000)) == TEXT_MAX_CHARS
+    assert bounded_text(None) == "" and bounded_text(b"A4C") == "A4C"
+    assert decide(us_dataset(ViewName="AP4 " + "z" * 50000)).view_name == ("AP4 " + "z" * 60)
+
+
+@pytest.mark.parametrize("pattern,why", [
+    (r"(a+)+$", "inside a repeated group"),
+    (r"(A|AA)*C", "alternation inside a repeated group"),
+    (r".*.*4CH", "too much backtracking"),
+    (r"4\s*-?\s*CH", "too much backtracking"),          # the old default, chained \s*
+    (r"(A)\1", "back-reference"),
+    (r"[A4C", "not a regular expression"),
+    (r"", "empty"),
+])
+def test_site_patterns_that_could_backtrack_are_refused_at_load(pattern, why, tmp_path):
+    """A site regex from the config file is checked when the config is loaded; the error
+    names the key, and `echonode` exits 3 with it."""
+    import subprocess
+    import sys
+
+    from echonode.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as ei:
+        load_settings(env={}, overrides={"select": {"skip_text_patterns": ["PLAX", pattern]}})
+    assert "select.skip_text_patterns[1]" in str(ei.value) and why in str(ei.value)
+    if why == "inside a repeated group":
+        cfg = tmp_path / "echonode.toml"
+        cfg.write_text(f"[select]\na4c_text_patterns = ['{pattern}']\n")
+        res = subprocess.run([sys.executable, "-m", "echonode", "status", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 3 and "select.a4c_text_patterns[0]" in res.stderr
+
+
+def test_accepted_site_pattern_cannot_blow_up_on_crafted_text():
+    """The most expensive pattern the load check accepts, on the text crafted to hurt it most,
+    stays within the bound."""
+    import time
+
+    from echonode.dicom.select import PATTERN_STEP_BUDGET, pattern_cost
+
+    pattern = r"\bAP(ICAL)?\s*-?4"                     # one unbounded repeat + optionals
+    assert pattern_cost(pattern) <= PATTERN_STEP_BUDGET
+    s = SelectSettings(a4c_text_patterns=(pattern,), skip_text_patterns=(r".*PLAX",))
+    crafted = ("AP" + " " * 30 + "-") * 2000           # 66 KB, near-misses everywhere
+    t0 = time.perf_counter()
+    d = decide(us_dataset(ImageComments=crafted, SeriesDescription=crafted, ProtocolName=crafted), s)
+    assert time.perf_counter() - t0 < 0.5
+    assert "without view information" in d.reason
+    assert decide(us_dataset(ImageComments="apical  -4 view"), s).analyse

@@ -15,12 +15,18 @@ at receive time on the dataset parsed with ``stop_before_pixels``. Rules, in ord
 5. View name / free text (View Name (0008,2127), Series Description, Image Comments,
    Protocol Name, Acquisition/Performed Procedure descriptions) is matched against
    ``select.a4c_text_patterns`` (analyse) and ``select.skip_text_patterns`` (skip).
+   The text comes from the peer, so it is bounded first (:func:`bounded_text`: runs of
+   white space collapsed, then at most :data:`TEXT_MAX_CHARS` characters), and every
+   pattern, the defaults and the site's own, has passed :func:`check_text_pattern`
+   (no nested or chained unbounded repetition, no back-references), so no text can make
+   a match backtrack beyond a fixed step budget.
 6. No view information: ``select.unknown_view_policy`` (default ``analyse``, and the
    reason says so, because many carts never label their clips).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -55,6 +61,16 @@ SPATIAL_SPECTRAL = 3
 DATA_PW_SPECTRAL = 3
 DATA_CW_SPECTRAL = 4
 
+#: Free text is matched on its first TEXT_MAX_CHARS characters only. View labels are short
+#: ("A4C", "Apical 4 chamber"); 1 KiB keeps every real label and bounds the work a peer
+#: can cause per attribute.
+TEXT_MAX_CHARS = 1024
+#: Worst-case backtracking steps a pattern may need on a TEXT_MAX_CHARS text (estimated by
+#: :func:`pattern_cost`). One unbounded repeat (``\s*``, ``.*``) costs about
+#: TEXT_MAX_CHARS² ≈ 1 M; two chained ones (``.*.*``) are cubic and are refused.
+PATTERN_STEP_BUDGET = 8 * TEXT_MAX_CHARS * TEXT_MAX_CHARS
+PATTERN_MAX_CHARS = 256
+
 TEXT_ATTRIBUTES = ("ViewName", "SeriesDescription", "ImageComments", "ProtocolName",
                    "PerformedProcedureStepDescription", "AcquisitionDeviceProcessingDescription")
 
@@ -79,6 +95,107 @@ def _get(ds: Any, keyword: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def bounded_text(value: Any) -> str:
+    """The part of a free-text attribute that selection looks at.
+
+    Multi-valued text is joined with ``\\`` as on the wire; runs of white space become one
+    space; at most :data:`TEXT_MAX_CHARS` characters are kept. The input is cut before it
+    is joined or split, so a huge value costs no more than a short one.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[: 4 * TEXT_MAX_CHARS]).decode("latin-1")
+    if not isinstance(value, str):
+        try:
+            parts = list(value)[:TEXT_MAX_CHARS] if isinstance(value, (list, tuple)) else [value]
+        except TypeError:
+            parts = [value]
+        value = "\\".join(str(p)[: 4 * TEXT_MAX_CHARS] for p in parts)
+    return " ".join(value[: 4 * TEXT_MAX_CHARS].split())[:TEXT_MAX_CHARS]
+
+
+def _parser():
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+        from re import _constants as sre_constants
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_constants
+        import sre_parse
+    return sre_parse, sre_constants
+
+
+def pattern_cost(pattern: str, n: int = TEXT_MAX_CHARS) -> int:
+    """Upper estimate of the backtracking steps ``re.search(pattern)`` needs on n characters.
+
+    Raises ``ValueError`` naming the construct for what has no polynomial bound at all:
+    a quantifier or an alternation inside a repeated group (``(a+)+``, ``(a|aa)*``),
+    back-references and conditionals.
+    Sequences multiply, alternatives add, a repeat of at most m costs (min(m, n) + 1)
+    times its body; the search tries every one of the n start positions.
+    """
+    sre_parse, c = _parser()
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT}
+    if hasattr(c, "POSSESSIVE_REPEAT"):
+        repeats.add(c.POSSESSIVE_REPEAT)
+
+    def seq_cost(items, in_repeat: bool) -> int:
+        total = 1
+        for op, av in items:
+            total *= item_cost(op, av, in_repeat)
+            if total > 10**18:
+                return total
+        return total
+
+    def item_cost(op, av, in_repeat: bool) -> int:
+        if op in repeats:
+            lo, hi, body = av
+            if in_repeat:
+                raise ValueError("a quantifier inside a repeated group (e.g. (a+)+) can backtrack exponentially")
+            inner = seq_cost(body, in_repeat or hi > 1)
+            return (min(hi, n) + 1) * inner
+        if op == c.SUBPATTERN:
+            return seq_cost(av[-1], in_repeat)
+        if op == c.BRANCH:
+            if in_repeat:
+                raise ValueError("an alternation inside a repeated group (e.g. (a|aa)*) can backtrack exponentially")
+            return sum(seq_cost(alt, in_repeat) for alt in av[1])
+        if op in (c.ASSERT, c.ASSERT_NOT):
+            return seq_cost(av[1], in_repeat)
+        if hasattr(c, "ATOMIC_GROUP") and op == c.ATOMIC_GROUP:
+            return seq_cost(av, in_repeat)
+        if op in (c.GROUPREF, c.GROUPREF_EXISTS) or (hasattr(c, "GROUPREF_IGNORE") and op == c.GROUPREF_IGNORE):
+            raise ValueError("back-references and conditional groups are not allowed")
+        return 1
+
+    parsed = sre_parse.parse(pattern, re.IGNORECASE)
+    return n * seq_cost(list(parsed), False)
+
+
+def check_text_pattern(pattern: str) -> None:
+    """Raise ``ValueError`` (with the reason) unless ``pattern`` is safe to run on peer text."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("an empty pattern matches everything")
+    if len(pattern) > PATTERN_MAX_CHARS:
+        raise ValueError(f"longer than {PATTERN_MAX_CHARS} characters")
+    try:
+        re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    try:
+        cost = pattern_cost(pattern)
+    except re.error as exc:  # pragma: no cover - compile() above already parsed it
+        raise ValueError(f"not a regular expression: {exc}") from None
+    if cost > PATTERN_STEP_BUDGET:
+        raise ValueError("too much backtracking on a 1 KiB text (more than one unbounded repeat "
+                         "such as \\s* or .* in a row); use ? or a bounded {0,n} instead")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    return tuple(re.compile(p, re.IGNORECASE) for p in patterns)
+
+
 def _int(value: Any) -> Optional[int]:
     try:
         return int(value)
@@ -95,9 +212,9 @@ def coded_view(ds: Any) -> tuple[Optional[str], Optional[str], bool]:
         item = seq[0]
     except Exception:
         return None, None, False
-    scheme = str(_get(item, "CodingSchemeDesignator", "")).strip()
-    value = str(_get(item, "CodeValue", "") or _get(item, "LongCodeValue", "")).strip()
-    meaning = str(_get(item, "CodeMeaning", "")).strip() or None
+    scheme = bounded_text(_get(item, "CodingSchemeDesignator", ""))[:16]
+    value = bounded_text(_get(item, "CodeValue", "") or _get(item, "LongCodeValue", ""))[:64]
+    meaning = bounded_text(_get(item, "CodeMeaning", ""))[:64] or None
     if not value:
         return None, meaning, False
     return f"{scheme}:{value}", meaning, (scheme, value) in A4C_CODES
@@ -126,7 +243,7 @@ def decide(ds: Any, settings: SelectSettings | None = None) -> Decision:
     settings = settings or SelectSettings()
     sop_class = str(_get(ds, "SOPClassUID", "")).strip()
     view_code, code_meaning, is_a4c_code = coded_view(ds)
-    view_name = str(_get(ds, "ViewName", "")).strip() or code_meaning
+    view_name = bounded_text(_get(ds, "ViewName", ""))[:64] or code_meaning
 
     def result(decision: str, reason: str) -> Decision:
         return Decision(decision, reason, view_code, view_name)
@@ -157,16 +274,18 @@ def decide(ds: Any, settings: SelectSettings | None = None) -> Decision:
             return result(ANALYSE, f"A4C cine clip by coded view {view_code} ({frames} frames)")
         return result(SKIP, f"coded view {view_code} ({code_meaning or 'no meaning'}) is not apical four chamber")
 
+    a4c = _compiled(tuple(settings.a4c_text_patterns))
+    other = _compiled(tuple(settings.skip_text_patterns))
     for attr in TEXT_ATTRIBUTES:
-        text = str(_get(ds, attr, "")).strip()
+        text = bounded_text(_get(ds, attr, ""))
         if not text:
             continue
-        for pat in settings.a4c_text_patterns:
-            if re.search(pat, text, re.IGNORECASE):
-                return result(ANALYSE, f"A4C cine clip by {attr} matching /{pat}/ ({frames} frames)")
-        for pat in settings.skip_text_patterns:
-            if re.search(pat, text, re.IGNORECASE):
-                return result(SKIP, f"other view by {attr} matching /{pat}/")
+        for rx in a4c:
+            if rx.search(text):
+                return result(ANALYSE, f"A4C cine clip by {attr} matching /{rx.pattern}/ ({frames} frames)")
+        for rx in other:
+            if rx.search(text):
+                return result(SKIP, f"other view by {attr} matching /{rx.pattern}/")
 
     if settings.unknown_view_policy == ANALYSE:
         return result(ANALYSE, f"cine clip without view information ({frames} frames); "
