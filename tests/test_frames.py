@@ -482,3 +482,162 @@ def test_ybr_partial_to_rgb():
 
     out = fr._to_rgb(stack, Dataset(), "YBR_PARTIAL_420")
     assert np.abs(out[0].astype(int) - rgb.astype(int)).max() <= 2
+
+
+# --------------------------------------------------------------------------- hostile headers
+#
+# Each case takes a real clip, breaks one header attribute the way a half-broken scanner or
+# an attacker might, writes it to disk and decodes it: the result is always FrameDecodeError
+# (a ValueError) whose message names the attribute, never another exception type, and
+# nothing is allocated from the claimed sizes.
+
+NATIVE_RGB = MF / "dicomParser__IM00001.implicit_little_endian.dcm"  # 8 x 240 x 320 RGB, native
+JPEG_CLIP = MF / "pydicom__examples_ybr_color.dcm"                     # 30 frames, JPEG baseline
+PALETTE = SF / "orthanc-tests__Implicit-vr-us-palette.dcm"              # native palette, 16-bit LUT
+SEGMENTED = SF / "pydicom-data__gdcm-US-ALOKA-16.dcm"                   # segmented 16-bit LUT
+
+
+class _Text(str):
+    """A value written as text whatever the attribute's VR."""
+
+
+def _broken(tmp_path, src, name="broken.dcm", **attrs):
+    """``src`` with ``attrs`` set as given (invalid values included), saved as a file."""
+    from pydicom import config
+    from pydicom.dataelem import DataElement
+    from pydicom.datadict import tag_for_keyword
+
+    ds = _read(src)
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        for kw, value in attrs.items():
+            if value is None:
+                del ds[kw]
+                continue
+            tag = tag_for_keyword(kw)
+            if isinstance(value, _Text):  # text where a number belongs: read back as the
+                # dictionary VR (implicit VR files) or as LO (explicit VR), as a peer might send it
+                ds[tag] = DataElement(tag, "LO", str(value))
+            else:
+                setattr(ds, kw, value)
+        out = tmp_path / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(out, enforce_file_format=False)
+    finally:
+        config.settings.writing_validation_mode = old
+    return out
+
+
+def _mono16_file(tmp_path, **attrs):
+    arr = np.arange(64, dtype=np.uint16).reshape(8, 8) * 60
+    ds = _mono_ds(arr, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096)
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.6.1", "1.2.3.4"
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+    src = tmp_path / "mono16.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    return _broken(tmp_path, src, **attrs)
+
+
+def _decode_error(path, indices=None) -> str:
+    with pytest.raises(FrameDecodeError) as ei:
+        load_clip(path, indices)
+    assert isinstance(ei.value, ValueError) and ei.value.reason
+    return str(ei.value)
+
+
+@pytest.mark.parametrize("attrs,named", [
+    ({"WindowWidth": _Text("wide")}, "WindowWidth"),
+    ({"WindowCenter": _Text("1e999")}, "WindowCenter"),
+    ({"RescaleSlope": _Text("abc")}, "RescaleSlope"),
+    ({"BitsStored": 40}, "BitsStored"),
+    ({"HighBit": 99}, "HighBit"),
+])
+def test_malformed_monochrome_header(tmp_path, attrs, named):
+    assert load_clip(_mono16_file(tmp_path)).frames.shape == (1, 8, 8, 3)  # the unbroken one decodes
+    assert named in _decode_error(_mono16_file(tmp_path, **attrs))
+
+
+@pytest.mark.parametrize("src,attrs,named", [
+    (NATIVE_RGB, {"Rows": 480}, "NumberOfFrames 8 x Rows 480"),           # pixel data too short
+    (NATIVE_RGB, {"Columns": 0}, "Columns"),
+    (NATIVE_RGB, {"Rows": None}, "Rows is missing"),
+    (NATIVE_RGB, {"NumberOfFrames": 1_000_000_000}, "NumberOfFrames 1000000000"),
+    (NATIVE_RGB, {"NumberOfFrames": _Text("many")}, "NumberOfFrames"),
+    (NATIVE_RGB, {"NumberOfFrames": _Text("-3")}, "NumberOfFrames"),
+    (NATIVE_RGB, {"BitsAllocated": 7}, "BitsAllocated 7"),
+    (NATIVE_RGB, {"BitsAllocated": 0}, "BitsAllocated 0"),
+    (NATIVE_RGB, {"BitsAllocated": 64}, "BitsAllocated 64"),
+    (NATIVE_RGB, {"SamplesPerPixel": 9}, "SamplesPerPixel 9"),
+    (NATIVE_RGB, {"PixelRepresentation": 5}, "PixelRepresentation"),
+    (NATIVE_RGB, {"PlanarConfiguration": 7}, "PlanarConfiguration"),
+    (NATIVE_RGB, {"PhotometricInterpretation": "FOO"}, "Photometric Interpretation"),
+    (JPEG_CLIP, {"NumberOfFrames": 1_000_000}, "NumberOfFrames 1000000 but the encapsulated"),
+    (JPEG_CLIP, {"Rows": 65535, "Columns": 65535}, "bytes per frame"),
+    (JPEG_CLIP, {"Rows": 480}, "could not be decoded"),                    # decoder disagrees
+    (PALETTE, {"RedPaletteColorLookupTableDescriptor": 256}, "RedPaletteColorLookupTableDescriptor has 1 value"),
+    (PALETTE, {"GreenPaletteColorLookupTableDescriptor": [256, 0, 12]}, "GreenPaletteColorLookupTableDescriptor"),
+    (PALETTE, {"BluePaletteColorLookupTableData": b"\x01\x02"}, "palette"),
+    (PALETTE, {"RedPaletteColorLookupTableDescriptor": None}, "RedPaletteColorLookupTableDescriptor"),
+])
+def test_malformed_pixel_header(tmp_path, src, attrs, named):
+    assert load_clip(src, [0]).frames.shape[0] == 1        # the unbroken source decodes
+    assert named in _decode_error(_broken(tmp_path, src, **attrs), [0])
+
+
+def test_segmented_lut_that_expands_without_bound_is_refused(tmp_path):
+    """A segmented LUT of a few hundred bytes whose linear segments expand to millions of entries
+    (and an indirect segment pointing at itself) is refused before it is expanded."""
+    first = [0, 1, 0]                                    # discrete segment: one entry, value 0
+    linear = [1, 65535, 65535] * 100                     # 100 x 65535 entries from 600 words
+    blob = np.array(first + linear, "<u2").tobytes()
+    path = _broken(tmp_path, SEGMENTED, SegmentedRedPaletteColorLookupTableData=blob)
+    assert "expands beyond 65536" in _decode_error(path)
+    loop = np.array(first + [2, 65535, 0, 0], "<u2").tobytes()   # indirect: repeat from the start
+    path = _broken(tmp_path, SEGMENTED, name="loop.dcm", SegmentedGreenPaletteColorLookupTableData=loop)
+    assert "segmented palette LUT" in _decode_error(path)
+
+
+def test_claimed_frames_allocate_nothing(tmp_path):
+    """A native clip whose header claims 10^6 frames (and one claiming 65535 x 65535 frames of
+    JPEG) fails in milliseconds with a small peak: nothing is sized from the claim."""
+    import time
+    import tracemalloc
+
+    native = _broken(tmp_path, NATIVE_RGB, NumberOfFrames=1_000_000)
+    jpeg = _broken(tmp_path, JPEG_CLIP, name="j.dcm", NumberOfFrames=1_000_000)
+    for path in (native, jpeg):
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        try:
+            for indices in (None, [0]):
+                _decode_error(path, indices)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 1024 * 1024, (path.name, peak)   # the file itself is ≤ 1.8 MB
+        assert time.perf_counter() - t0 < 5
+
+
+def test_truncated_deferred_native_pixel_data(tmp_path):
+    """A native clip above the defer threshold, cut short inside its Pixel Data: the frames the
+    header claims are checked against the bytes in the file, not against the element length."""
+    src = _read(NATIVE_RGB)
+    base = np.frombuffer(src.PixelData, np.uint8).reshape(8, 240, 320, 3)
+    src.PixelData = np.concatenate([base] * 3).tobytes()     # 24 frames, 5.5 MB > 4 MB deferred
+    src.NumberOfFrames = 24
+    full = tmp_path / "full.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src.save_as(full)
+    assert load_clip(full, [23]).frames.shape == (1, 240, 320, 3)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size - 240 * 320 * 3 * 2])
+    assert "NumberOfFrames 24" in _decode_error(cut, [0])
+
+
+def test_dataset_input_gets_the_same_checks(tmp_path):
+    ds = _read(_broken(tmp_path, NATIVE_RGB, NumberOfFrames=50))
+    with pytest.raises(FrameDecodeError, match="NumberOfFrames 50"):
+        load_clip(ds, [0])

@@ -95,9 +95,12 @@ _PREFERRED_PLUGINS = {
 }
 
 
-class FrameDecodeError(Exception):
+class FrameDecodeError(ValueError):
     """The pixel data of an object cannot be turned into frames.
 
+    The one exception :func:`load_clip` raises for anything wrong with the object itself:
+    unreadable files, missing or inconsistent Image Pixel attributes (the message names the
+    attribute), undecodable pixel data, and whatever a decoder raises on a damaged stream.
     ``reason`` is a short, user-facing explanation (no patient data), e.g.
     ``"no pixel data"`` or ``"no decoder installed for JPEG XL (…); install …"``.
     """
@@ -272,6 +275,15 @@ def frame_time_ms(ds) -> float | None:
     return None
 
 
+def _frame_time_or_none(ds) -> float | None:
+    """frame_time_ms, with malformed timing attributes (an unreadable Frame Increment
+    Pointer, say) reading as no timing: timing never decides whether frames decode."""
+    try:
+        return frame_time_ms(ds)
+    except Exception:
+        return None
+
+
 def _normalise_indices(indices: Iterable[int] | None, n: int, source: str) -> list[int]:
     if indices is None:
         return list(range(n))
@@ -280,6 +292,211 @@ def _normalise_indices(indices: Iterable[int] | None, n: int, source: str) -> li
     if bad:
         raise IndexError(f"{source}: frame indices {bad[:5]} out of range for {n} frame(s)")
     return out
+
+
+# --------------------------------------------------------------------------- header checks
+#
+# Every number below comes from the peer that sent the object. Before anything is
+# allocated from them they must agree with each other and with the bytes really present.
+
+#: Largest decoded frame accepted (Rows × Columns × samples × bytes): 64 MiB holds a
+#: 4096 × 4096 RGB frame; echo frames are about 1 MB.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: Entries a palette LUT may expand to (PS3.3 C.7.6.3.1.5: at most 2^16).
+MAX_LUT_ENTRIES = 65536
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _attr(ds, keyword: str, default=None):
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:  # pydicom converts lazily: a malformed value raises here
+        raise FrameDecodeError(f"{keyword} cannot be read ({type(exc).__name__})") from exc
+
+
+def _int_attr(ds, keyword: str, default: int | None, allowed: Iterable[int] | range) -> int:
+    value = _attr(ds, keyword, None)
+    if value is None or value == "":
+        if default is None:
+            raise FrameDecodeError(f"{keyword} is missing")
+        return default
+    try:
+        if not isinstance(value, (int, str, float, bytes)) and hasattr(value, "__len__"):
+            value = value[0]  # a multi-valued US: the first value (pydicom does the same)
+        n = int(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise FrameDecodeError(f"{keyword} {str(value)[:32]!r} is not an integer") from None
+    if n not in allowed:
+        shown = f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else sorted(allowed)
+        raise FrameDecodeError(f"{keyword} {n} is outside {shown}")
+    return n
+
+
+def _float_value(ds, keyword: str) -> float | None:
+    """First value of a DS attribute as a finite float, None when absent."""
+    value = _attr(ds, keyword, None)
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, (str, bytes, int, float)) and hasattr(value, "__len__"):
+            value = value[0]
+        f = float(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise FrameDecodeError(f"{keyword} {str(value)[:32]!r} is not a number") from None
+    if not np.isfinite(f):
+        raise FrameDecodeError(f"{keyword} {f} is not a finite number")
+    return f
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    rows: int
+    cols: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    frames: int
+    frame_bytes: int  # decoded size of one frame
+
+
+def _pixel_data_length(ds) -> int:
+    """Bytes of the Pixel Data value really available (a deferred value: as far as the file goes)."""
+    from pydicom.dataelem import RawDataElement
+
+    try:
+        el = ds.get_item("PixelData", keep_deferred=True)
+    except Exception as exc:
+        raise FrameDecodeError(f"Pixel Data cannot be read ({type(exc).__name__})") from exc
+    if isinstance(el, RawDataElement) and el.value is None:
+        length = int(el.length)
+        filename = getattr(ds, "filename", None)
+        if el.value_tell is not None and isinstance(filename, (str, os.PathLike)):
+            try:
+                available = os.path.getsize(filename) - int(el.value_tell)
+            except OSError as exc:
+                raise FrameDecodeError(f"Pixel Data cannot be read ({exc.strerror})") from exc
+            if length == _UNDEFINED:
+                return max(available, 0)
+            return max(min(length, available), 0)
+        return length
+    value = el.value
+    return len(value) if value is not None else 0
+
+
+def _check_geometry(ds, tsuid: str) -> _Geometry:
+    """The Image Pixel attributes, checked against each other and against the Pixel Data.
+
+    Raises :class:`FrameDecodeError` naming the attribute. For native (uncompressed) data the
+    frames claimed must fit in the bytes present; for encapsulated data each frame needs at
+    least one fragment (PS3.5 A.4), so Number of Frames is bounded by the fragments present.
+    """
+    rows = _int_attr(ds, "Rows", None, range(1, 65536))
+    cols = _int_attr(ds, "Columns", None, range(1, 65536))
+    samples = _int_attr(ds, "SamplesPerPixel", 1, (1, 3, 4))
+    bits_allocated = _int_attr(ds, "BitsAllocated", None, (1, 8, 16, 32))
+    bits_stored = _int_attr(ds, "BitsStored", bits_allocated, range(1, bits_allocated + 1))
+    _int_attr(ds, "HighBit", bits_stored - 1, range(0, bits_allocated))
+    _int_attr(ds, "PixelRepresentation", 0, (0, 1))
+    if samples > 1:
+        _int_attr(ds, "PlanarConfiguration", 0, (0, 1))
+    frames = _int_attr(ds, "NumberOfFrames", 1, range(1, 2**31))
+    frame_bytes = rows * cols * samples * max(bits_allocated // 8, 1)
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise FrameDecodeError(
+            f"Rows {rows} x Columns {cols} x SamplesPerPixel {samples} x BitsAllocated {bits_allocated} "
+            f"is {frame_bytes} bytes per frame, above the {MAX_FRAME_BYTES} accepted"
+        )
+    have = _pixel_data_length(ds)
+    from pydicom.uid import UID
+
+    uid = UID(tsuid)
+    if uid.is_transfer_syntax and not uid.is_compressed:
+        pi = str(_attr(ds, "PhotometricInterpretation", "") or "").strip().upper()
+        samples_stored = 2 if (pi == "YBR_FULL_422" and samples == 3) else samples
+        if bits_allocated == 1:
+            need = (rows * cols * samples_stored * frames + 7) // 8
+        else:
+            need = rows * cols * samples_stored * (bits_allocated // 8) * frames
+        if have < need:
+            raise FrameDecodeError(
+                f"NumberOfFrames {frames} x Rows {rows} x Columns {cols} x SamplesPerPixel {samples} x "
+                f"BitsAllocated {bits_allocated} needs {need} bytes of Pixel Data; {have} present"
+            )
+    elif uid.is_transfer_syntax:
+        fragments = _count_fragments(ds, have)
+        if frames > fragments:
+            raise FrameDecodeError(
+                f"NumberOfFrames {frames} but the encapsulated Pixel Data holds {fragments} fragment(s)"
+            )
+    return _Geometry(rows, cols, samples, bits_allocated, bits_stored, frames, frame_bytes)
+
+
+def _count_fragments(ds, have: int) -> int:
+    """Fragments after the Basic Offset Table of encapsulated Pixel Data (item headers only)."""
+    from pydicom.encaps import parse_fragments
+
+    try:
+        data = ds.PixelData
+    except Exception as exc:
+        raise FrameDecodeError(f"Pixel Data cannot be read ({type(exc).__name__})") from exc
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+        raise FrameDecodeError(f"encapsulated Pixel Data of {have} bytes has no Basic Offset Table item")
+    view = memoryview(data)
+    if bytes(view[:4]) != b"\xfe\xff\x00\xe0":
+        raise FrameDecodeError("encapsulated Pixel Data does not start with an item (Basic Offset Table)")
+    bot_len = int.from_bytes(view[4:8], "little")
+    if bot_len > len(data) - 8:
+        raise FrameDecodeError(f"Basic Offset Table length {bot_len} runs past the Pixel Data")
+    try:
+        n, _ = parse_fragments(bytes(view[8 + bot_len:]))
+    except Exception as exc:
+        raise FrameDecodeError(f"encapsulated Pixel Data is malformed: {exc}") from exc
+    return int(n)
+
+
+def _segmented_lut_entries(words: Sequence[int], eight_bit: bool = False, budget: int = MAX_LUT_ENTRIES) -> int:
+    """Entries a segmented palette LUT (PS3.3 C.7.9.2) expands to, without expanding it.
+
+    Indirect segments are followed with one shared budget of entries and segment visits, so
+    a table that expands beyond MAX_LUT_ENTRIES (or loops through itself) is refused before
+    pydicom builds it.
+    """
+    visits = [0]
+
+    def walk(offset: int, limit: int | None, depth: int = 0) -> int:
+        if depth > 4:
+            raise FrameDecodeError("segmented palette LUT: indirect segments nest too deep")
+        total, segments = 0, 0
+        while offset + 1 < len(words) and (limit is None or segments < limit):
+            visits[0] += 1
+            if visits[0] > budget:
+                raise FrameDecodeError("segmented palette LUT has too many segments")
+            opcode, length = words[offset], words[offset + 1]
+            offset += 2
+            if opcode == 0:
+                total += length
+                offset += length
+            elif opcode == 1:
+                total += length
+                offset += 1
+            elif opcode == 2:
+                if eight_bit:  # 8-bit indirect offsets are split over four entries; never seen in echo
+                    raise FrameDecodeError("segmented palette LUT: 8-bit indirect segments are not supported")
+                if offset + 1 >= len(words):
+                    raise FrameDecodeError("segmented palette LUT: indirect segment is truncated")
+                target = words[offset + 1] << 16 | words[offset]
+                offset += 2
+                if target >= len(words):
+                    raise FrameDecodeError("segmented palette LUT: indirect segment points past the data")
+                total += walk(target, length, depth + 1)
+            else:
+                raise FrameDecodeError(f"segmented palette LUT: unknown segment type {opcode}")
+            segments += 1
+            if total > budget:
+                raise FrameDecodeError(f"segmented palette LUT expands beyond {budget} entries")
+        return total
+
+    return walk(0, None)
 
 
 # --------------------------------------------------------------------------- colour
@@ -328,11 +545,32 @@ def _palette_table(ds, dtype) -> tuple[np.ndarray, int]:
     """(K, 3) uint8 RGB table and the first mapped value, from the palette LUTs."""
     from pydicom.pixels import apply_color_lut
 
-    desc = ds.get("RedPaletteColorLookupTableDescriptor")
-    if desc is None:
-        raise FrameDecodeError("PALETTE COLOR without Red Palette Color Lookup Table Descriptor")
-    n_entries = int(desc[0]) or 65536
-    first = int(desc[1])
+    for colour in ("Red", "Green", "Blue"):
+        keyword = f"{colour}PaletteColorLookupTableDescriptor"
+        desc = _attr(ds, keyword)
+        if desc is None:
+            raise FrameDecodeError(f"PALETTE COLOR without {keyword}")
+        try:
+            desc = [int(v) for v in (desc if not isinstance(desc, (int, str, bytes)) else [desc])]
+        except (TypeError, ValueError):
+            raise FrameDecodeError(f"{keyword} is not three integers") from None
+        if len(desc) != 3:
+            raise FrameDecodeError(f"{keyword} has {len(desc)} value(s); three are required (PS3.3 C.7.6.3.1.5)")
+        if not 0 <= desc[0] < MAX_LUT_ENTRIES or desc[2] not in (8, 16):
+            raise FrameDecodeError(f"{keyword} {desc} is not a valid descriptor (entries < 65536, 8 or 16 bits)")
+        if colour == "Red":
+            red = desc
+        seg = _attr(ds, f"Segmented{colour}PaletteColorLookupTableData")
+        plain = _attr(ds, f"{colour}PaletteColorLookupTableData")
+        if plain is None and seg is not None:
+            size = 1 if desc[2] == 8 else 2
+            endian = "<" if getattr(ds, "is_little_endian", True) in (True, None) else ">"
+            words = np.frombuffer(bytes(seg)[: len(seg) // size * size], f"{endian}u{size}").tolist()
+            _segmented_lut_entries(words, eight_bit=size == 1)
+        elif plain is None:
+            raise FrameDecodeError(f"PALETTE COLOR without {colour}PaletteColorLookupTableData")
+    n_entries = red[0] or MAX_LUT_ENTRIES
+    first = red[1]
     values = np.arange(first, first + n_entries)
     if np.issubdtype(dtype, np.signedinteger):
         values = values.astype(np.int64)
@@ -350,20 +588,18 @@ def _palette_table(ds, dtype) -> tuple[np.ndarray, int]:
 
 
 def _mono_to_uint8(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
-    bits = int(ds.get("BitsStored", 8) or 8)
+    bits = _int_attr(ds, "BitsStored", 8, range(1, 33))
     if arr.dtype == np.uint8 or (bits <= 8 and arr.min() >= 0 and arr.max() <= 255):
         out = arr.astype(np.uint8, copy=False)
         if photometric == "MONOCHROME1":
             out = 255 - out
         return out
+    slope = _float_value(ds, "RescaleSlope")
+    intercept = _float_value(ds, "RescaleIntercept")
+    c, w = _float_value(ds, "WindowCenter"), _float_value(ds, "WindowWidth")
     a = arr.astype(np.float64)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    a = a * slope + intercept
-    wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if wc not in (None, "") and ww not in (None, ""):
-        c = float(wc[0] if hasattr(wc, "__len__") and not isinstance(wc, str) else wc)
-        w = float(ww[0] if hasattr(ww, "__len__") and not isinstance(ww, str) else ww)
+    a = a * (slope or 1.0) + (intercept or 0.0)
+    if c is not None and w is not None:
         w = max(w, 1.0)
         # PS3.3 C.11.2.1.2.1 (LINEAR)
         y = ((a - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
@@ -380,7 +616,7 @@ def _to_rgb(stack: np.ndarray, ds, photometric: str) -> np.ndarray:
     """Decoded frames (T, H, W[, S]) in ``photometric`` → (T, H, W, 3) uint8 RGB."""
     from pydicom.pixels import convert_color_space
 
-    bits = int(ds.get("BitsStored", 8) or 8)
+    bits = _int_attr(ds, "BitsStored", 8, range(1, 33))
     pi = photometric.upper().strip()
     if pi in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"):
         if stack.ndim != 4 or stack.shape[-1] != 3:
@@ -524,14 +760,20 @@ def _load_dicom(ds, indices, source: str) -> Clip:
         raise FrameDecodeError("no pixel data", source)
     if "PixelData" not in ds:
         raise FrameDecodeError("float pixel data is not an ultrasound image", source)
-    n = _n_frames(ds)
+    tsuid = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    try:
+        if not tsuid:
+            raise FrameDecodeError("no Transfer Syntax UID in the file meta information")
+        geometry = _check_geometry(ds, tsuid)  # before anything is sized by the header
+        pi = str(_attr(ds, "PhotometricInterpretation", "") or "").strip()
+        timing = _frame_time_or_none(ds)
+    except FrameDecodeError as exc:
+        raise FrameDecodeError(exc.reason, source) from exc
+    n = geometry.frames
     order = _normalise_indices(indices, n, source)
     wanted = sorted(set(order))
-    pi = str(ds.get("PhotometricInterpretation", "")).strip()
-    tsuid = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else None
     if not wanted:
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        return Clip(np.zeros((0, rows, cols, 3), np.uint8), [], n, frame_time_ms(ds), "dicom", pi or None, tsuid)
+        return Clip(np.zeros((0, geometry.rows, geometry.cols, 3), np.uint8), [], n, timing, "dicom", pi or None, tsuid)
     try:
         stack, pi_dec = _decode_dicom(ds, wanted, n, source)
         rgb = _to_rgb(stack, ds, pi_dec)
@@ -539,6 +781,9 @@ def _load_dicom(ds, indices, source: str) -> Clip:
         if exc.source is None:
             raise FrameDecodeError(exc.reason, source) from exc
         raise
+    except Exception as exc:  # a decoder or converter failing on damaged data: still one error type
+        raise FrameDecodeError(f"pixel data could not be converted: {type(exc).__name__}: {str(exc)[:200]}",
+                               source) from exc
     if order != wanted:
         pos = {f: k for k, f in enumerate(wanted)}
         rgb = rgb[[pos[i] for i in order]]
@@ -546,7 +791,7 @@ def _load_dicom(ds, indices, source: str) -> Clip:
         frames=np.ascontiguousarray(rgb),
         indices=order,
         n_frames=n,
-        frame_time_ms=frame_time_ms(ds),
+        frame_time_ms=timing,
         source="dicom",
         photometric=pi or None,
         transfer_syntax=tsuid,
