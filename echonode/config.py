@@ -140,6 +140,20 @@ class Destination:
     calling_ae: str = ""  # default: node.ae_title
     storage_commitment: bool = False
     tls: TLSSettings = field(default_factory=TLSSettings)
+    # SHA-256 of the PACS certificate (hex, colons allowed, as `openssl x509 -fingerprint
+    # -sha256` prints it). Optional; checked on top of the CA chain and host name/IP check.
+    tls_pin_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"delivery.destinations[name={self.name!r}]"
+        pin = self.tls_pin_sha256.strip().replace(":", "").lower()
+        if pin:
+            if len(pin) != 64 or any(ch not in "0123456789abcdef" for ch in pin):
+                raise ConfigError(f"{where}.tls_pin_sha256: expected 64 hex digits (SHA-256), "
+                                  f"got {len(pin)} characters")
+            if not self.tls.enabled:
+                raise ConfigError(f"{where}.tls_pin_sha256 needs {where.split('[')[0]}.tls.enabled = true")
+        object.__setattr__(self, "tls_pin_sha256", pin)  # one canonical form for the comparison
 
 
 @dataclass(frozen=True)

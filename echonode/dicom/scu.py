@@ -28,7 +28,6 @@ This module never imports torch; it writes no SQL itself (``echonode.store.outbo
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 import os
 import ssl
@@ -193,26 +192,12 @@ class DeliverySummary:
         return asdict(self)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
 def tls_context(dest: Destination) -> Optional[tuple[ssl.SSLContext, str]]:
-    """``tls_args`` for pynetdicom: TLS 1.2+, peer certificate verified against
-    ``tls.ca``, our certificate ``tls.cert``/``tls.key`` presented (mutual TLS)."""
-    t = dest.tls
-    if not t.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=t.ca or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if t.cert:
-        ctx.load_cert_chain(t.cert, t.key or None)
-    ctx.check_hostname = not _is_ip(dest.host)
-    return ctx, dest.host
+    """``tls_args`` for pynetdicom: see :func:`echonode.dicom.tls.client_context` (TLS 1.2+,
+    chain and host name or IP always verified, optional certificate pin, mutual TLS)."""
+    from echonode.dicom.tls import client_context
+
+    return client_context(dest)
 
 
 def _status_of(rsp: Optional[Dataset]) -> Optional[int]:
