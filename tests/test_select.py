@@ -175,3 +175,59 @@ def test_accepted_site_pattern_cannot_blow_up_on_crafted_text():
     assert time.perf_counter() - t0 < 0.5
     assert "without view information" in d.reason
     assert decide(us_dataset(ImageComments="apical  -4 view"), s).analyse
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_hostile_free_text_through_the_node(node, tmp_path):
+    """Real sockets: DCMTK storescu sends clips whose text attributes hold 40 KB crafted for the
+    old patterns. Each C-STORE is answered within the bound, the node's peak RSS barely moves,
+    the decisions are right, and a plain C-ECHO and C-STORE succeed afterwards."""
+    import time
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from sqlalchemy import select as sql_select
+
+    from echonode.store import db
+    from echonode.store.models import Instance
+
+    def clip(name, **attrs):
+        ds = us_dataset(**attrs)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        path = tmp_path / name
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # values longer than their VR allows: on purpose
+            ds.save_as(path, enforce_file_format=True)
+        return path, ds.SOPInstanceUID
+
+    hostile = "4" + " " * 40000 + "x"
+    unlabeled, uid_u = clip("hostile.dcm", ImageComments=hostile, SeriesDescription=hostile, ProtocolName=hostile)
+    labeled, uid_l = clip("a4c.dcm", SeriesDescription="A4C " + hostile, ImageComments=hostile)
+    plain, uid_p = clip("plain.dcm", SeriesDescription="PLAX")
+    before = _vm_hwm_kb(node.proc.pid)
+    t0 = time.monotonic()
+    res = node.storescu([unlabeled, labeled], timeout=60)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert elapsed < 10, elapsed
+    assert node.echo() == 0
+    assert node.storescu([plain]).returncode == 0
+    assert _vm_hwm_kb(node.proc.pid) - before < 300 * 1024
+    engine = db.make_engine(node.settings.db_url)
+    try:
+        with db.session_factory(engine)() as s:
+            got = {i.sop_instance_uid: i for i in s.scalars(sql_select(Instance))}
+    finally:
+        engine.dispose()
+    assert got[uid_u].decision == "analyse" and "without view information" in got[uid_u].reason
+    assert got[uid_l].decision == "analyse" and "SeriesDescription" in got[uid_l].reason
+    assert got[uid_p].decision == "skip" and "PLAX" in got[uid_p].reason
