@@ -423,7 +423,7 @@ def _check_geometry(ds, tsuid: str) -> _Geometry:
                 f"BitsAllocated {bits_allocated} needs {need} bytes of Pixel Data; {have} present"
             )
     elif uid.is_transfer_syntax:
-        fragments = _count_fragments(ds, have)
+        fragments = _count_fragments(ds, have, enough=frames)
         if frames > fragments:
             raise FrameDecodeError(
                 f"NumberOfFrames {frames} but the encapsulated Pixel Data holds {fragments} fragment(s)"
@@ -431,27 +431,33 @@ def _check_geometry(ds, tsuid: str) -> _Geometry:
     return _Geometry(rows, cols, samples, bits_allocated, bits_stored, frames, frame_bytes)
 
 
-def _count_fragments(ds, have: int) -> int:
-    """Fragments after the Basic Offset Table of encapsulated Pixel Data (item headers only)."""
-    from pydicom.encaps import parse_fragments
-
+def _count_fragments(ds, have: int, enough: int) -> int:
+    """Fragments after the Basic Offset Table of encapsulated Pixel Data, counted from the
+    item headers in place (no copy), stopping once ``enough`` are found."""
     try:
         data = ds.PixelData
     except Exception as exc:
         raise FrameDecodeError(f"Pixel Data cannot be read ({type(exc).__name__})") from exc
     if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
         raise FrameDecodeError(f"encapsulated Pixel Data of {have} bytes has no Basic Offset Table item")
+    item, end = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
     view = memoryview(data)
-    if bytes(view[:4]) != b"\xfe\xff\x00\xe0":
+    if view[:4] != item:
         raise FrameDecodeError("encapsulated Pixel Data does not start with an item (Basic Offset Table)")
-    bot_len = int.from_bytes(view[4:8], "little")
-    if bot_len > len(data) - 8:
-        raise FrameDecodeError(f"Basic Offset Table length {bot_len} runs past the Pixel Data")
-    try:
-        n, _ = parse_fragments(bytes(view[8 + bot_len:]))
-    except Exception as exc:
-        raise FrameDecodeError(f"encapsulated Pixel Data is malformed: {exc}") from exc
-    return int(n)
+    offset = 8 + int.from_bytes(view[4:8], "little")
+    count = 0
+    while count < enough and offset + 8 <= len(view):
+        tag = view[offset:offset + 4]
+        if tag == end:
+            break
+        if tag != item:
+            raise FrameDecodeError(f"encapsulated Pixel Data: no item tag at byte {offset}")
+        length = int.from_bytes(view[offset + 4:offset + 8], "little")
+        if offset + 8 + length > len(view):
+            raise FrameDecodeError(f"encapsulated Pixel Data: fragment at byte {offset} runs past the data")
+        offset += 8 + length
+        count += 1
+    return count
 
 
 def _segmented_lut_entries(words: Sequence[int], eight_bit: bool = False, budget: int = MAX_LUT_ENTRIES) -> int:

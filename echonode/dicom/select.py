@@ -241,7 +241,7 @@ def number_of_frames(ds: Any) -> int:
 def decide(ds: Any, settings: SelectSettings | None = None) -> Decision:
     """Decide analyse/skip for one instance header (pydicom Dataset or mapping-like)."""
     settings = settings or SelectSettings()
-    sop_class = str(_get(ds, "SOPClassUID", "")).strip()
+    sop_class = bounded_text(_get(ds, "SOPClassUID", ""))[:64]  # a UID is at most 64 characters
     view_code, code_meaning, is_a4c_code = coded_view(ds)
     view_name = bounded_text(_get(ds, "ViewName", ""))[:64] or code_meaning
 
@@ -254,7 +254,7 @@ def decide(ds: Any, settings: SelectSettings | None = None) -> Decision:
         return result(SKIP, "secondary capture, not an acquired ultrasound clip")
     if sop_class == ENHANCED_US_VOLUME:
         return result(SKIP, "enhanced US volume (3D/4D), not a 2D cine clip")
-    modality = str(_get(ds, "Modality", "")).strip().upper()
+    modality = bounded_text(_get(ds, "Modality", ""))[:16].upper()
     if sop_class not in US_CLASSES and modality != "US":
         return result(SKIP, f"not an ultrasound image (SOP class {sop_class or 'missing'})")
 
