@@ -641,3 +641,15 @@ def test_dataset_input_gets_the_same_checks(tmp_path):
     ds = _read(_broken(tmp_path, NATIVE_RGB, NumberOfFrames=50))
     with pytest.raises(FrameDecodeError, match="NumberOfFrames 50"):
         load_clip(ds, [0])
+
+
+def test_jpegxl_frame_count_checked_before_the_decoder(tmp_path):
+    """JPEG XL, which pydicom does not know as a transfer syntax, gets the fragment check too
+    (whether or not a JPEG XL decoder is installed)."""
+    blob = (MF / "dcm4che__will-jxl.dcm").read_bytes()   # pydicom will not write this syntax: patch
+    at = blob.index(b"\x28\x00\x08\x00IS")                 # (0028,0008) IS, explicit VR little endian
+    old_len = int.from_bytes(blob[at + 6:at + 8], "little")
+    value = b"1000000 "
+    path = tmp_path / "jxl.dcm"
+    path.write_bytes(blob[:at + 6] + len(value).to_bytes(2, "little") + value + blob[at + 8 + old_len:])
+    assert "NumberOfFrames 1000000 but the encapsulated" in _decode_error(path, [0])

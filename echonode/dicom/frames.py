@@ -410,7 +410,8 @@ def _check_geometry(ds, tsuid: str) -> _Geometry:
     from pydicom.uid import UID
 
     uid = UID(tsuid)
-    if uid.is_transfer_syntax and not uid.is_compressed:
+    encapsulated = tsuid in JPEGXL_SYNTAXES or (uid.is_transfer_syntax and uid.is_encapsulated)
+    if uid.is_transfer_syntax and not encapsulated:
         pi = str(_attr(ds, "PhotometricInterpretation", "") or "").strip().upper()
         samples_stored = 2 if (pi == "YBR_FULL_422" and samples == 3) else samples
         if bits_allocated == 1:
@@ -422,7 +423,7 @@ def _check_geometry(ds, tsuid: str) -> _Geometry:
                 f"NumberOfFrames {frames} x Rows {rows} x Columns {cols} x SamplesPerPixel {samples} x "
                 f"BitsAllocated {bits_allocated} needs {need} bytes of Pixel Data; {have} present"
             )
-    elif uid.is_transfer_syntax:
+    elif encapsulated:
         fragments = _count_fragments(ds, have, enough=frames)
         if frames > fragments:
             raise FrameDecodeError(
