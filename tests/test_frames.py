@@ -653,3 +653,20 @@ def test_jpegxl_frame_count_checked_before_the_decoder(tmp_path):
     path = tmp_path / "jxl.dcm"
     path.write_bytes(blob[:at + 6] + len(value).to_bytes(2, "little") + value + blob[at + 8 + old_len:])
     assert "NumberOfFrames 1000000 but the encapsulated" in _decode_error(path, [0])
+
+
+def test_compressed_frames_cannot_claim_a_decompression_bomb(tmp_path):
+    """30 JPEG frames of 220 KB claiming 4096 x 4096 RGB each (1.5 GB decoded): asking for all
+    of them is refused before decoding; one frame is tried, and the decoder's disagreement is
+    the error. The peak stays small either way."""
+    import tracemalloc
+
+    path = _broken(tmp_path, JPEG_CLIP, Rows=4096, Columns=4096)
+    tracemalloc.start()
+    try:
+        assert "more than 1000:1" in _decode_error(path)
+        _decode_error(path, [0])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 * 1024 + 16 * 1024 * 1024, peak

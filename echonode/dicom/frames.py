@@ -304,6 +304,11 @@ def _normalise_indices(indices: Iterable[int] | None, n: int, source: str) -> li
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: Entries a palette LUT may expand to (PS3.3 C.7.6.3.1.5: at most 2^16).
 MAX_LUT_ENTRIES = 65536
+#: Compressed frames may expand at most this much (decoded bytes requested / encapsulated
+#: Pixel Data bytes, all frames together); ultrasound clips compress 5-50:1, a black
+#: frame a few hundred to one. Requests below MIN_DECODE_BUDGET are always allowed.
+MAX_DECODE_RATIO = 1000
+MIN_DECODE_BUDGET = 4 * MAX_FRAME_BYTES
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -357,6 +362,20 @@ class _Geometry:
     bits_stored: int
     frames: int
     frame_bytes: int  # decoded size of one frame
+    data_bytes: int  # Pixel Data bytes present
+    encapsulated: bool
+
+    def check_request(self, n_wanted: int) -> None:
+        """Refuse to decode more than the compressed data can plausibly hold."""
+        if not self.encapsulated:
+            return  # native: every requested frame was shown to be present
+        decoded = n_wanted * self.frame_bytes
+        if decoded > max(MAX_DECODE_RATIO * self.data_bytes, MIN_DECODE_BUDGET):
+            raise FrameDecodeError(
+                f"{n_wanted} frame(s) of Rows {self.rows} x Columns {self.cols} x SamplesPerPixel {self.samples} "
+                f"would decode to {decoded} bytes from {self.data_bytes} bytes of compressed Pixel Data "
+                f"(more than {MAX_DECODE_RATIO}:1)"
+            )
 
 
 def _pixel_data_length(ds) -> int:
@@ -429,7 +448,7 @@ def _check_geometry(ds, tsuid: str) -> _Geometry:
             raise FrameDecodeError(
                 f"NumberOfFrames {frames} but the encapsulated Pixel Data holds {fragments} fragment(s)"
             )
-    return _Geometry(rows, cols, samples, bits_allocated, bits_stored, frames, frame_bytes)
+    return _Geometry(rows, cols, samples, bits_allocated, bits_stored, frames, frame_bytes, have, encapsulated)
 
 
 def _count_fragments(ds, have: int, enough: int) -> int:
@@ -782,6 +801,7 @@ def _load_dicom(ds, indices, source: str) -> Clip:
     if not wanted:
         return Clip(np.zeros((0, geometry.rows, geometry.cols, 3), np.uint8), [], n, timing, "dicom", pi or None, tsuid)
     try:
+        geometry.check_request(len(wanted))
         stack, pi_dec = _decode_dicom(ds, wanted, n, source)
         rgb = _to_rgb(stack, ds, pi_dec)
     except FrameDecodeError as exc:
