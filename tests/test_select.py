@@ -125,6 +125,9 @@ def test_multivalued_and_odd_text_values():
     from echonode.dicom.select import TEXT_MAX_CHARS, bounded_text
 
     assert bounded_text(["Apical", "4 chamber"]) == "Apical\\4 chamber"
+    ds = us_dataset(SeriesDescription="zoom\\A4C")         # LO with a backslash: a MultiValue
+    assert bounded_text(ds.SeriesDescription) == "zoom\\A4C"
+    assert bounded_text(pydicom.multival.MultiValue(str, ["x"] * 10**6)) == "\\".join(["x"] * 513)[:TEXT_MAX_CHARS]
     assert bounded_text("  A4C \t\r\n zoom ") == "A4C zoom"
     assert len(bounded_text(["a" * 5000] * 5000)) == TEXT_MAX_CHARS
     assert bounded_text(None) == "" and bounded_text(b"A4C") == "A4C"

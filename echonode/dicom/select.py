@@ -27,6 +27,7 @@ at receive time on the dataset parsed with ``stop_before_pixels``. Rules, in ord
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -107,8 +108,8 @@ def bounded_text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value[: 4 * TEXT_MAX_CHARS]).decode("latin-1")
     if not isinstance(value, str):
-        try:
-            parts = list(value)[:TEXT_MAX_CHARS] if isinstance(value, (list, tuple)) else [value]
+        try:  # multi-valued (pydicom MultiValue, list): only the first values are looked at
+            parts = list(itertools.islice(iter(value), TEXT_MAX_CHARS))
         except TypeError:
             parts = [value]
         value = "\\".join(str(p)[: 4 * TEXT_MAX_CHARS] for p in parts)
