@@ -607,6 +607,10 @@ def test_claimed_frames_allocate_nothing(tmp_path):
 
     native = _broken(tmp_path, NATIVE_RGB, NumberOfFrames=1_000_000)
     jpeg = _broken(tmp_path, JPEG_CLIP, name="j.dcm", NumberOfFrames=1_000_000)
+    for path in (native, jpeg):                              # callers size index lists from it
+        with pytest.raises(FrameDecodeError, match="NumberOfFrames 1000000 cannot fit in a file"):
+            count_frames(path)
+    assert count_frames(_broken(tmp_path, NATIVE_RGB, name="n.dcm", NumberOfFrames=200_000)) == 200_000
     for path in (native, jpeg):
         tracemalloc.start()
         t0 = time.perf_counter()

@@ -218,6 +218,9 @@ def count_frames(path_or_dataset) -> int:
     DICOM: Number of Frames (1 when absent); 0 when the object has no pixel data (for a
     file, judged from the Image Pixel module, so the pixel data is not even read).
     Video: the container's frame count (counted by grabbing when the container has none).
+    A file whose Number of Frames could not fit in it (every frame takes at least the
+    8-byte item header of a fragment) raises :class:`FrameDecodeError`, so callers never
+    size a list of frame indices from an absurd claim.
     """
     if _is_dataset(path_or_dataset):
         ds = path_or_dataset
@@ -226,7 +229,16 @@ def count_frames(path_or_dataset) -> int:
     if _looks_like_video(path):
         return _video_count(path)
     ds = _read_dataset(path, pixels=False)
-    return _n_frames(ds) if ("Rows" in ds and "Columns" in ds) or _has_pixels(ds) else 0
+    if not (("Rows" in ds and "Columns" in ds) or _has_pixels(ds)):
+        return 0
+    n = _n_frames(ds)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FrameDecodeError(f"cannot read DICOM file: {exc.strerror}", str(path)) from exc
+    if n * 8 > size:
+        raise FrameDecodeError(f"NumberOfFrames {n} cannot fit in a file of {size} bytes", str(path))
+    return n
 
 
 def frame_time_ms(ds) -> float | None:
