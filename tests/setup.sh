@@ -50,7 +50,8 @@ fi
 if ! psql -w -h 127.0.0.1 -U postgres -d postgres -Atc 'SELECT 1' >/dev/null 2>&1; then
   cluster="$(ls /etc/postgresql | sort -V | tail -n 1)"
   hba="/etc/postgresql/$cluster/main/pg_hba.conf"
-  sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+  grep -q '^host all postgres 127.0.0.1/32 trust' "$hba" ||
+    sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
   pg_ctlcluster --skip-systemctl-redirect "$cluster" main reload
   for _ in $(seq 30); do psql -w -h 127.0.0.1 -U postgres -d postgres -Atc 'SELECT 1' >/dev/null 2>&1 && break; sleep 1; done
 fi
