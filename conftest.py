@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: paths to ../shared, free ports, real PostgreSQL and Redis.
+"""Shared pytest fixtures: the test data in tests/data, free ports, real PostgreSQL and Redis.
 
 Fixture modules live in ``tests/fixtures/*.py`` (one per area: dcmtk, orthanc, models, ...)
 and are loaded automatically below, so each area owns its own file.
@@ -20,39 +20,33 @@ pytest_plugins = sorted(
 )
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("ECHONODE_SHARED")
-    if env:
-        return Path(env)
-    for cand in (ROOT.parent / "shared", ROOT / "shared"):
-        if cand.is_dir():
-            return cand
-    return ROOT.parent / "shared"
-
-
-SHARED = _shared_dir()
-REALWORLD = SHARED / "data" / "realworld"
-ECHOCLIP_DATA = SHARED / "data" / "echoclip"
+# Real-world DICOM and the EchoCLIP release files live inside the repository (provenance and
+# licences in tests/data/*/PROVENANCE.md), so a fresh clone runs the tests without anything else.
+# Only the tests read them: nothing under echonode/ or train/ does, and the package ships none.
+DATA = ROOT / "tests" / "data"
+REALWORLD = DATA / "realworld"
+ECHOCLIP_DATA = DATA / "echoclip"
 
 PG_ADMIN_URL = os.environ.get("ECHONODE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ECHONODE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"shared data not found at {SHARED}; set ECHONODE_SHARED")
-    return SHARED
+def _present(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.fail(f"test data missing at {path} (it is part of the repository: check the clone)")
+    return path
 
 
 @pytest.fixture(scope="session")
-def realworld_dir(shared_dir) -> Path:
-    return shared_dir / "data" / "realworld"
+def realworld_dir() -> Path:
+    """Real-world ultrasound and SR files: us_multiframe/, us_singleframe/, sr/."""
+    return _present(REALWORLD)
 
 
 @pytest.fixture(scope="session")
-def echoclip_data(shared_dir) -> Path:
-    return shared_dir / "data" / "echoclip"
+def echoclip_data() -> Path:
+    """EchoCLIP's released data files (MIT): vocabulary, prompts, example report and video."""
+    return _present(ECHOCLIP_DATA)
 
 
 def free_port() -> int:

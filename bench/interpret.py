@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--arch", default="echo-clip", choices=("echo-clip", "tiny"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--video", default=str(ROOT.parent / "shared" / "data" / "echoclip" / "example_video.avi"))
+    ap.add_argument("--video", default=str(ROOT / "tests" / "data" / "echoclip" / "example_video.avi"))
     args = ap.parse_args()
 
     import numpy as np

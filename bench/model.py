@@ -181,7 +181,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--realworld", default=str(ROOT.parent / "shared" / "data" / "realworld"))
+    ap.add_argument("--realworld", default=str(ROOT / "tests" / "data" / "realworld"))
     args = ap.parse_args()
     if args.threads:
         import torch

@@ -2,7 +2,7 @@
 SR + overlays → Orthanc (checked through its REST API).
 
 * embedded: serve alone (SQLite, the embedded SQLite broker, its own worker child);
-  a phantom study and a real ultrasound clip from shared/data/realworld;
+  a phantom study and a real ultrasound clip from tests/data/realworld;
 * production shape: serve + a separate ``echonode worker``, Redis and PostgreSQL;
   kill -9 of the worker during an analysis, a new worker, the study reported exactly
   once; a second study of the same patient is compared with the first (SR names it).

@@ -45,8 +45,8 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
 
 
 def test_realworld_files_present():
-    assert len(US_FILES) == 26, f"expected 26 ultrasound files under {REALWORLD}, found {len(US_FILES)}"
-    assert len(SR_FILES) == 4
+    assert len(US_FILES) == 19, f"expected 19 ultrasound files under {REALWORLD}, found {len(US_FILES)}"
+    assert len(SR_FILES) == 3
 
 
 # --------------------------------------------------------------------------- every file
@@ -107,18 +107,18 @@ def test_jpegxl_decodes_with_imagecodecs_or_says_why(monkeypatch):
 
 
 def test_index_selection_returns_only_requested_frames_in_order():
-    path = MF / "orthanc-tests__Issue16.dcm"  # JPEG baseline, 34 frames, BOT
+    path = MF / "pydicom__examples_ybr_color.dcm"  # JPEG baseline, 30 frames, BOT
     full = load_clip(path)
-    sel = load_clip(path, [33, 0, 2, 2])
-    assert sel.indices == [33, 0, 2, 2]
-    assert sel.n_frames == 34
-    assert sel.frames.shape == (4, 430, 480, 3)
+    sel = load_clip(path, [29, 0, 2, 2])
+    assert sel.indices == [29, 0, 2, 2]
+    assert sel.n_frames == 30
+    assert sel.frames.shape == (4, 240, 320, 3)
     for k, i in enumerate(sel.indices):
         np.testing.assert_array_equal(sel.frames[k], full.frames[i])
     empty = load_clip(path, [])
-    assert empty.frames.shape == (0, 430, 480, 3)
+    assert empty.frames.shape == (0, 240, 320, 3)
     with pytest.raises(IndexError):
-        load_clip(path, [34])
+        load_clip(path, [30])
     with pytest.raises(IndexError):
         load_clip(path, [-1])
 
@@ -158,8 +158,8 @@ def test_dataset_input_equals_path_input():
 
 def test_frame_timing_from_files():
     assert load_clip(MF / "pydicom__examples_ybr_color.dcm", [0]).frame_time_ms == pytest.approx(33.333)
-    # FrameTime 30 wins over CineRate 33 (Frame Increment Pointer names FrameTime).
-    assert load_clip(MF / "orthanc-tests__Issue16.dcm", [0]).frame_time_ms == pytest.approx(30.0)
+    # FrameTime 47.4359 wins over CineRate 21 (47.62 ms; Frame Increment Pointer names FrameTime).
+    assert frame_time_ms(_read(MF / "dcm4che__will-jxl.dcm")) == pytest.approx(47.4359)
     ds = _read(MF / "dicomParser__IM00001.implicit_little_endian.dcm")
     vec = [float(x) for x in ds.FrameTimeVector]
     assert load_clip(ds, [0]).frame_time_ms == pytest.approx(np.mean([v for v in vec if v > 0]))
@@ -190,10 +190,9 @@ def test_frame_timing_attributes():
     "path",
     [
         SF / "dcm4che__YBR_FULL-RLE.dcm",  # RLE, YBR_FULL, planar configuration 1
-        MF / "orthanc-tests__Issue16.dcm",  # JPEG baseline YBR_FULL_422 (grey echo)
+        MF / "fo-dicom__DIRW0007.dcm",  # JPEG baseline YBR_FULL_422 (grey apical echo)
         MF / "pydicom-data__color3d_jpeg_baseline.dcm",
         SF / "dcm4che__YBR_422.dcm",  # native YBR_FULL_422
-        SF / "orthanc-tests__jp2k91YBR-ICT.dcm",  # JPEG 2000 YBR_ICT
     ],
     ids=lambda p: p.name,
 )
@@ -210,6 +209,18 @@ def test_grey_ultrasound_stays_grey(path):
     assert np.mean(_chroma(f)[tissue] <= 6) > 0.9
 
 
+@pytest.mark.parametrize("name", ["pydicom-data__US1_J2KI.dcm", "pydicom-data__US1_J2KR.dcm"])
+def test_jpeg2000_ybr_ict_and_rct_grey_bmode_and_colour_doppler(name):
+    """JPEG 2000 YBR_ICT / YBR_RCT power-Doppler frame (no US regions in the header): the B-mode
+    strip below the two Doppler boxes is grey, the boxes themselves carry colour."""
+    f = load_clip(SF / name).frames[0]
+    bmode = f[298:336, 20:620]
+    tissue = bmode.max(axis=-1) > 30
+    assert tissue.sum() > 10000
+    assert np.mean(_chroma(bmode)[tissue] <= 6) > 0.95
+    assert np.mean(_chroma(f[150:292, 90:545]) > 60) > 0.1
+
+
 def test_monochrome_is_grey():
     f = load_clip(SF / "fo-dicom__GH364.dcm").frames[0]
     assert np.array_equal(f[..., 0], f[..., 1]) and np.array_equal(f[..., 1], f[..., 2])
@@ -221,7 +232,7 @@ def test_monochrome_is_grey():
         SF / "dcm4che__US-RGB-8-esopecho.dcm",
         MF / "dbdicom__UltrasoundPaletteColor_0020.dcm",
         MF / "dicomParser__IM00001.fragmented_no_bot_jpeg_baseline.50.dcm",
-        SF / "orthanc-tests__2023-04-21-RLEPlanarConfigurationYBR_FULL.dcm",
+        SF / "dcm4che__US-RGB-8-epicard.dcm",  # planar configuration 1, colour flow
     ],
     ids=lambda p: p.name,
 )
@@ -250,9 +261,11 @@ def test_palette_rle_equals_palette_jpegls():
 
 
 def test_palette_8bit_index_16bit_lut_by_hand():
-    path = SF / "orthanc-tests__Implicit-vr-us-palette.dcm"
+    path = MF / "dcm4che__US-PAL-8-10x-echo.dcm"
     ds = _read(path)
-    idx = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+    # the raw 8-bit indices of frame 0, from pydicom's own RLE decoder (no palette applied)
+    idx = pydicom.pixels.pixel_array(path, index=0, decoding_plugin="pydicom")
+    assert idx.dtype == np.uint8 and idx.shape == (ds.Rows, ds.Columns)
     luts = [
         np.frombuffer(getattr(ds, f"{c}PaletteColorLookupTableData"), "<u2")
         for c in ("Red", "Green", "Blue")
@@ -336,7 +349,7 @@ def test_not_dicom_and_truncated(tmp_path):
     junk.write_bytes(b"\x00" * 64 + b"not dicom at all" * 20)
     with pytest.raises(FrameDecodeError):
         load_clip(junk)
-    src = MF / "orthanc-tests__Issue16.dcm"
+    src = MF / "pydicom__examples_ybr_color.dcm"
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(FrameDecodeError):

@@ -64,7 +64,7 @@ def send_realworld_raw(port: int, files: list[Path], tmp_path: Path) -> list[Pat
 
 def realworld_files(realworld_dir: Path) -> list[Path]:
     files = sorted(realworld_dir.glob("*/*.dcm"))
-    assert len(files) == 30, f"expected the 30 real-world files, found {len(files)}"
+    assert len(files) == 22, f"expected the 22 real-world files, found {len(files)}"
     return files
 
 
@@ -195,14 +195,14 @@ def test_realworld_storescu(node, realworld_dir, tmp_path):
     found = check_index(node, order, exact_bytes=False)
     # the real-world set holds 2 pairs of different files with one SOP Instance UID each
     # (a clip and its re-encoded copy): the newer one is kept and the replacement recorded
-    assert len(found["rows"]) == 28
+    assert len(found["rows"]) == 20
     assert len(found["history"]) == 2
     assert all(r.replaced_count <= 1 for r in found["rows"].values())
     status = node.status()
-    assert status["instances"] == 28
+    assert status["instances"] == 20
     assert status["patients"] >= 1 and status["series"] >= 1
     assert isinstance(status["studies"], list) and status["study_count"] == len(status["studies"])
-    assert sum(s["instances"] for s in status["studies"]) == 28
+    assert sum(s["instances"] for s in status["studies"]) == 20
     log = node.log_text()
     # one line per association, with calling AE, peer, counts; never a patient ID
     assert re.search(r"association released: calling AE 'STORESCU' peer 127\.0\.0\.1:\d+ stored 1 ", log)
@@ -216,7 +216,7 @@ def _realworld_raw_bytes_exact(node, realworld_dir, tmp_path):
     """Every real-world file as raw DIMSE bytes: stored byte for byte, never transcoded."""
     files = send_realworld_raw(node.port, realworld_files(realworld_dir), tmp_path)
     found = check_index(node, files, exact_bytes=True)
-    assert len(found["rows"]) == 28
+    assert len(found["rows"]) == 20
     # resending identical bytes: success, no second copy, no history
     before = {p for p in (node.data_dir / "instances").rglob("*.dcm")}
     again = [found["last_by_uid"][u] for u in sorted(found["last_by_uid"])][:5]
@@ -488,8 +488,8 @@ def test_realworld_storescu_postgres(node_factory, pg_url, realworld_dir, tmp_pa
     n = node_factory(database_url=pg_url).start()
     files = realworld_files(realworld_dir)
     found = check_index(n, send_realworld_storescu(n, files, tmp_path), exact_bytes=False)
-    assert len(found["rows"]) == 28 and len(found["history"]) == 2
-    assert n.status()["instances"] == 28
+    assert len(found["rows"]) == 20 and len(found["history"]) == 2
+    assert n.status()["instances"] == 20
 
 
 def test_tls_mutual(node_factory, tmp_path, realworld_dir):

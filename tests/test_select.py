@@ -84,7 +84,7 @@ def test_realworld_decisions(realworld_dir):
     assert all(got[f.name].reason.startswith("not a cine clip") for f in (realworld_dir / "us_singleframe").glob("*.dcm"))
     assert not got["dcm4che__US-PAL-8-10x-echo.dcm"].analyse            # "PS LAX" series
     assert "PS" in got["dcm4che__US-PAL-8-10x-echo.dcm"].reason
-    assert got["orthanc-tests__Issue16.dcm"].analyse                    # 2D + ECG trace regions
+    assert got["pydicom-data__OBXXXX1A_rle_2frame.dcm"].analyse         # 2D + ECG trace regions
     assert got["dcm4che__will-jxl.dcm"].analyse                         # 2D colour flow, no view label
     assert "unknown_view_policy" in got["pydicom__examples_ybr_color.dcm"].reason
 
