@@ -506,7 +506,7 @@ def test_ybr_partial_to_rgb():
 
 NATIVE_RGB = MF / "dicomParser__IM00001.implicit_little_endian.dcm"  # 8 x 240 x 320 RGB, native
 JPEG_CLIP = MF / "pydicom__examples_ybr_color.dcm"                     # 30 frames, JPEG baseline
-PALETTE = SF / "orthanc-tests__Implicit-vr-us-palette.dcm"              # native palette, 16-bit LUT
+PALETTE = MF / "dcm4che__US-PAL-8-10x-echo.dcm"                         # RLE palette, 16-bit LUT
 SEGMENTED = SF / "pydicom-data__gdcm-US-ALOKA-16.dcm"                   # segmented 16-bit LUT
 
 
