@@ -35,7 +35,7 @@ import hashlib
 import os
 import socket
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -86,6 +86,7 @@ class AuditContext:
     source_id: str = ""
     enterprise_site_id: str = ""
     hostname: str = field(default_factory=socket.gethostname)
+    destinations: tuple = ()  # config Destinations, to name a result's receiver by AE title and host
 
     @property
     def source(self) -> str:
@@ -101,7 +102,8 @@ def configure(settings: Any) -> AuditContext:
     a = getattr(settings, "audit", None)
     ctx = AuditContext(ae_title=settings.node.ae_title,
                        source_id=getattr(a, "source_id", "") or "",
-                       enterprise_site_id=getattr(a, "enterprise_site_id", "") or "")
+                       enterprise_site_id=getattr(a, "enterprise_site_id", "") or "",
+                       destinations=tuple(getattr(getattr(settings, "delivery", None), "destinations", ()) or ()))
     with _lock:
         _context = ctx
     return ctx
@@ -209,6 +211,22 @@ def patient_from_file(path: Optional[os.PathLike | str]) -> tuple[Optional[Patie
     return PatientRef(text("PatientID"), text("IssuerOfPatientID"), text("PatientName")), info
 
 
+def patient_of(ds: Any) -> Optional[PatientRef]:
+    """The patient of a pydicom Dataset (None when it names none)."""
+    if ds is None:
+        return None
+
+    def text(kw: str) -> str:
+        try:
+            v = ds.get(kw)
+        except Exception:
+            return ""
+        return "" if v is None else str(v).strip()[:64]
+    if "PatientID" not in ds and "PatientName" not in ds:
+        return None
+    return PatientRef(text("PatientID"), text("IssuerOfPatientID"), text("PatientName"))
+
+
 def _patient_object(p: Optional[PatientRef]) -> list[ParticipantObject]:
     if p is None:
         return []
@@ -303,6 +321,21 @@ def association_closed(calling_ae: str, called_ae: str, peer: str, *, stored: in
                outcome="aborted" if aborted else "released", statuses=status_text)
 
 
+def tls_subject(assoc: Any) -> str:
+    """The verified peer certificate's subject of a pynetdicom association ("" without TLS)."""
+    try:
+        sock = assoc.dul.socket.socket
+        cert = sock.getpeercert() if hasattr(sock, "getpeercert") else None
+    except Exception:
+        return ""
+    if not cert:
+        return ""
+    try:
+        return ",".join("=".join(pair) for rdn in cert.get("subject", ()) for pair in rdn)[:256]
+    except Exception:
+        return ""
+
+
 def node_authentication_failed(peer_host: str, reason: str) -> Event:
     msg = _message(SECURITY_ALERT, "E", MINOR_FAILURE, [_peer("-", peer_host), _app()],
                    types=[NODE_AUTHENTICATION], description=reason,
@@ -313,14 +346,14 @@ def node_authentication_failed(peer_host: str, reason: str) -> Event:
 
 # ------------------------------------------------------------------ instances received
 def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str = "", status: Optional[int] = None,
-                      sop_class_uid: str = "") -> Event:
+                      sop_class_uid: str = "", sop_instance_uid: str = "") -> Event:
     """A C-STORE answered. ``result`` is the spool's StoreResult (status, reason, UIDs, path,
     quarantine path, duplicate/replaced). Patient identifiers are read from the stored
     (or quarantined) file's header."""
     status = int(result.status if status is None else status)
     path = getattr(result, "path", None) or getattr(result, "quarantine", None)
     patient, info = patient_from_file(path)
-    sop_uid = getattr(result, "sop_instance_uid", "") or info.get("sop_instance", "")
+    sop_uid = getattr(result, "sop_instance_uid", "") or info.get("sop_instance", "") or sop_instance_uid
     study = getattr(result, "study_instance_uid", "") or info.get("study", "")
     series = info.get("series", "")
     sop_class = sop_class_uid or info.get("sop_class", "")
@@ -382,6 +415,18 @@ def result_created(study_uid: str, objects: Sequence[tuple[str, str]], *, paths:
                sop_instance_uids=[u for _, u in objects][:50], model=model)
 
 
+def analysis(interp: Any, objects: Sequence[Any], sources: Sequence[Any] = ()) -> list[Event]:
+    """Study analysed + result created, from an Interpretation, the written result objects
+    (anything with sop_class_uid / sop_instance_uid / path) and the source Datasets."""
+    patient = patient_of(sources[0]) if sources else None
+    m = interp.model
+    clips = [(c.sop_class_uid, c.sop_instance_uid) for c in interp.clips]
+    return [study_analysed(interp.study_instance_uid, clips, model=m.name, weights_sha256=m.weights_sha256,
+                           patient=patient),
+            result_created(interp.study_instance_uid, [(o.sop_class_uid, o.sop_instance_uid) for o in objects],
+                           model=m.name, weights_sha256=m.weights_sha256, patient=patient)]
+
+
 def result_sent(row: Any, destination: Any = None, *, state: str, status: Optional[int] = None,
                 commitment: str = "", error: str = "") -> Event:
     """An outbox row reached a final state: ``state`` is "delivered" or "dead".
@@ -390,6 +435,8 @@ def result_sent(row: Any, destination: Any = None, *, state: str, status: Option
     ``destination`` (a config Destination, optional) gives the AE title and address."""
     patient, _ = patient_from_file(getattr(row, "path", None))
     dest_name = getattr(row, "destination", "") or ""
+    if destination is None:
+        destination = next((d for d in _context.destinations if getattr(d, "name", None) == dest_name), None)
     dest_ae = getattr(destination, "ae_title", "") or dest_name
     dest_host = getattr(destination, "host", "") or ""
     delivered = state == "delivered"
@@ -441,15 +488,17 @@ def export(kind: str, target: str, studies: Iterable[tuple[str, Optional[Patient
     return _ev("export", msg, kind=kind, target=target, studies=n, count=count or n, deidentified=deidentified)
 
 
-def model_installed(name: str, target: str, sha256: str, *, previous_sha256: str = "", source: str = "") -> Event:
+def model_installed(name: str, target: str, sha256: str, *, previous_sha256: str = "", source: str = "",
+                    changed: bool = False) -> Event:
     obj = ParticipantObject(object_id=Path(target).resolve().as_uri() if target else name, id_type=ID_URI,
                             name=name, type_code=2, role=4, life_cycle=2 if not previous_sha256 else 3,
                             details=tuple((k, v) for k, v in (("weights-sha256", sha256),
                                                               ("previous-sha256", previous_sha256),
                                                               ("source", source)) if v))
-    msg = _message(SECURITY_ALERT, "U" if previous_sha256 else "C", SUCCESS, [_user(), _app()],
+    changed = changed or bool(previous_sha256)
+    msg = _message(SECURITY_ALERT, "U" if changed else "C", SUCCESS, [_user(), _app()],
                    types=[SOFTWARE_CONFIGURATION], objects=[obj])
-    return _ev("model-installed" if not previous_sha256 else "model-changed", msg, model=name, sha256=sha256,
+    return _ev("model-changed" if changed else "model-installed", msg, model=name, sha256=sha256,
                previous_sha256=previous_sha256)
 
 
@@ -491,5 +540,10 @@ def repository_restored(url: str, pending: int) -> Event:
     return _ev("audit-repository-restored", msg, url=url, pending=pending)
 
 
-__all__ = [n for n in dir() if not n.startswith("_")]
-_ = (MAJOR_FAILURE, replace)
+__all__ = [
+    "AuditContext", "Event", "PatientRef", "configure", "context", "os_user", "patient_from_file", "patient_of",
+    "application_start", "application_stop", "configuration_loaded", "config_sha256", "association",
+    "association_closed", "node_authentication_failed", "tls_subject", "instance_received", "study_analysed", "result_created",
+    "analysis", "result_sent", "export", "model_installed", "outbox_admin", "audit_log_used",
+    "repository_failing", "repository_restored", "MAJOR_FAILURE", "MINOR_FAILURE", "SERIOUS_FAILURE", "SUCCESS",
+]

@@ -26,6 +26,7 @@ from echonode.store.models import utcnow
 
 class AuditEventRow(Base):
     __tablename__ = "audit_events"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     occurred_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True)

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("patient_key", sa.String(64), nullable=True),
         sa.Column("summary", sa.Text(), nullable=False),
         sa.Column("message", sa.Text(), nullable=False),
+        sqlite_autoincrement=True,  # ids are never reused (they are the syslog sequenceId)
     )
     op.create_index("ix_audit_events_occurred_at", "audit_events", ["occurred_at"])
     op.create_index("ix_audit_events_event", "audit_events", ["event"])
@@ -42,6 +43,7 @@ def upgrade() -> None:
         sa.Column("sent_at", sa.DateTime(), nullable=False),
     )
     bind = op.get_bind()
+    restrict_database_file(bind)
     if bind.dialect.name == "sqlite":
         op.execute("CREATE TRIGGER audit_events_immutable BEFORE UPDATE ON audit_events "
                    "BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END")
@@ -50,6 +52,20 @@ def upgrade() -> None:
                    "BEGIN RAISE EXCEPTION 'audit events are append-only'; END $$")
         op.execute("CREATE TRIGGER audit_events_immutable BEFORE UPDATE ON audit_events "
                    "FOR EACH ROW EXECUTE FUNCTION audit_events_immutable()")
+
+
+def restrict_database_file(bind) -> None:
+    """The audit messages carry patient identifiers: the SQLite file (its -wal/-shm files
+    inherit the mode) becomes 0640; on PostgreSQL, PUBLIC gets no access to the tables."""
+    import os
+    if bind.dialect.name == "sqlite":
+        path = bind.engine.url.database
+        if path and path != ":memory:" and os.path.exists(path):
+            for p in (path, path + "-wal", path + "-shm"):
+                if os.path.exists(p):
+                    os.chmod(p, 0o640)
+    elif bind.dialect.name == "postgresql":
+        op.execute("REVOKE ALL ON audit_events, audit_sent FROM PUBLIC")
 
 
 def downgrade() -> None:
