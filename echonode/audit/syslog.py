@@ -124,6 +124,14 @@ class SyslogClient:
             except Exception:
                 s.close()
                 raise
+            # TLS 1.3: a server that refuses our certificate says so only after the handshake
+            # returned here; wait briefly for that alert so no message goes into a refused session
+            self.sock = s
+            r, _, _ = select.select([s], [], [], 0.3)
+            if r and not self.alive():
+                self.close()
+                raise ConnectionRefusedError("the audit repository closed the TLS session (certificate refused?)")
+            return
         self.sock = s
 
     def alive(self) -> bool:
