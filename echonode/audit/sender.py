@@ -113,7 +113,7 @@ class AuditSender:
                         continue
                     done.append(row_id)
             except OSError:
-                self.client.close()
+                self.client.close(linger_s=0)
                 raise
             finally:
                 if done:

@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
@@ -107,7 +108,7 @@ class SyslogClient:
         return ctx
 
     def connect(self) -> None:
-        self.close()
+        self.close(linger_s=0)
         ep = self.endpoint
         if ep.scheme == "udp":
             info = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)[0]
@@ -129,7 +130,7 @@ class SyslogClient:
             self.sock = s
             r, _, _ = select.select([s], [], [], 0.3)
             if r and not self.alive():
-                self.close()
+                self.close(linger_s=0)
                 raise ConnectionRefusedError("the audit repository closed the TLS session (certificate refused?)")
             return
         self.sock = s
@@ -177,10 +178,26 @@ class SyslogClient:
         else:
             self.sock.sendall(data)
 
-    def close(self) -> None:
-        if self.sock is not None:
+    def close(self, linger_s: float = 2.0) -> None:
+        """Close; a stream is shut down gracefully (TLS close_notify, then our FIN) and the
+        peer's own close awaited for up to ``linger_s``, so a receiver that fails on an abrupt
+        end of stream has read every record before the connection goes away."""
+        if self.sock is None:
+            return
+        s, self.sock = self.sock, None
+        try:
+            if self.endpoint.scheme != "udp" and linger_s > 0:
+                s.settimeout(linger_s)
+                if isinstance(s, ssl.SSLSocket):
+                    s = s.unwrap()
+                s.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + linger_s
+                while time.monotonic() < deadline and s.recv(4096):
+                    pass
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        finally:
             try:
-                self.sock.close()
+                s.close()
             except OSError:
                 pass
-            self.sock = None
