@@ -233,3 +233,143 @@ def test_udp_and_mutual_tls_transports(tmp_path, proto):
     assert sorted(r.seq for r in got) == sorted(_db_messages(sf))[:n]
     assert all(schema_errors(r.msg) == [] for r in got)
     engine.dispose()
+
+
+# --------------------------------------------------------------------------- end to end
+
+PATIENTS = (  # (name, ID, birth date): values that appear nowhere else
+    ("QUIMBYX^ZELDAROSE", "PHIQ7X39", "19370429"),
+    ("VANTERPOOLX^OSGOODINE", "PHIK8W25", "19520917"),
+)
+
+
+def _phantom(folder: Path, i: int) -> tuple[str, Path]:
+    from echonode.phantom import make_clip, write_dicom
+    from tests.fixtures.pipeline import uid
+
+    name, pid, birth = PATIENTS[i]
+    study = uid("audit", i, "study")
+    f = write_dicom(folder / f"audit-{i}.dcm", make_clip(100 + i, n_frames=24, rows=160, cols=160),
+                    patient_id=pid, patient_name=name, birth_date=birth, sex="O", study_uid=study,
+                    series_uid=uid("audit", i, "series"), sop_uid=uid("audit", i, "sop"), study_date="20240301",
+                    accession=f"ACC{i}")
+    return study, f
+
+
+def _phi_values() -> list[str]:
+    out = []
+    for name, pid, birth in PATIENTS:
+        out += [name, *name.split("^"), pid, birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"]
+    return out
+
+
+def test_node_end_to_end_counts_rejection_outage_and_no_phi_in_logs(node_factory, orthanc, tiny_bundle,
+                                                                     tiny_bundle_r, tmp_path):
+    rs = Rsyslog(tmp_path / "rsyslog", "tcp").start()
+    cfg = {
+        "log_level": "DEBUG",  # the most verbose logs are scanned for patient data
+        "node": {"allow_any_calling_ae": False, "allowed": [{"ae_title": "CART"}, {"ae_title": "ECHOSCU"}]},
+        "stable": {"delay_s": 1.0, "poll_s": 0.3},
+        "queue": {"embedded_worker": True, "lease_s": 30.0, "heartbeat_s": 2.0},
+        "model": {"clip_model": str(tiny_bundle.path), "r_model": str(tiny_bundle_r.path),
+                  "promptcam_tasks": ["pacemaker"]},
+        "delivery": {"destinations": [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                       "port": orthanc.dicom_port}],
+                     "backoff_initial_s": 1.0, "backoff_max_s": 5.0},
+        "audit": {"url": rs.url, "poll_s": 0.2, "retry_initial_s": 0.3, "retry_max_s": 1.0},
+    }
+    node = node_factory(cfg).start()   # one C-ECHO association from ECHOSCU
+    settings = node.settings
+    from echonode.store import db
+    from echonode.store import outbox as ob
+    sf = db.session_factory(db.get_engine(settings.db_url))
+    studies = [_phantom(tmp_path / "phantoms", i) for i in range(2)]
+    client_logs = []
+
+    def delivered(study):
+        return (lambda inst: inst if any(i["SOPClassUID"] == SR_CLASS for i in inst) else None)(
+            orthanc.study_instances(study) if orthanc.lookup(study, "Study") else [])
+
+    def events():
+        return list(_db_messages(sf).values())
+
+    try:
+        res = node.storescu([studies[0][1]], storescu_ts_flag(studies[0][1]), calling_ae="CART", check=True)
+        client_logs += [res.stdout, res.stderr]
+        wait_for(lambda: delivered(studies[0][0]), 240, f"results of study 1 in Orthanc\n{node.log_text()[-3000:]}")
+        wait_for(lambda: len(rs.records()) >= len(events()) - 2, 30, "audit messages of study 1 at rsyslog")
+
+        rs.stop()   # the audit repository goes down; the node keeps working and keeps the messages
+        rej = subprocess.run(["/usr/bin/echoscu", "-aet", "INTRUDER", "-aec", "ECHONODE", "127.0.0.1",
+                              str(node.port)], capture_output=True, text=True, timeout=30)
+        client_logs += [rej.stdout, rej.stderr]
+        assert rej.returncode != 0, "an unknown calling AE is rejected"
+        res = node.storescu([studies[1][1]], storescu_ts_flag(studies[1][1]), calling_ae="CART", check=True)
+        client_logs += [res.stdout, res.stderr]
+        wait_for(lambda: delivered(studies[1][0]), 240, f"results of study 2 in Orthanc\n{node.log_text()[-3000:]}")
+        wait_for(lambda: any(e.event == "audit-repository-failing" for e in events()), 30, "the outage audited")
+        rs.start()
+        wait_for(lambda: any(e.event == "audit-repository-restored" for e in events()), 60, "the repository back")
+    finally:
+        assert node.stop() == 0
+    # serve's last flush sent the stop event too
+    wait_for(lambda: len(rs.records()) >= len(events()), 30, "every audit message at rsyslog")
+    rs.stop()
+
+    rows = events()
+    got = rs.records()
+    counts = collections.Counter(r.seq for r in got)
+    assert set(counts) == {r.id for r in rows} and max(counts.values()) == 1, "each message exactly once"
+    by_id = {r.id: r for r in rows}
+    for r in got:
+        assert r.msg == by_id[r.seq].message and schema_errors(r.msg) == [], r.seq
+    n = collections.Counter(r.event for r in rows)
+
+    # what the test did: 1 C-ECHO (fixture start) + 2 storescu associations accepted, 1 rejected
+    assert n["association-accepted"] == 3 and n["association-closed"] == 3
+    assert n["association-rejected"] == 1
+    rejected = next(r for r in rows if r.event == "association-rejected")
+    assert json.loads(rejected.summary)["calling_ae"] == "INTRUDER"
+    assert "not in node.allowed" in json.loads(rejected.summary)["reason"]
+    assert "INTRUDER" in rejected.message and "not in node.allowed" in rejected.message
+    closed = [json.loads(r.summary) for r in rows if r.event == "association-closed"]
+    assert sorted(c["stored"] for c in closed) == [0, 1, 1] and all(c["failures"] == 0 for c in closed)
+    # two instances stored, each audited with its study, series, SOP UIDs and patient key
+    stored = [r for r in rows if r.event == "instance-stored"]
+    assert len(stored) == 2 and not n["instance-refused"] and not n["instance-quarantined"]
+    assert {r.study_instance_uid for r in stored} == {s for s, _ in studies}
+    assert all(json.loads(r.summary)["series_instance_uid"] and r.patient_key for r in stored)
+    assert n["study-analysed"] == 2 and n["result-created"] == 2
+    # every delivered result object (what Orthanc holds) has one delivery event, none dead
+    in_orthanc = sum(len(orthanc.study_instances(s)) for s, _ in studies)
+    with sf() as s:
+        outbox_delivered = ob.counts(s)["delivered"]
+    assert n["result-delivered"] == in_orthanc == outbox_delivered and not n["result-dead-lettered"]
+    assert n["application-start"] == 1 and n["application-stop"] == 1 and n["configuration-loaded"] == 1
+    assert n["audit-repository-failing"] == 1 and n["audit-repository-restored"] == 1
+    # the audit messages name the patients (by design of PS3.15) ...
+    pid_msgs = [r for r in rows if PATIENTS[0][1] in r.message]
+    assert {r.event for r in pid_msgs} >= {"instance-stored", "study-analysed", "result-created", "result-delivered"}
+
+    # ... and the export of them is restricted
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "audit-export.xml"
+    cli = [sys.executable, "-m", "echonode"]
+    exp = subprocess.run([*cli, "audit", "export", "--config", str(node.settings_path), "--out", str(out),
+                          "--study", studies[0][0]], env=env, capture_output=True, text=True, timeout=60)
+    assert exp.returncode == 0, exp.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and PATIENTS[0][1] in out.read_text()
+    lst = subprocess.run([*cli, "audit", "list", "--config", str(node.settings_path), "--patient-key",
+                          stored[0].patient_key, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert lst.returncode == 0, lst.stderr
+    listed = [json.loads(line) for line in lst.stdout.splitlines()]
+    assert listed and all(d["patient_key"] == stored[0].patient_key for d in listed)
+    client_logs += [exp.stdout, exp.stderr, lst.stdout, lst.stderr]
+
+    # no log line of any process carries the patients' names, IDs or birth dates
+    logs = {"echonode serve + worker": node.log_text(), "rsyslogd": rs.log_path.read_text(errors="replace"),
+            "orthanc": orthanc.log_tail(100000), "clients (storescu, echoscu, echonode audit)": "\n".join(client_logs)}
+    for who, textlog in logs.items():
+        for value in _phi_values():
+            assert value not in textlog, f"{value!r} in the log of {who}"
+    assert "DEBUG" in logs["echonode serve + worker"] and "association" in logs["echonode serve + worker"]
