@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace as NS
 
+import pydicom
 import pytest
 from sqlalchemy import text
 
 from echonode import audit
 from echonode.audit.schema import errors as schema_errors
 from echonode.config import load_settings
-from tests.fixtures.node import ROOT, _free_port, storescu_ts_flag
+from tests.fixtures.node import ROOT, send_raw, storescu_ts_flag
 from tests.fixtures.orthanc import make_test_pki
 from tests.fixtures.pipeline import wait_for
 from tests.fixtures.rsyslog import Rsyslog
@@ -306,6 +307,12 @@ def test_node_end_to_end_counts_rejection_outage_and_no_phi_in_logs(node_factory
         assert rej.returncode != 0, "an unknown calling AE is rejected"
         res = node.storescu([studies[1][1]], storescu_ts_flag(studies[1][1]), calling_ae="CART", check=True)
         client_logs += [res.stdout, res.stderr]
+        # a dataset whose SOP Instance UID differs from the request: refused and quarantined
+        bad = tmp_path / "mismatch.dcm"
+        ds = pydicom.dcmread(studies[1][1])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".9"
+        ds.save_as(bad)
+        assert send_raw(node.port, [bad], calling_ae="CART") == [0xA900]
         wait_for(lambda: delivered(studies[1][0]), 240, f"results of study 2 in Orthanc\n{node.log_text()[-3000:]}")
         wait_for(lambda: any(e.event == "audit-repository-failing" for e in events()), 30, "the outage audited")
         rs.start()
@@ -325,18 +332,26 @@ def test_node_end_to_end_counts_rejection_outage_and_no_phi_in_logs(node_factory
         assert r.msg == by_id[r.seq].message and schema_errors(r.msg) == [], r.seq
     n = collections.Counter(r.event for r in rows)
 
-    # what the test did: 1 C-ECHO (fixture start) + 2 storescu associations accepted, 1 rejected
-    assert n["association-accepted"] == 3 and n["association-closed"] == 3
+    # what the test did: 1 C-ECHO (fixture start), 2 storescu and 1 raw C-STORE associations
+    # accepted, 1 rejected
+    assert n["association-accepted"] == 4 and n["association-closed"] == 4
     assert n["association-rejected"] == 1
+    acc = [json.loads(r.summary) for r in rows if r.event == "association-accepted"]
+    assert sorted(a["calling_ae"] for a in acc) == ["CART", "CART", "CART", "ECHOSCU"]
+    assert {a["called_ae"] for a in acc} == {"ECHONODE"} and all(a["peer"].startswith("127.0.0.1:") for a in acc)
     rejected = next(r for r in rows if r.event == "association-rejected")
     assert json.loads(rejected.summary)["calling_ae"] == "INTRUDER"
     assert "not in node.allowed" in json.loads(rejected.summary)["reason"]
     assert "INTRUDER" in rejected.message and "not in node.allowed" in rejected.message
     closed = [json.loads(r.summary) for r in rows if r.event == "association-closed"]
-    assert sorted(c["stored"] for c in closed) == [0, 1, 1] and all(c["failures"] == 0 for c in closed)
-    # two instances stored, each audited with its study, series, SOP UIDs and patient key
+    assert sorted((c["stored"], c["failures"]) for c in closed) == [(0, 0), (0, 1), (1, 0), (1, 0)]
+    assert [c["statuses"] for c in closed if c["failures"]] == ["0xA900x1"]
+    # two instances stored, each audited with its study, series, SOP UIDs and patient key;
+    # the mismatching one audited as quarantined with its status
     stored = [r for r in rows if r.event == "instance-stored"]
-    assert len(stored) == 2 and not n["instance-refused"] and not n["instance-quarantined"]
+    assert len(stored) == 2 and not n["instance-refused"] and n["instance-quarantined"] == 1
+    quarantined = next(r for r in rows if r.event == "instance-quarantined")
+    assert json.loads(quarantined.summary)["status"] == "0xA900" and 'EventOutcomeIndicator="4"' in quarantined.message
     assert {r.study_instance_uid for r in stored} == {s for s, _ in studies}
     assert all(json.loads(r.summary)["series_instance_uid"] and r.patient_key for r in stored)
     assert n["study-analysed"] == 2 and n["result-created"] == 2

@@ -280,7 +280,7 @@ class EchoSCP:
             self.totals["associations"] += 1
             self._stats[id(assoc)] = _AssocStats(calling_ae=str(assoc.requestor.ae_title).strip(),
                                                  peer=f"{self._peer(assoc)}:{assoc.requestor.port}")
-        audit.record(self.spool.sessions, audit.association(str(assoc.requestor.ae_title).strip(), str(assoc.acceptor.ae_title).strip(), self._peer(assoc), assoc.requestor.port, accepted=True, tls_subject=audit.tls_subject(assoc)))
+        audit.record(self.spool.sessions, audit.association(str(assoc.requestor.ae_title).strip(), str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip(), self._peer(assoc), assoc.requestor.port, accepted=True, tls_subject=audit.tls_subject(assoc)))
         rejected = [cx.abstract_syntax for cx in assoc.rejected_contexts]
         if rejected:
             LOG.info("association from %r: refused %d presentation context(s) at negotiation: %s",
