@@ -388,3 +388,36 @@ def test_node_end_to_end_counts_rejection_outage_and_no_phi_in_logs(node_factory
         for value in _phi_values():
             assert value not in textlog, f"{value!r} in the log of {who}"
     assert "DEBUG" in logs["echonode serve + worker"] and "association" in logs["echonode serve + worker"]
+
+
+def test_tls_peers_audited_with_subject_and_refused_certificates_with_reason(node_factory, tmp_path):
+    """Mutual DICOM TLS on the SCP: a trusted cart's association names its certificate
+    subject; a certificate from another CA, and plain TCP, are audited as failed node
+    authentication with the TLS reason."""
+    pki = make_test_pki(tmp_path / "pki")
+    d = Path(pki["ca"]).parent
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue-ca.key", "-out", "rogue-ca.pem",
+        "-days", "2", "-subj", "/CN=rogue CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.csr", "-subj", "/CN=rogue")
+    run("x509", "-req", "-in", "rogue.csr", "-CA", "rogue-ca.pem", "-CAkey", "rogue-ca.key", "-CAcreateserial",
+        "-out", "rogue.pem", "-days", "2", "-extfile", "ext.cnf")
+    node = node_factory({"node": {"tls": {"enabled": True, "cert": pki["server_cert"], "key": pki["server_key"],
+                                          "ca": pki["ca"], "require_client_cert": True}}})
+    trusted = ["+tls", pki["client_key"], pki["client_cert"], "+cf", pki["ca"]]
+    node.start(echo_extra=trusted)
+    assert node.echo(extra=["+tls", str(d / "rogue.key"), str(d / "rogue.pem"), "+cf", pki["ca"]]) != 0
+    assert node.echo() != 0   # plain TCP to the TLS port
+    settings = node.settings
+    from echonode.store import db
+    sf = db.session_factory(db.get_engine(settings.db_url))
+    rows = wait_for(lambda: (lambda r: r if len([e for e in r if e.event == "node-authentication-failed"]) >= 2
+                             else None)(list(_db_messages(sf).values())), 20, "two failed TLS handshakes audited")
+    node.stop()
+    accepted = [json.loads(r.summary) for r in rows if r.event == "association-accepted"]
+    assert accepted and all(a["tls_subject"] == "commonName=echonode test client" for a in accepted)
+    failed = [r for r in rows if r.event == "node-authentication-failed"]
+    reasons = [json.loads(r.summary)["reason"] for r in failed]
+    assert all(r.startswith("TLS handshake failed: ") and len(r) > len("TLS handshake failed: ") for r in reasons)
+    assert any("CERTIFICATE" in r.upper() for r in reasons), reasons
+    assert all(schema_errors(r.message) == [] and "110126" in r.message for r in failed)

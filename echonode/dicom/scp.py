@@ -354,6 +354,7 @@ class EchoSCP:
         ctx = make_ssl_context(self.node)
         self._server = self.ae.start_server((self.node.host, int(self.node.port)), block=False,
                                             evt_handlers=handlers, ssl_context=ctx)
+        audit.watch_tls_handshakes(self._server, self.spool.sessions)
         LOG.info("SCP %s listening on %s:%d%s; calling AEs: %s", self.node.ae_title, self.node.host, self.port,
                  " (DICOM TLS%s)" % (", mutual" if self.node.tls.require_client_cert else "") if ctx else "",
                  "any (node.allow_any_calling_ae)" if self.policy.default_open
