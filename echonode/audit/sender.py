@@ -84,6 +84,7 @@ class AuditSender:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.failing = False
+        self.holding = False  # this process is the database's sender (holds the lock)
         self._skip: set[int] = set()
         self.sent_total = 0
 
@@ -156,6 +157,7 @@ class AuditSender:
             if not self.lock.acquire():
                 self._stop.wait(5.0)
                 continue
+            self.holding = True
             try:
                 while not self._stop.is_set():
                     try:
@@ -170,6 +172,7 @@ class AuditSender:
                         LOG.exception("audit sender error")
                         self._stop.wait(delay)
             finally:
+                self.holding = False
                 self.client.close()
                 self.lock.release()
 
@@ -185,7 +188,7 @@ class AuditSender:
         if self._thread is not None:
             # let the loop pick up events recorded during shutdown
             from echonode.store import audit as store
-            while time.monotonic() < deadline and not self.failing:
+            while time.monotonic() < deadline and not self.failing and self.holding:
                 with self.sessions() as s:
                     if store.pending_count(s) <= len(self._skip):
                         break
