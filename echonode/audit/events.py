@@ -246,13 +246,32 @@ def _ev(name, msg, *, study="", patient: Optional[PatientRef] = None, **summary)
                  summary={k: v for k, v in summary.items() if v not in (None, "")})
 
 
+def _safe(builder):
+    """An audit builder never breaks the audited work: on an unexpected error it logs the
+    event kind and the error class (no values) and returns None, which record() ignores."""
+    import functools
+    import logging
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs):
+        try:
+            return builder(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("echonode.audit").error("could not build audit event %s: %s",
+                                                      builder.__name__, type(exc).__name__)
+            return None
+    return wrapper
+
+
 # ------------------------------------------------------------------ application
+@_safe
 def application_start(what: str = "serve") -> Event:
     msg = _message(APPLICATION_ACTIVITY, "E", SUCCESS, [_app(), _user([ROLE_LAUNCHER])],
                    types=[APPLICATION_START])
     return _ev("application-start", msg, process=what)
 
 
+@_safe
 def application_stop(what: str = "serve") -> Event:
     msg = _message(APPLICATION_ACTIVITY, "E", SUCCESS, [_app(), _user([ROLE_LAUNCHER])],
                    types=[APPLICATION_STOP])
@@ -268,6 +287,7 @@ def config_sha256(path: Optional[os.PathLike | str]) -> str:
         return ""
 
 
+@_safe
 def configuration_loaded(settings: Any, path: Optional[os.PathLike | str] = None) -> Event:
     """The configuration in force: the file's sha256 and the sha256 of the effective settings
     (file + environment), so a change by either is visible."""
@@ -293,6 +313,7 @@ def _peer(calling_ae: str, host: str, tls_subject: str = "") -> ActiveParticipan
                              network_access_point=host)
 
 
+@_safe
 def association(calling_ae: str, called_ae: str, peer_host: str, peer_port: int | str = "", *,
                 accepted: bool, reason: str = "", tls_subject: str = "") -> Event:
     """An association request answered: accepted, or rejected with the reason."""
@@ -305,6 +326,7 @@ def association(calling_ae: str, called_ae: str, peer_host: str, peer_port: int 
                tls_subject=tls_subject, reason=reason)
 
 
+@_safe
 def association_closed(calling_ae: str, called_ae: str, peer: str, *, stored: int, duplicates: int = 0,
                        failures: int = 0, aborted: bool = False, statuses: Optional[dict] = None,
                        tls_subject: str = "") -> Event:
@@ -336,6 +358,7 @@ def tls_subject(assoc: Any) -> str:
         return ""
 
 
+@_safe
 def node_authentication_failed(peer_host: str, reason: str) -> Event:
     msg = _message(SECURITY_ALERT, "E", MINOR_FAILURE, [_peer("-", peer_host), _app()],
                    types=[NODE_AUTHENTICATION], description=reason,
@@ -345,6 +368,7 @@ def node_authentication_failed(peer_host: str, reason: str) -> Event:
 
 
 # ------------------------------------------------------------------ instances received
+@_safe
 def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str = "", status: Optional[int] = None,
                       sop_class_uid: str = "", sop_instance_uid: str = "") -> Event:
     """A C-STORE answered. ``result`` is the spool's StoreResult (status, reason, UIDs, path,
@@ -388,6 +412,7 @@ def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str
 
 
 # ------------------------------------------------------------------ analysis and results
+@_safe
 def study_analysed(study_uid: str, clips: Sequence[tuple[str, str]], *, model: str, weights_sha256: str,
                    patient: Optional[PatientRef] = None, clip_path: Optional[str] = None,
                    ok: bool = True, error: str = "") -> Event:
@@ -402,6 +427,7 @@ def study_analysed(study_uid: str, clips: Sequence[tuple[str, str]], *, model: s
                clips=len(clips), error=error)
 
 
+@_safe
 def result_created(study_uid: str, objects: Sequence[tuple[str, str]], *, paths: Sequence[str] = (),
                    model: str = "", weights_sha256: str = "", patient: Optional[PatientRef] = None) -> Event:
     """Result objects ((sop_class, sop_instance) pairs) written into a study."""
@@ -415,24 +441,29 @@ def result_created(study_uid: str, objects: Sequence[tuple[str, str]], *, paths:
                sop_instance_uids=[u for _, u in objects][:50], model=model)
 
 
+@_safe
 def analysis(interp: Any, objects: Sequence[Any], sources: Sequence[Any] = ()) -> list[Event]:
     """Study analysed + result created, from an Interpretation, the written result objects
     (anything with sop_class_uid / sop_instance_uid / path) and the source Datasets."""
     patient = patient_of(sources[0]) if sources else None
     m = interp.model
     clips = [(c.sop_class_uid, c.sop_instance_uid) for c in interp.clips]
-    return [study_analysed(interp.study_instance_uid, clips, model=m.name, weights_sha256=m.weights_sha256,
-                           patient=patient),
-            result_created(interp.study_instance_uid, [(o.sop_class_uid, o.sop_instance_uid) for o in objects],
-                           model=m.name, weights_sha256=m.weights_sha256, patient=patient)]
+    analysed = study_analysed(interp.study_instance_uid, clips, model=m.name, weights_sha256=m.weights_sha256,
+                              patient=patient)
+    created = result_created(interp.study_instance_uid, [(o.sop_class_uid, o.sop_instance_uid) for o in objects],
+                             model=m.name, weights_sha256=m.weights_sha256, patient=patient)
+    return [e for e in (analysed, created) if e is not None]
 
 
+@_safe
 def result_sent(row: Any, destination: Any = None, *, state: str, status: Optional[int] = None,
                 commitment: str = "", error: str = "") -> Event:
     """An outbox row reached a final state: ``state`` is "delivered" or "dead".
 
     ``row`` has sop_instance_uid, sop_class_uid, study_instance_uid, destination, path;
     ``destination`` (a config Destination, optional) gives the AE title and address."""
+    if row is None:
+        return None
     patient, _ = patient_from_file(getattr(row, "path", None))
     dest_name = getattr(row, "destination", "") or ""
     if destination is None:
@@ -465,6 +496,7 @@ def result_sent(row: Any, destination: Any = None, *, state: str, status: Option
 
 
 # ------------------------------------------------------------------ exports and administration
+@_safe
 def export(kind: str, target: str, studies: Iterable[tuple[str, Optional[PatientRef]]], *, count: int = 0,
            deidentified: bool = False, detail: str = "") -> Event:
     """Data leaving the node (a training manifest, an audit export, ...).
@@ -488,6 +520,7 @@ def export(kind: str, target: str, studies: Iterable[tuple[str, Optional[Patient
     return _ev("export", msg, kind=kind, target=target, studies=n, count=count or n, deidentified=deidentified)
 
 
+@_safe
 def model_installed(name: str, target: str, sha256: str, *, previous_sha256: str = "", source: str = "",
                     changed: bool = False) -> Event:
     obj = ParticipantObject(object_id=Path(target).resolve().as_uri() if target else name, id_type=ID_URI,
@@ -502,6 +535,7 @@ def model_installed(name: str, target: str, sha256: str, *, previous_sha256: str
                previous_sha256=previous_sha256)
 
 
+@_safe
 def outbox_admin(action: str, *, count: int, ids: Sequence[int] = (), states: Sequence[str] = (),
                  detail: str = "") -> Event:
     obj = ParticipantObject(object_id="outbox", id_type=ID_URI, name="outbox", type_code=2, role=22,
@@ -514,6 +548,7 @@ def outbox_admin(action: str, *, count: int, ids: Sequence[int] = (), states: Se
     return _ev(f"outbox-{action}", msg, rows=count, ids=list(ids)[:50], states=list(states), detail=detail)
 
 
+@_safe
 def audit_log_used(action: str, *, count: int, query: str = "", target: str = "") -> Event:
     """Someone read (``R``: list, export) or deleted (``D``: retention) audit records."""
     obj = ParticipantObject(object_id="echonode-audit-log", id_type=ID_URI, name="audit_events", type_code=2,
@@ -524,6 +559,7 @@ def audit_log_used(action: str, *, count: int, query: str = "", target: str = ""
                target=target)
 
 
+@_safe
 def repository_failing(url: str, error: str) -> Event:
     msg = _message(SECURITY_ALERT, "E", SERIOUS_FAILURE, [_app(requestor=True)], types=[AUDIT_RECORDING_STOPPED],
                    description=f"audit repository {url} unreachable ({error}); messages are kept and sent later",
@@ -532,6 +568,7 @@ def repository_failing(url: str, error: str) -> Event:
     return _ev("audit-repository-failing", msg, url=url, error=error)
 
 
+@_safe
 def repository_restored(url: str, pending: int) -> Event:
     msg = _message(SECURITY_ALERT, "E", SUCCESS, [_app(requestor=True)], types=[AUDIT_RECORDING_STARTED],
                    description=f"audit repository {url} reachable again; {pending} waiting message(s) sent",
