@@ -11,7 +11,10 @@
   names, IDs and birth dates, the repository down in the middle: the audited association,
   store and delivery events match what happened, an unknown calling AE is audited with the
   reason, every message reached rsyslog once and validates, and no log line of any process
-  carries those identifiers.
+  carries those identifiers;
+* DICOM TLS on the SCP: the peer certificate subject is audited, a rogue certificate and
+  plain TCP are audited as failed node authentication with the TLS reason;
+* delivery to Orthanc with storage commitment, a dead letter, and `outbox retry`.
 """
 
 from __future__ import annotations
@@ -421,3 +424,53 @@ def test_tls_peers_audited_with_subject_and_refused_certificates_with_reason(nod
     assert all(r.startswith("TLS handshake failed: ") and len(r) > len("TLS handshake failed: ") for r in reasons)
     assert any("CERTIFICATE" in r.upper() for r in reasons), reasons
     assert all(schema_errors(r.message) == [] and "110126" in r.message for r in failed)
+
+
+def test_delivery_commitment_dead_letter_and_outbox_admin_audited(orthanc, realworld_dir, tmp_path):
+    """Results to a real Orthanc with storage commitment: one delivery event per object with
+    the commitment outcome and the destination; Orthanc down with one attempt allowed: one
+    dead-letter event per object; `outbox retry` is audited with its row count."""
+    from echonode.cli import main
+    from echonode.dicom import scu
+    from echonode.store import audit as store
+    from tests.fixtures.interp import make_interpretation, make_sources
+
+    sources = make_sources(realworld_dir)
+    settings = _settings(tmp_path, node={"ae_title": "ECHONODE", "host": "127.0.0.1",
+                                         "port": orthanc.commitment_port},
+                         delivery={"destinations": [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                                     "port": orthanc.dicom_port, "storage_commitment": True}],
+                                   "max_attempts": 1, "backoff_initial_s": 0.0})
+    audit.configure(settings)
+    engine, sf = _store(settings)
+    interp = make_interpretation(sources)
+    with sf() as s:
+        paths = scu.publish(settings, s, interp, sources)
+    with scu.CommitmentListener(settings, sf):
+        scu.deliver_pending(settings, sf)
+        wait_for(lambda: len([r for r in _db_messages(sf).values() if r.event == "result-delivered"]) == len(paths),
+                 30, "a delivery event per committed object")
+    delivered = [r for r in _db_messages(sf).values() if r.event == "result-delivered"]
+    assert {json.loads(r.summary)["commitment"] for r in delivered} == {"committed"}
+    assert all(f'UserID="{orthanc.aet}"' in r.message and 'csd-code="110152"' in r.message for r in delivered)
+    assert all(schema_errors(r.message) == [] for r in delivered)
+    assert {json.loads(r.summary)["sop_instance_uid"] for r in delivered} == {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+    with sf() as s:   # the same results again (a re-run), now with Orthanc down
+        scu.publish(settings, s, interp, sources)
+    orthanc.stop()
+    scu.deliver_pending(settings, sf)
+    dead = [r for r in _db_messages(sf).values() if r.event == "result-dead-lettered"]
+    assert len(dead) == len(paths) and all('EventOutcomeIndicator="8"' in r.message for r in dead)
+    assert all(orthanc.aet in json.loads(r.summary)["error"] for r in dead)
+
+    cfg = tmp_path / "echonode.toml"
+    cfg.write_text(f'data_dir = "{settings.data_dir}"\n[node]\nae_title = "ECHONODE"\n')
+    assert main(["outbox", "retry", "--config", str(cfg), "--json"]) == 0
+    with sf() as s:
+        (retry,) = store.query(s, events=["outbox-retry"])
+    assert json.loads(retry.summary)["rows"] == len(paths) and retry.event_id == "110113"
+    assert 'csd-code="110132"' in retry.message
+    engine.dispose()
+    audit.configure(load_settings(env={}))   # leave the process-wide reporter as it was
