@@ -474,3 +474,46 @@ def test_delivery_commitment_dead_letter_and_outbox_admin_audited(orthanc, realw
     assert 'csd-code="110132"' in retry.message
     engine.dispose()
     audit.configure(load_settings(env={}))   # leave the process-wide reporter as it was
+
+
+def test_model_import_and_training_export_audited(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """`models import` (then again with --force) and the manifest export of `train --from-db`
+    are audit events naming the weights and the exported studies."""
+    from echonode.cli import main
+    from echonode.store import audit as store
+    from tests.fixtures.pipeline import ingest, phantom_study
+
+    monkeypatch.delenv("ECHONODE_CONFIG", raising=False)
+    monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path / "data"))
+    argv = ["models", "import", "--name", "mine", "--architecture", "tiny", "--weights", str(tiny_bundle.weights_path)]
+    assert main(argv) == 0 and main([*argv, "--force"]) == 0
+    settings = _settings(tmp_path)
+    engine, sf = _store(settings)
+    # a study with the PACS report (a text SR) in the index, as train --from-db needs
+    from pydicom.dataset import FileMetaDataset
+    from tests.test_train_fromdb import text_sr
+    study, files = phantom_study(tmp_path / "ph", patient_id="EXP1", study_date="20240102", seed=5)
+    sr = text_sr(pydicom.dcmread(files[0], stop_before_pixels=True), ["NORMAL LEFT VENTRICULAR SIZE."])
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID, sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPClassUID, sr.SOPInstanceUID
+    sr.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    sr.save_as(tmp_path / "ph" / "report.dcm", enforce_file_format=True)
+    ingest(settings, [*files, tmp_path / "ph" / "report.dcm"])
+    from train.fromdb import export_manifest
+    exp = export_manifest(settings, tmp_path / "m.csv")
+    rc = main(["train", "--from-db", "--out", str(tmp_path / "train"), "--architecture", "tiny", "--epochs", "1",
+               "--batch-size", "2", "--max-minutes", "0.05", "--demo"])
+    capsys.readouterr()
+    with sf() as s:
+        models = store.query(s, events=["model-installed", "model-changed"])
+        exports = store.query(s, events=["export"])
+    assert [m.event for m in models] == ["model-installed", "model-changed"]
+    assert all(tiny_bundle.weights_sha256 == json.loads(m.summary)["sha256"] for m in models)
+    assert all(schema_errors(m.message) == [] and 'csd-code="110131"' in m.message for m in models)
+    assert len(exports) == 1, f"train --from-db rc={rc}"
+    e = exports[0]
+    assert e.event_id == "110106" and json.loads(e.summary)["count"] == len(exp.rows)
+    assert exp.rows and {r["study_uid"] for r in exp.rows} == {study} and study in e.message
+    assert json.loads(e.summary)["studies"] == 1
+    assert schema_errors(e.message) == []
+    engine.dispose()

@@ -193,6 +193,7 @@ def run_download(args) -> int:
     except BundleError as exc:
         _err(f"models download: {exc}")
         return EXIT_FAIL
+    audit.record(settings, audit.model_installed(b.name, str(b.path), b.weights_sha256, source=str(b.source), changed=bool(args.force)))
     if args.json:
         print(json.dumps(b.info(), indent=2))
     else:
