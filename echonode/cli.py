@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 
+from echonode import audit
 from echonode import __version__
 from echonode.config import ConfigError, Settings, load_settings
 
@@ -32,12 +33,15 @@ COMMAND_MODULES = (
     "echonode.commands.train",     # train, eval, calibrate
     "echonode.commands.outbox",    # outbox
     "echonode.commands.demo",      # demo
+    "echonode.commands.audit",     # audit
 )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The Settings for a parsed command line (``--config`` plus the environment)."""
-    return load_settings(getattr(args, "config", None))
+    settings = load_settings(getattr(args, "config", None))
+    audit.configure(settings)  # who reports audit events (issue 16)
+    return settings
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         rc = args.func(args)
+        audit.flush_at_exit()  # one-shot commands send their audit events
     except ConfigError as exc:
         print(f"echonode: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

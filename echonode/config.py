@@ -189,6 +189,38 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail (PS3.15 A.5 over syslog). Events are always kept in SQL; with ``url``
+    set they are also sent to that audit record repository."""
+
+    url: str = ""  # "udp://host:514" | "tcp://host:514" | "tls://host:6514"; empty = SQL only
+    ca: str = ""    # CA bundle that signed the repository's certificate (tls)
+    cert: str = ""  # our client certificate (tls, mutual authentication)
+    key: str = ""
+    source_id: str = ""           # AuditSourceID; default "<node.ae_title>@<hostname>"
+    enterprise_site_id: str = ""  # AuditEnterpriseSiteID
+    poll_s: float = 1.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.url:
+            from echonode.audit.syslog import AuditURLError, parse_url
+            try:
+                ep = parse_url(self.url)
+            except AuditURLError as exc:
+                raise ConfigError(f"audit.url: {exc}") from None
+            if ep.scheme != "tls" and (self.cert or self.key):
+                raise ConfigError("audit.cert/audit.key are only used with a tls:// audit.url")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("audit.cert and audit.key go together")
+        for name in ("poll_s", "retry_initial_s", "retry_max_s", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"audit.{name} must be > 0")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = "./echonode-data"
     database_url: str = ""  # default: sqlite:///<data_dir>/echonode.sqlite3
@@ -200,6 +232,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     # ---- derived paths (never stored, always computed from data_dir) ----
     @property

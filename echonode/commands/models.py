@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from echonode import audit
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -173,6 +174,7 @@ def run_import(args) -> int:
     except BundleError as exc:
         _err(f"models import: {exc}")
         return EXIT_FAIL
+    audit.record(settings, audit.model_installed(b.name, str(b.path), b.weights_sha256, source=Path(args.weights).name, changed=bool(args.force)))
     if args.json:
         print(json.dumps(b.info(), indent=2))
     else:
@@ -191,6 +193,7 @@ def run_download(args) -> int:
     except BundleError as exc:
         _err(f"models download: {exc}")
         return EXIT_FAIL
+    audit.record(settings, audit.model_installed(b.name, str(b.path), b.weights_sha256, source=str(b.source), changed=bool(args.force)))
     if args.json:
         print(json.dumps(b.info(), indent=2))
     else:

@@ -56,6 +56,7 @@ class _Stop:
 
 def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, list[Stoppable]]:
     """Start everything ``serve`` runs; returns the context and the services to stop (in order)."""
+    from echonode import audit
     from echonode.dicom.scp import EchoSCP
     from echonode.dicom.spool import Spool
     from echonode.pipeline.stable import StableScheduler
@@ -66,6 +67,8 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     engine = db.get_engine(settings.db_url)
     sessions = db.session_factory(engine)
     ctx = ServeContext(settings=settings, sessions=sessions)
+    audit.record(sessions, [audit.application_start("serve"), audit.configuration_loaded(settings)])
+    audit_sender = audit.start_sender(settings, sessions, engine)
     ctx.spool = Spool(settings, sessions)
     services: list[Stoppable] = []
     ctx.scp = EchoSCP(settings, ctx.spool)
@@ -78,6 +81,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
         svc = hook(ctx)
         if svc is not None:
             services.append(svc)
+    services.append(_Stop(lambda: audit.stop(sessions, audit_sender), "audit"))
     services.append(_Stop(engine.dispose, "database"))
     return ctx, services
 

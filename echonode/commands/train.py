@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from echonode import audit
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -142,6 +143,7 @@ def run_train(args) -> int:
             from echonode.store.db import describe_error
             print(f"echonode train: cannot read the node's index: {describe_error(exc)}", file=sys.stderr)
             return EXIT_FAIL
+        audit.record(settings, audit.export("training-manifest", str(Path(manifest).resolve()), [(u, None) for u in dict.fromkeys(r["study_uid"] for r in exp.rows)], count=len(exp.rows), detail="train --from-db: paths of raw stored clips, reports, patient keys"))
         for p in exp.problems:
             print(f"echonode train: {p}", file=sys.stderr)
         print(f"echonode train: {len(exp.rows)} clips from {exp.studies} studies in the index -> {manifest}",

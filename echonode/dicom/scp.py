@@ -25,6 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid
 
+from echonode import audit
 from echonode.config import NodeSettings, Settings
 from echonode.dicom.spool import PROCESSING_FAILURE, Spool
 
@@ -270,6 +271,7 @@ class EchoSCP:
             with self._lock:
                 self.totals["rejected"] += 1
             LOG.warning("association rejected: calling AE %r from %s: %s", calling, peer, decision.reason)
+            audit.record(self.spool.sessions, audit.association(calling, called, peer, assoc.requestor.port, accepted=False, reason=decision.reason, tls_subject=audit.tls_subject(assoc)))
             assoc.acse.send_reject(*decision.reject)
 
     def _on_established(self, event) -> None:
@@ -278,6 +280,7 @@ class EchoSCP:
             self.totals["associations"] += 1
             self._stats[id(assoc)] = _AssocStats(calling_ae=str(assoc.requestor.ae_title).strip(),
                                                  peer=f"{self._peer(assoc)}:{assoc.requestor.port}")
+        audit.record(self.spool.sessions, audit.association(str(assoc.requestor.ae_title).strip(), str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip(), self._peer(assoc), assoc.requestor.port, accepted=True, tls_subject=audit.tls_subject(assoc)))
         rejected = [cx.abstract_syntax for cx in assoc.rejected_contexts]
         if rejected:
             LOG.info("association from %r: refused %d presentation context(s) at negotiation: %s",
@@ -288,6 +291,7 @@ class EchoSCP:
         st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
+        audit.record(self.spool.sessions, audit.association_closed(st.calling_ae, self.node.ae_title, st.peer, stored=st.stored, duplicates=st.duplicates, failures=st.failures, aborted=event.assoc.is_aborted, statuses=st.statuses, tls_subject=audit.tls_subject(event.assoc)))
         LOG.info("association %s: calling AE %r peer %s stored %d (duplicates %d) failures %d in %.1fs "
                  "(%.1fs storing)%s",
                  "aborted" if event.assoc.is_aborted else "released", st.calling_ae, st.peer, st.stored,
@@ -321,6 +325,7 @@ class EchoSCP:
         except Exception as exc:  # never let an exception leave a C-STORE unanswered
             LOG.error("C-STORE handler failed: %s: %s", type(exc).__name__, str(exc)[:200])
             status = PROCESSING_FAILURE
+        audit.record(self.spool.sessions, audit.instance_received(result, status=status, calling_ae=st.calling_ae, peer=st.peer, called_ae=self.node.ae_title, sop_class_uid=str(getattr(event.request, "AffectedSOPClassUID", "") or ""), sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")))
         with self._lock:
             st.store_s += time.monotonic() - t0
             if status == 0x0000:
@@ -349,6 +354,7 @@ class EchoSCP:
         ctx = make_ssl_context(self.node)
         self._server = self.ae.start_server((self.node.host, int(self.node.port)), block=False,
                                             evt_handlers=handlers, ssl_context=ctx)
+        audit.watch_tls_handshakes(self._server, self.spool.sessions)
         LOG.info("SCP %s listening on %s:%d%s; calling AEs: %s", self.node.ae_title, self.node.host, self.port,
                  " (DICOM TLS%s)" % (", mutual" if self.node.tls.require_client_cert else "") if ctx else "",
                  "any (node.allow_any_calling_ae)" if self.policy.default_open

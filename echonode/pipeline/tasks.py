@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from echonode import audit
 from echonode.config import Settings
 from echonode.store.db import describe_error
 
@@ -269,6 +270,7 @@ def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> tuple[
         if not rs.finish_job(s, ctx.job_id, rt.worker_id):
             # the lease expired and another worker took the job over: leave it to that one
             raise RuntimeError("job was taken over by another worker (lease expired); results left to it")
+        audit.record(s, audit.analysis(interp, objects, sources))  # study analysed + result created
         ids = outbox_glue.enqueue(s, rt.settings, objects)  # commits all of the above
     except BaseException:
         s.rollback()

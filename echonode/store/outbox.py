@@ -29,6 +29,7 @@ from typing import Iterable, Optional, Sequence
 from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, delete, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from echonode import audit
 from echonode.store.base import Base
 from echonode.store.models import utcnow  # one clock for every table (naive UTC)
 
@@ -171,6 +172,7 @@ def mark_delivered(session: Session, row_id: int, status: Optional[int] = 0,
     session.execute(update(OutboxRow).where(OutboxRow.id == row_id).values(
         state=DELIVERED, last_status=status, last_error=note, lease_until=None,
         attempts=OutboxRow.attempts + 1, sent_at=now, delivered_at=now, updated_at=now))
+    audit.record(session, audit.result_sent(session.get(OutboxRow, row_id), state=DELIVERED, status=status, error=note))
     session.commit()
 
 
@@ -203,6 +205,7 @@ def mark_failed(session: Session, row_id: int, error: str, status: Optional[int]
     row.updated_at = now
     if row.attempts >= max_attempts:
         row.state = DEAD
+        audit.record(session, audit.result_sent(row, state=DEAD, status=status, error=row.last_error, commitment="failed" if "commitment" in row.last_error else ""))
     else:
         row.state = PENDING
         row.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(row.attempts, backoff_initial_s,
@@ -229,6 +232,7 @@ def apply_commitment(session: Session, transaction_uid: str, committed: Sequence
             r.updated_at = now
             r.last_error = ""
             n_ok += 1
+            audit.record(session, audit.result_sent(r, state=DELIVERED, status=r.last_status, commitment="committed"))
     session.commit()
     for uid, reason in failed:
         r = by_uid.get(uid)
@@ -281,6 +285,7 @@ def retry(session: Session, ids: Optional[Sequence[int]] = None, states: Sequenc
         q = q.where(OutboxRow.id.in_(list(ids)))
     res = session.execute(q.values(state=PENDING, attempts=0, next_attempt_at=now, lease_until=None,
                                    transaction_uid=None, updated_at=now))
+    audit.record(session, audit.outbox_admin("retry", count=res.rowcount or 0, ids=ids or (), states=states))
     session.commit()
     return res.rowcount or 0
 
@@ -294,5 +299,6 @@ def purge(session: Session, states: Sequence[str] = (DELIVERED,), older_than_s: 
     if ids:
         q = q.where(OutboxRow.id.in_(list(ids)))
     res = session.execute(q)
+    audit.record(session, audit.outbox_admin("purge", count=res.rowcount or 0, ids=ids or (), states=states, detail=f"older than {older_than_s:g} s"))
     session.commit()
     return res.rowcount or 0
