@@ -1,10 +1,14 @@
 """PromptCAM maps → Secondary Capture images (highdicom ``SCImage``, RGB, single frame).
 
-Each :class:`~echonode.interpretation.PromptCam` becomes one SC image: the heat map,
-coloured with a jet-like colormap, alpha-blended over the decoded frame (weight grows
-with saliency, so cold regions show the echo unchanged), with a legend band burned
-in below the image: task title, score, threshold and its source (or "uncalibrated"),
-a colour bar, the review statement and, for the demo model, the DEMO banner.
+Each :class:`~echonode.interpretation.PromptCam` becomes one SC image at the source
+clip's own size (Rows and Columns of the analysed frame): the heat map is mapped back
+through the preprocessing crop recorded with it (``PromptCam.crop``) onto the full
+decoded frame (``PromptCam.source_frame``), coloured with a jet-like colormap and
+alpha-blended (weight grows with saliency, so cold regions show the echo unchanged);
+what lies outside the crop, which the model never saw, is dimmed. A legend panel is
+burned in across the top: for the demo model the DEMO banner, then task title, score,
+threshold and its source (or "uncalibrated"), the review statement and a colour bar,
+in DejaVu Sans at a size legible at 100 % zoom, wrapped to the image width.
 BurnedInAnnotation is YES. The SC images join the analysed study in a series of
 their own, with deterministic UIDs (:func:`echonode.dicom.result_uids.result_uid`,
 kinds ``sc`` / ``sc-series``), and reference their source frame.
@@ -15,8 +19,6 @@ This module never imports torch.
 from __future__ import annotations
 
 import logging
-import textwrap
-
 
 import numpy as np
 from pydicom import Dataset
@@ -31,7 +33,8 @@ from echonode.interpretation import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_overlays", "render_overlay", "jet", "SC_SERIES_NUMBER"]
+__all__ = ["build_overlays", "render_overlay", "jet", "SC_SERIES_NUMBER", "cam_geometry", "heat_on_source",
+           "crop_to_source", "peak_on_source"]
 
 SC_SERIES_NUMBER = 9902
 ALPHA_MAX = 0.55
@@ -64,84 +67,160 @@ def blend(frame: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-FONT_CANDIDATES = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-)
+# ------------------------------------------------------------------ geometry
+def cam_geometry(cam: PromptCam) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(the full source frame, the (top, left, height, width) crop the heat map covers).
+
+    Both are recorded by the interpreter (``PromptCam.source_frame`` / ``crop``); a map
+    without them covers the whole of ``PromptCam.frame``.
+    """
+    if cam.source_frame is not None:
+        base = np.asarray(cam.source_frame)
+    else:
+        base = np.asarray(cam.frame)
+    if base.ndim == 2:
+        base = np.repeat(base[..., None], 3, axis=-1)
+    if base.ndim != 3 or base.shape[2] != 3:
+        raise ValueError(f"PromptCam frame must be (H, W, 3) RGB, got shape {base.shape}")
+    h, w = base.shape[:2]
+    crop = tuple(int(v) for v in cam.crop) if cam.crop else (0, 0, h, w)
+    if len(crop) != 4:
+        raise ValueError(f"PromptCam.crop must be (top, left, height, width), got {cam.crop!r}")
+    top, left, ch, cw = crop
+    if ch < 1 or cw < 1 or top < 0 or left < 0 or top + ch > h or left + cw > w:
+        raise ValueError(f"PromptCam.crop {crop} does not lie inside the {h}x{w} source frame")
+    return base, crop
 
 
-def _font(size: int):
-    """(font, full_unicode): DejaVu Sans when installed, else Pillow's default font."""
-    from PIL import ImageFont
-    for path in FONT_CANDIDATES:
-        try:
-            return ImageFont.truetype(path, size), True
-        except OSError:
-            continue
-    try:
-        return ImageFont.load_default(size=size), False
-    except (TypeError, OSError):  # Pillow without FreeType
-        return ImageFont.load_default(), False
+def heat_on_source(heatmap: np.ndarray, crop: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The heat map resized onto its crop of a ``shape`` (rows, columns) frame; 0 outside.
+
+    Pixel-centre aligned (Pillow's bilinear resize), so heat-map pixel (i, j) lands
+    where :func:`crop_to_source` says.
+    """
+    from PIL import Image
+
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    if heat.ndim != 2 or heat.shape[0] < 1 or heat.shape[1] < 1:
+        raise ValueError(f"PromptCam.heatmap must be 2-D, got shape {heat.shape}")
+    top, left, ch, cw = crop
+    out = np.zeros(tuple(shape), dtype=np.float32)
+    if heat.shape == (ch, cw):
+        out[top:top + ch, left:left + cw] = heat
+    else:
+        img = Image.fromarray(heat, mode="F").resize((cw, ch), Image.Resampling.BILINEAR)
+        out[top:top + ch, left:left + cw] = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    return out
 
 
+def crop_to_source(row: float, col: float, crop: tuple[int, int, int, int],
+                   heat_shape: tuple[int, int]) -> tuple[float, float]:
+    """Heat-map pixel (``row``, ``col``) → (y, x) on the source frame, in DICOM image
+    coordinates (continuous; (0, 0) is the top-left corner of the top-left pixel, so
+    the pixel's index is ``floor``)."""
+    top, left, ch, cw = crop
+    return (top + (row + 0.5) * ch / heat_shape[0], left + (col + 0.5) * cw / heat_shape[1])
+
+
+def peak_on_source(cam: PromptCam) -> tuple[float, float]:
+    """The PromptCAM peak as (y, x) on the source frame (DICOM image coordinates)."""
+    heat = np.nan_to_num(np.asarray(cam.heatmap, dtype=np.float32))
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    _, crop = cam_geometry(cam)
+    return crop_to_source(float(r), float(c), crop, heat.shape)
+
+
+# ------------------------------------------------------------------ legend
 def _legend_lines(interp: Interpretation, cam: PromptCam) -> list[tuple[str, tuple[int, int, int]]]:
     t = interp.tasks.get(cam.task_id)
     title = t.title if t is not None else cam.task_id
     lines: list[tuple[str, tuple[int, int, int]]] = []
-    if interp.demo:
-        lines.append((DEMO_BANNER, (255, 60, 60)))
     lines.append((f"PromptCAM: {title}", (255, 255, 255)))
-    score = f"score {cam.score:.3f} (frame {cam.frame_index + 1})"
+    score = f"Score {cam.score:.3f} (frame {cam.frame_index + 1})"
     if t is not None and t.threshold is not None and t.threshold_source in (THRESHOLD_CALIBRATED, THRESHOLD_PUBLISHED):
         score += f"; threshold {t.threshold:.3f} ({t.threshold_source})"
+        if t.call:
+            score += f"; call: {t.call}"
     else:
-        score += "; uncalibrated: no threshold"
+        score += "; uncalibrated: no threshold, no call"
     lines.append((score, (255, 255, 255)))
+    lines.append(("Dimmed: outside the region the model saw", (200, 200, 200)))
     lines.append(("Automated zero-shot estimate for review by a physician", (255, 220, 120)))
     return lines
 
 
+#: legend text height in pixels: legible at 100 % zoom, growing with the frame
+MIN_FONT = 14
+MAX_FONT = 26
+DIM = 0.4            # brightness kept outside the crop
+PANEL_ALPHA = 0.72   # legend panel opacity over the image
+MAX_PANEL_FRACTION = 0.45   # a taller legend goes below the image instead (small clips)
+
+
 def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
-    """The RGB pixels of one overlay: blended image with a legend band below it."""
+    """The RGB pixels of one overlay at the source frame's own size.
+
+    The heat map is mapped back through the preprocessing crop onto the full frame,
+    what lies outside the crop is dimmed, and the legend (DEMO banner first for the
+    demo model) is drawn on a translucent panel across the top. On a clip too small
+    for a legible legend (the panel would cover more than ``MAX_PANEL_FRACTION`` of
+    it) the legend goes in a band below the image instead: Columns stay, Rows grow.
+    """
     from PIL import Image, ImageDraw
+
+    from echonode.dicom.render import font, wrap
 
     if cam.frame is None or cam.heatmap is None:
         raise ValueError(f"PromptCam for task {cam.task_id!r} carries no frame/heatmap arrays")
-    img = blend(cam.frame, cam.heatmap)
-    h, w = img.shape[:2]
-    size = max(10, min(24, w // 32))
-    font, unicode_ok = _font(size)
+    base, crop = cam_geometry(cam)
+    h, w = base.shape[:2]
+    heat = heat_on_source(cam.heatmap, crop, (h, w))
+    img = blend(base, heat).astype(np.float32)
+    top, left, ch, cw = crop
+    inside = np.zeros((h, w), dtype=bool)
+    inside[top:top + ch, left:left + cw] = True
+    img[~inside] *= DIM
+    img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
-    def fix(text: str) -> str:  # the default font has no em dash
-        return text if unicode_ok else text.replace("\u2014", "-")
-    line_h = size + 4
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    avg = max(1.0, probe.textlength("abcdefghijklmnopqrstuvwxyz0123456789", font=font) / 36.0)
-    max_chars = max(12, int((w - 12) / avg))
-    wrapped: list[tuple[str, tuple[int, int, int]]] = []
+    size = max(MIN_FONT, min(MAX_FONT, round(w / 42)))
+    fnt, bold = font(size), font(size, bold=True)
+    pad = max(4, size // 3)
+    line_h = int(size * 1.3)
+    text_w = w - 2 * pad
+    rows: list[tuple[str, tuple[int, int, int], object]] = []
     for text, colour in _legend_lines(interp, cam):
-        for part in textwrap.wrap(fix(text), max_chars) or [""]:
-            wrapped.append((part, colour))
-    bar_h = max(6, size // 2)
-    band = 6 + line_h * len(wrapped) + bar_h + line_h + 6
-    canvas = Image.new("RGB", (w, h + band), (0, 0, 0))
+        rows += [(part, colour, fnt) for part in wrap(text, fnt, text_w)]
+    banner = wrap(DEMO_BANNER, bold, text_w) if interp.demo else []
+    bar_h = max(8, size // 2)
+    banner_h = (len(banner) * line_h + 2 * pad) if banner else 0
+    panel_h = banner_h + pad + len(rows) * line_h + bar_h + 4 + line_h + pad
+    below = panel_h > MAX_PANEL_FRACTION * h
+    canvas = Image.new("RGB", (w, h + (panel_h if below else 0)), (0, 0, 0))
     canvas.paste(Image.fromarray(img), (0, 0))
+    y0 = h if below else 0
+    if not below:   # translucent panel: the echo stays faintly visible under the text
+        region = np.asarray(canvas.crop((0, 0, w, panel_h)), dtype=np.float32) * (1.0 - PANEL_ALPHA)
+        canvas.paste(Image.fromarray(np.clip(region + 0.5, 0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    y = h + 6
-    for text, colour in wrapped:
-        draw.text((6, y), text, fill=colour, font=font)
+    y = y0
+    if banner:
+        draw.rectangle((0, y, w, y + banner_h - 1), fill=(150, 0, 0))
+        y += pad
+        for part in banner:
+            draw.text((pad, y), part, fill=(255, 255, 255), font=bold)
+            y += line_h
+        y += pad
+    y += pad
+    for text, colour, f in rows:
+        draw.text((pad, y), text, fill=colour, font=f, stroke_width=1, stroke_fill=(0, 0, 0))
         y += line_h
-    bar_w = max(10, w - 12)
+    bar_w = max(10, text_w)
     bar = jet(np.linspace(0.0, 1.0, bar_w))[None, :, :].repeat(bar_h, axis=0)
-    canvas.paste(Image.fromarray(bar), (6, y))
-    y += bar_h + 2
-    draw.text((6, y), "low", fill=(200, 200, 200), font=font)
-    hi_w = int(draw.textlength("high saliency", font=font))
-    draw.text((w - 6 - hi_w, y), "high saliency", fill=(200, 200, 200), font=font)
-    if interp.demo:  # also across the top of the image itself
-        draw.rectangle((0, 0, w, line_h + 4), fill=(120, 0, 0))
-        draw.text((6, 2), fix(DEMO_BANNER), fill=(255, 255, 255), font=font)
+    canvas.paste(Image.fromarray(bar), (pad, y))
+    y += bar_h + 4
+    draw.text((pad, y), "low", fill=(220, 220, 220), font=fnt)
+    hi = "high saliency"
+    draw.text((w - pad - int(draw.textlength(hi, font=fnt)), y), hi, fill=(220, 220, 220), font=fnt)
     return np.asarray(canvas, dtype=np.uint8)
 
 

@@ -37,6 +37,7 @@ from echonode.interpret import scoring
 from echonode.interpret.compare import PriorEmbedding, compare_with_priors, study_embedding as _study_embedding
 from echonode.interpret.prompts import Task, load_catalog
 from echonode.interpret.promptcam import ActivationCapture, head_from_activation, promptcam, promptcam_from_activation
+from echonode.model.preprocess import crop_box
 from echonode.interpretation import (
     CALL_UNCALIBRATED,
     DEMO_BANNER,
@@ -446,10 +447,13 @@ class Interpreter:
             if self.channel_order == "bgr":
                 frame = frame[..., ::-1]
             used = clip.ref.frames_used
+            source = np.ascontiguousarray(clip.frames[local], dtype=np.uint8)
             cams.append(PromptCam(
                 task_id=tid, prompt=ps[p], sop_instance_uid=clip.ref.sop_instance_uid,
                 frame_index=int(used[local]) if local < len(used) else local, score=float(sims[n, p]),
-                frame=np.ascontiguousarray(frame, dtype=np.uint8), heatmap=heat))
+                frame=np.ascontiguousarray(frame, dtype=np.uint8), heatmap=heat,
+                # the overlay maps the heat map back onto the full frame through this crop
+                source_frame=source, crop=crop_box(*source.shape[:2])))
         return cams
 
     def _head_split_ok(self, act: torch.Tensor, raw: torch.Tensor) -> bool:
