@@ -8,7 +8,9 @@ alpha-blended (weight grows with saliency, so cold regions show the echo unchang
 what lies outside the crop, which the model never saw, is dimmed. A legend panel is
 burned in across the top: for the demo model the DEMO banner, then task title, score,
 threshold and its source (or "uncalibrated"), the review statement and a colour bar,
-in DejaVu Sans at a size legible at 100 % zoom, wrapped to the image width.
+in DejaVu Sans at a size legible at 100 % zoom, wrapped to the image width. A clip too
+small to carry the legend over the image (under about 400 rows) gets it in a band below
+the image instead: Columns stay, Rows grow, the image part stays pixel-aligned.
 BurnedInAnnotation is YES. The SC images join the analysed study in a series of
 their own, with deterministic UIDs (:func:`echonode.dicom.result_uids.result_uid`,
 kinds ``sc`` / ``sc-series``), and reference their source frame.
@@ -164,7 +166,8 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     what lies outside the crop is dimmed, and the legend (DEMO banner first for the
     demo model) is drawn on a translucent panel across the top. On a clip too small
     for a legible legend (the panel would cover more than ``MAX_PANEL_FRACTION`` of
-    it) the legend goes in a band below the image instead: Columns stay, Rows grow.
+    it) the legend goes in a band below the image instead (Columns stay, Rows grow);
+    the DEMO banner stays across the top of the image.
     """
     from PIL import Image, ImageDraw
 
@@ -193,24 +196,21 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     banner = wrap(DEMO_BANNER, bold, text_w) if interp.demo else []
     bar_h = max(8, size // 2)
     banner_h = (len(banner) * line_h + 2 * pad) if banner else 0
-    panel_h = banner_h + pad + len(rows) * line_h + bar_h + 4 + line_h + pad
-    below = panel_h > MAX_PANEL_FRACTION * h
-    canvas = Image.new("RGB", (w, h + (panel_h if below else 0)), (0, 0, 0))
+    legend_h = pad + len(rows) * line_h + bar_h + 4 + line_h + pad
+    below = banner_h + legend_h > MAX_PANEL_FRACTION * h
+    canvas = Image.new("RGB", (w, h + (legend_h if below else 0)), (0, 0, 0))
     canvas.paste(Image.fromarray(img), (0, 0))
-    y0 = h if below else 0
     if not below:   # translucent panel: the echo stays faintly visible under the text
-        region = np.asarray(canvas.crop((0, 0, w, panel_h)), dtype=np.float32) * (1.0 - PANEL_ALPHA)
+        region = np.asarray(canvas.crop((0, 0, w, banner_h + legend_h)), dtype=np.float32) * (1.0 - PANEL_ALPHA)
         canvas.paste(Image.fromarray(np.clip(region + 0.5, 0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    y = y0
-    if banner:
-        draw.rectangle((0, y, w, y + banner_h - 1), fill=(150, 0, 0))
-        y += pad
+    if banner:   # always across the top of the image itself
+        draw.rectangle((0, 0, w, banner_h - 1), fill=(150, 0, 0))
+        y = pad
         for part in banner:
             draw.text((pad, y), part, fill=(255, 255, 255), font=bold)
             y += line_h
-        y += pad
-    y += pad
+    y = (h if below else banner_h) + pad
     for text, colour, f in rows:
         draw.text((pad, y), text, fill=colour, font=f, stroke_width=1, stroke_fill=(0, 0, 0))
         y += line_h
@@ -228,14 +228,50 @@ def _cam_ref(cam: PromptCam, by_uid: dict, sources) -> Dataset:
     return by_uid.get(cam.sop_instance_uid) or sources[0]
 
 
+def secondary_capture(interp: Interpretation, ref: Dataset, pixels: np.ndarray, *, kind: str, index: int,
+                      series_kind: str, series_number: int, description: str, comments: str,
+                      derivation: str = "") -> Dataset:
+    """An RGB Secondary Capture of ``pixels`` in ``ref``'s study (patient/study copied from
+    it), with deterministic UIDs (``result_uid`` kinds ``kind``/``index`` and
+    ``series_kind``), burned-in annotation declared, echonode as the equipment."""
+    import highdicom as hd
+
+    m = interp.model
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        patient_orientation=("L", "F"),   # replaced below: no orientation for a US view
+        series_instance_uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version,
+                                       series_kind),
+        series_number=series_number,
+        sop_instance_uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, kind, index),
+        instance_number=index + 1,
+        manufacturer=MANUFACTURER,
+        series_description=description[:64],
+    )
+    sc.PatientOrientation = ""   # type 2: unknown for an ultrasound view
+    # Laterality (type 2C) is absent for an unpaired body part; saying which one
+    # lets validators evaluate the condition.
+    sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEART")
+    sc.SpecificCharacterSet = "ISO_IR 192"
+    sc.BurnedInAnnotation = "YES"
+    sc.ManufacturerModelName = "echonode"
+    sc.SoftwareVersions = [__version__, m.weights_sha256[:16]]
+    sc.ImageComments = ((f"{DEMO_BANNER}. " if interp.demo else "") + comments)[:10240]
+    if derivation:
+        sc.DerivationDescription = derivation[:1024]
+    return sc
+
+
 def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Dataset]:
     """One RGB Secondary Capture per PromptCam in ``interp`` (empty list if none).
 
     ``sources``: the analysed instances, all in ``interp.study_instance_uid``
     (patient/study modules are copied from them).
     """
-    import highdicom as hd
-
     cams = [c for c in interp.promptcams if c.frame is not None and c.heatmap is not None]
     skipped = len(interp.promptcams) - len(cams)
     if skipped:
@@ -243,44 +279,20 @@ def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Datas
     if not cams:
         return []
     by_uid = _check_sources(interp, sources)
-    m = interp.model
-    series_uid = result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sc-series")
-    description = (f"{DEMO_BANNER} PromptCAM" if interp.demo else "EchoCLIP PromptCAM for physician review")[:64]
+    description = f"{DEMO_BANNER} PromptCAM" if interp.demo else "EchoCLIP PromptCAM for physician review"
     out = []
     for index, cam in enumerate(interp.promptcams):
         if cam.frame is None or cam.heatmap is None:
             continue
         ref = _cam_ref(cam, by_uid, sources)
-        pixels = render_overlay(interp, cam)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=ref,
-            pixel_array=pixels,
-            photometric_interpretation="RGB",
-            bits_allocated=8,
-            coordinate_system="PATIENT",
-            patient_orientation=("L", "F"),   # replaced below: no orientation for a US view
-            series_instance_uid=series_uid,
-            series_number=SC_SERIES_NUMBER,
-            sop_instance_uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version,
-                                        "sc", index),
-            instance_number=index + 1,
-            manufacturer=MANUFACTURER,
-            series_description=description,
-        )
-        sc.PatientOrientation = ""   # type 2: unknown for an ultrasound view
-        # Laterality (type 2C) is absent for an unpaired body part; saying which one
-        # lets validators evaluate the condition.
-        sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEART")
-        sc.SpecificCharacterSet = "ISO_IR 192"
-        sc.BurnedInAnnotation = "YES"
-        sc.ManufacturerModelName = "echonode"
-        sc.SoftwareVersions = [__version__, m.weights_sha256[:16]]
         t = interp.tasks.get(cam.task_id)
         title = t.title if t is not None else cam.task_id
-        sc.ImageComments = (f"{DEMO_BANNER}. " if interp.demo else "") + \
-            f"PromptCAM saliency for {title}; score {cam.score:.3f}. {interp.disclaimer}"
-        sc.DerivationDescription = (f"PromptCAM saliency of the prompt for {cam.task_id} "
-                                    f"blended over frame {cam.frame_index + 1}")[:1024]
+        sc = secondary_capture(
+            interp, ref, render_overlay(interp, cam), kind="sc", index=index, series_kind="sc-series",
+            series_number=SC_SERIES_NUMBER, description=description,
+            comments=f"PromptCAM saliency for {title}; score {cam.score:.3f}. {interp.disclaimer}",
+            derivation=(f"PromptCAM saliency of the prompt for {cam.task_id} mapped through the model's "
+                        f"crop onto frame {cam.frame_index + 1}; outside the crop dimmed"))
         if cam.sop_instance_uid in by_uid:
             src = Dataset()
             src.ReferencedSOPClassUID = ref.SOPClassUID
