@@ -171,7 +171,7 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     """
     from PIL import Image, ImageDraw
 
-    from echonode.dicom.render import font, wrap
+    from echonode.dicom.render import BANNER_BG, BANNER_FG, font, wrap
 
     if cam.frame is None or cam.heatmap is None:
         raise ValueError(f"PromptCam for task {cam.task_id!r} carries no frame/heatmap arrays")
@@ -186,8 +186,8 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
     size = max(MIN_FONT, min(MAX_FONT, round(w / 42)))
-    fnt, bold = font(size), font(size, bold=True)
-    pad = max(4, size // 3)
+    fnt, bold = font(size), font(round(size * 1.25), bold=True)   # the banner stands out
+    pad = max(8, size // 2)
     line_h = int(size * 1.3)
     text_w = w - 2 * pad
     rows: list[tuple[str, tuple[int, int, int], object]] = []
@@ -195,8 +195,9 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
         rows += [(part, colour, fnt) for part in wrap(text, fnt, text_w)]
     banner = wrap(DEMO_BANNER, bold, text_w) if interp.demo else []
     bar_h = max(8, size // 2)
-    banner_h = (len(banner) * line_h + 2 * pad) if banner else 0
-    legend_h = pad + len(rows) * line_h + bar_h + 4 + line_h + pad
+    banner_line = int(bold.size * 1.3)
+    banner_h = (len(banner) * banner_line + 2 * pad) if banner else 0
+    legend_h = pad + len(rows) * line_h + bar_h + pad + line_h + pad
     below = banner_h + legend_h > MAX_PANEL_FRACTION * h
     canvas = Image.new("RGB", (w, h + (legend_h if below else 0)), (0, 0, 0))
     canvas.paste(Image.fromarray(img), (0, 0))
@@ -205,11 +206,11 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
         canvas.paste(Image.fromarray(np.clip(region + 0.5, 0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     if banner:   # always across the top of the image itself
-        draw.rectangle((0, 0, w, banner_h - 1), fill=(150, 0, 0))
+        draw.rectangle((0, 0, w, banner_h - 1), fill=BANNER_BG)
         y = pad
         for part in banner:
-            draw.text((pad, y), part, fill=(255, 255, 255), font=bold)
-            y += line_h
+            draw.text((pad, y), part, fill=BANNER_FG, font=bold)
+            y += banner_line
     y = (h if below else banner_h) + pad
     for text, colour, f in rows:
         draw.text((pad, y), text, fill=colour, font=f, stroke_width=1, stroke_fill=(0, 0, 0))
@@ -217,7 +218,7 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     bar_w = max(10, text_w)
     bar = jet(np.linspace(0.0, 1.0, bar_w))[None, :, :].repeat(bar_h, axis=0)
     canvas.paste(Image.fromarray(bar), (pad, y))
-    y += bar_h + 4
+    y += bar_h + pad   # clear of the bar, so the labels read as text
     draw.text((pad, y), "low", fill=(220, 220, 220), font=fnt)
     hi = "high saliency"
     draw.text((w - pad - int(draw.textlength(hi, font=fnt)), y), hi, fill=(220, 220, 220), font=fnt)

@@ -48,7 +48,6 @@ FG = (235, 235, 235)
 DIM = (165, 165, 170)
 HEAD = (120, 190, 255)
 ALERT = (255, 170, 60)
-RED = (150, 0, 0)
 
 BODY = 24
 SMALL = 19
@@ -192,7 +191,7 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
     """The page's RGB pixels (rows, columns, 3) uint8; ``ref`` supplies the patient/study header."""
     from PIL import Image, ImageDraw
 
-    from echonode.dicom.render import font, wrap
+    from echonode.dicom.render import BANNER_BG, BANNER_FG, font, wrap
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
     width, min_height = size
@@ -266,10 +265,10 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
     draw = ImageDraw.Draw(canvas)
     y = 0
     if banner_rows:
-        draw.rectangle((0, 0, width, banner_h - 1), fill=RED)
+        draw.rectangle((0, 0, width, banner_h - 1), fill=BANNER_BG)
         y = 12
         for _, part, f in banner_rows:
-            draw.text((margin, y), part, font=f, fill=(255, 255, 255))
+            draw.text((margin, y), part, font=f, fill=BANNER_FG)
             y += line_h(f)
         y = banner_h
     y += 16
@@ -287,10 +286,10 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
     yb = height
     if interp.demo:
         yb -= banner_h
-        draw.rectangle((0, yb, width, height), fill=RED)
+        draw.rectangle((0, yb, width, height), fill=BANNER_BG)
         yy = yb + 12
         for _, part, f in banner_rows:
-            draw.text((margin, yy), part, font=f, fill=(255, 255, 255))
+            draw.text((margin, yy), part, font=f, fill=BANNER_FG)
             yy += line_h(f)
     yb -= len(foot) * line_h(f_foot) + margin // 2
     draw.line((margin, yb - 12, width - margin, yb - 12), fill=(80, 80, 90), width=2)

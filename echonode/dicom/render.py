@@ -18,7 +18,7 @@ from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FontError", "FONT_DIRS", "font", "font_is_dejavu", "wrap", "ascii_safe"]
+__all__ = ["BANNER_BG", "BANNER_FG", "FontError", "FONT_DIRS", "font", "font_is_dejavu", "wrap", "ascii_safe"]
 
 FONT_DIRS = (
     "/usr/share/fonts/truetype/dejavu",   # Debian / Ubuntu fonts-dejavu-core
@@ -26,6 +26,11 @@ FONT_DIRS = (
     "/usr/share/fonts/TTF",               # Arch
 )
 _FILES = {False: "DejaVuSans.ttf", True: "DejaVuSans-Bold.ttf"}
+
+#: the DEMO banner: black on safety yellow (ISO 3864 warning colours), readable on any
+#: monitor and by OCR, unlike light text on a dark band
+BANNER_BG = (255, 200, 0)
+BANNER_FG = (0, 0, 0)
 
 
 class FontError(RuntimeError):

@@ -111,8 +111,9 @@ def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[di
                 else:
                     items.append(TextContentItem(name=tc.private, value=f"{t.title}: not available",
                                                  relationship_type=CONTAINS))
-                for d in f.derived:
-                    items.append(TextContentItem(name=C.DERIVED_NOTE, value=d, relationship_type=CONTAINS))
+                if f.derived:   # one line: the summary must stay short enough for a first screen
+                    items.append(TextContentItem(name=C.DERIVED_NOTE, value="; ".join(f.derived),
+                                                 relationship_type=CONTAINS))
                 continue
             coded = _coded_call(t, tc)
             if coded is None:
@@ -146,7 +147,8 @@ def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[di
         value=("uncalibrated, score or estimate only, no yes/no call: " + ", ".join(unc)) if unc
         else "every call rests on a calibrated or published threshold"))
     items.append(TextContentItem(name=C.DISCLAIMER, value=interp.disclaimer, relationship_type=CONTAINS))
-    container = ContainerContentItem(name=SUMMARY, relationship_type=CONTAINS)
+    # SEPARATE: text renderers (dsr2html) show each item with its concept name, one per line
+    container = ContainerContentItem(name=SUMMARY, relationship_type=CONTAINS, is_content_continuous=False)
     container.ContentSequence = items
     return container
 
