@@ -6,7 +6,8 @@ the content tree in order, so the findings a cardiologist wants first go first:
 * :func:`insert_summary` puts a CONTAINER (121111, DCM, "Summary") in the root, right
   after the procedure reported and before the Imaging Measurements container. It holds
   the key findings of :func:`echonode.dicom.findings.key_findings` as coded items:
-  LVEF and PASP as NUM (LOINC / SCT concept, UCUM unit) with the derived LVEF
+  LVEF and PASP as NUM (LOINC / SCT concept, UCUM unit; one decimal, the per-task
+  group keeps the full value) with the derived LVEF
   categories as TEXT; device, chamber, hypertrophy, effusion, tamponade and right
   atrial pressure calls as CODE (the catalogue's concept and value codes); a task
   without a call (uncalibrated) as TEXT saying so; the comparison with the prior
@@ -106,7 +107,8 @@ def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[di
             tc = C.codes_for(t.task_id, t.title, t.unit, catalog)
             if t.mode == "regression":
                 if _finite(t.value):
-                    items.append(NumContentItem(name=tc.concept, value=float(t.value),
+                    # one decimal, as read (the per-task group keeps the full value)
+                    items.append(NumContentItem(name=tc.concept, value=round(float(t.value), 1),
                                                 unit=tc.unit or C.ucum(t.unit), relationship_type=CONTAINS))
                 else:
                     items.append(TextContentItem(name=tc.private, value=f"{t.title}: not available",
