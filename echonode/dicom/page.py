@@ -1,8 +1,9 @@
 """The key-results page: one RGB Secondary Capture per study (and optionally the same
 page as an Encapsulated PDF) that any viewer shows and a cardiologist reads first.
 
-Laid out for a landscape reading-room monitor (1920 × 1080 at 100 %; the page grows
-taller rather than cut anything), dark background, DejaVu Sans (:mod:`echonode.dicom.render`):
+Laid out for a 16:10 landscape reading-room monitor (1920 × 1200 at 100 %; the page
+grows taller rather than cut anything), dark background, DejaVu Sans
+(:mod:`echonode.dicom.render`):
 
 * the DEMO banner across the top for the demo model;
 * patient and study header (from the source headers), model name and version, date;
@@ -11,7 +12,7 @@ taller rather than cut anything), dark background, DejaVu Sans (:mod:`echonode.d
   haemodynamics (PASP, right atrial pressure);
 * column 3: the comparison with the prior study (date, similarity, flags), which calls
   are calibrated and which are uncalibrated, spelled out, processing notes;
-* footer: the review statement.
+* footer: the review statement, led by the DEMO banner's words for the demo model.
 
 Every number and word comes from the Interpretation (:mod:`echonode.dicom.findings`),
 never re-derived. UIDs are deterministic (``result_uid`` kinds ``page``/``page-series``
@@ -41,7 +42,7 @@ __all__ = ["build_page", "build_page_pdf", "render_page", "page_uids", "PAGE_SER
 
 PAGE_SERIES_NUMBER = 9903
 PDF_SERIES_NUMBER = 9904
-PAGE_SIZE = (1920, 1080)      # width, height: a landscape reading-room monitor at 100 %
+PAGE_SIZE = (1920, 1200)      # width, height: a 16:10 landscape reading-room monitor at 100 %
 
 BG = (18, 18, 22)
 FG = (235, 235, 235)
@@ -137,7 +138,7 @@ class _Block:
             self.rows.append(("text", part, self.f["body"], FG, 0))
         if detail:
             self.text(detail, self.f["small"], DIM, indent=16)
-        self.gap(6)
+        self.gap(4)
 
     def height(self) -> int:
         return sum(self._h(r) for r in self.rows)
@@ -258,7 +259,7 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
     banner_h = (sum(line_h(r[2]) for r in banner_rows) + 24) if banner_rows else 0
     head_h = sum(line_h(r[2]) for r in top if r[0] != "banner") + 24
     body_h = max(c.height() for c in cols)
-    foot_h = len(foot) * line_h(f_foot) + 2 * margin // 2 + (banner_h if interp.demo else 0)
+    foot_h = len(foot) * line_h(f_foot) + 2 * margin // 2
     height = max(min_height, banner_h + 16 + head_h + 24 + body_h + 24 + foot_h)
 
     canvas = Image.new("RGB", (width, height), BG)
@@ -282,15 +283,8 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
     y += 24
     for i, c in enumerate(cols):
         c.draw(draw, margin + i * (col_w + gutter), y)
-    # footer, from the bottom up: (banner again,) review statement
+    # footer: the review statement
     yb = height
-    if interp.demo:
-        yb -= banner_h
-        draw.rectangle((0, yb, width, height), fill=BANNER_BG)
-        yy = yb + 12
-        for _, part, f in banner_rows:
-            draw.text((margin, yy), part, font=f, fill=BANNER_FG)
-            yy += line_h(f)
     yb -= len(foot) * line_h(f_foot) + margin // 2
     draw.line((margin, yb - 12, width - margin, yb - 12), fill=(80, 80, 90), width=2)
     for part in foot:
