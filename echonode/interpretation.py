@@ -137,7 +137,7 @@ class Longitudinal:
 class PromptCam:
     """A PromptCAM saliency map for one task's prompt on the best-matching frame."""
 
-    ARRAYS = ("frame", "heatmap", "source_frame")   # left out of to_dict() unless asked
+    ARRAYS = ("frame", "heatmap", "source_frame", "cine_heatmaps", "cine_frames")  # left out of to_dict() unless asked
 
     task_id: str
     prompt: str
@@ -151,6 +151,12 @@ class PromptCam:
     # resized into ``frame``. Empty/None: ``frame`` is the whole source frame.
     source_frame: Any = None
     crop: tuple[int, ...] = ()
+    # With ``model.promptcam_cine``: the map on every analysed frame of the same clip,
+    # (T, H, W) float32 like ``heatmap``, the full source frames (T, Rows, Columns, 3)
+    # and their frame indices in the clip.
+    cine_heatmaps: Any = None
+    cine_frames: Any = None
+    cine_indices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,9 +227,11 @@ class Interpretation:
             c = dict(c)
             for key in PromptCam.ARRAYS:
                 if c.get(key) is not None:
-                    c[key] = np.asarray(c[key], dtype=np.float32 if key == "heatmap" else np.uint8)
-            if "crop" in c:
-                c["crop"] = tuple(int(v) for v in c["crop"])
+                    c[key] = np.asarray(c[key], dtype=np.float32 if key.endswith("heatmaps") or key == "heatmap"
+                                        else np.uint8)
+            for key in ("crop", "cine_indices"):
+                if key in c:
+                    c[key] = tuple(int(v) for v in c[key])
             cams.append(PromptCam(**c))
         return cls(
             study_instance_uid=d["study_instance_uid"],

@@ -128,3 +128,40 @@ def test_small_clip_legend_goes_below_never_cut(interp_factory, tmp_path):
     text = " ".join(ocr(save_png(px, tmp_path / "small.png")).split())
     assert "DEMO MODEL" in text and "NOT FOR CLINICAL" in text
     assert "review by" in text and "high saliency" in text
+
+
+def test_promptcam_cine_plays_every_analysed_frame_with_its_map(view_study, tmp_path):
+    """``promptcam_cine``: a Multi-frame True Color SC of the analysed frames, each with its
+    own map, at the clip's size, the markers in place on every frame; dciodvfy clean."""
+    from echonode.dicom.frames import load_clip
+    from echonode.dicom.overlays import MF_TRUE_COLOR_SC, build_cine_overlays
+    from echonode.interpret.engine import ClipInput, Interpreter
+    from echonode.interpretation import ClipRef
+    from echonode.model.preprocess import sample_indices
+    from echonode.pipeline.modelsel import DEMO_MODEL_DIR
+
+    src = view_study.source
+    clip = load_clip(view_study.path, indices=sample_indices(24, limit=12))
+    ref = ClipRef(sop_instance_uid=src.SOPInstanceUID, series_instance_uid=src.SeriesInstanceUID,
+                  sop_class_uid=src.SOPClassUID, n_frames=clip.n_frames, frames_used=tuple(clip.indices))
+    interp = Interpreter(DEMO_MODEL_DIR, promptcam_tasks=("pacemaker",), promptcam_cine=True).interpret(
+        src.StudyInstanceUID, [ClipInput(ref, clip.frames)])
+    (cam,) = interp.promptcams
+    assert cam.cine_heatmaps.shape[0] == len(clip.frames) == len(cam.cine_indices)
+    local = list(cam.cine_indices).index(cam.frame_index)
+    assert np.array_equal(cam.cine_heatmaps[local], cam.heatmap)    # the best frame's map is the still's
+    assert not np.array_equal(cam.cine_heatmaps[0], cam.cine_heatmaps[-1])
+    (sc,) = build_cine_overlays(interp, [src])
+    path = tmp_path / "cine.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert dciodvfy(path) == ([], [])
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == MF_TRUE_COLOR_SC and int(back.NumberOfFrames) == len(clip.frames)
+    assert (back.Rows, back.Columns) == (src.Rows, src.Columns)
+    assert [int(s.ReferencedFrameNumber) for s in back.SourceImageSequence] == [i + 1 for i in clip.indices]
+    px = back.pixel_array
+    r, c = MARKER_IN
+    for j in range(len(px)):
+        box = (r - 24, c - 24, r + MARKER + 24, c + MARKER + 24)
+        assert magenta_centroid(px[j], box) == pytest.approx((r + (MARKER - 1) / 2, c + (MARKER - 1) / 2), abs=1.0)
+    assert build_cine_overlays(view_study.interp, [src]) == []    # no cine maps, no cine

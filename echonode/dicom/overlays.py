@@ -20,7 +20,9 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Optional
 
 import numpy as np
 from pydicom import Dataset
@@ -36,7 +38,7 @@ from echonode.interpretation import (
 log = logging.getLogger(__name__)
 
 __all__ = ["build_overlays", "render_overlay", "jet", "SC_SERIES_NUMBER", "cam_geometry", "heat_on_source",
-           "crop_to_source", "peak_on_source"]
+           "crop_to_source", "peak_on_source", "build_cine_overlays", "render_cine"]
 
 SC_SERIES_NUMBER = 9902
 ALPHA_MAX = 0.55
@@ -133,12 +135,15 @@ def peak_on_source(cam: PromptCam) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ legend
-def _legend_lines(interp: Interpretation, cam: PromptCam) -> list[tuple[str, tuple[int, int, int]]]:
+def _legend_lines(interp: Interpretation, cam: PromptCam,
+                  cine_frame: Optional[int] = None) -> list[tuple[str, tuple[int, int, int]]]:
     t = interp.tasks.get(cam.task_id)
     title = t.title if t is not None else cam.task_id
     lines: list[tuple[str, tuple[int, int, int]]] = []
-    lines.append((f"PromptCAM: {title}", (255, 255, 255)))
-    score = f"Score {cam.score:.3f} (frame {cam.frame_index + 1})"
+    lines.append((f"PromptCAM: {title}" + (f", frame {cine_frame + 1}" if cine_frame is not None else ""),
+                  (255, 255, 255)))
+    score = f"Score {cam.score:.3f} (" + ("best match: " if cine_frame is not None else "") + \
+        f"frame {cam.frame_index + 1})"
     if t is not None and t.threshold is not None and t.threshold_source in (THRESHOLD_CALIBRATED, THRESHOLD_PUBLISHED):
         score += f"; threshold {t.threshold:.3f} ({t.threshold_source})"
         if t.call:
@@ -159,7 +164,7 @@ PANEL_ALPHA = 0.72   # legend panel opacity over the image
 MAX_PANEL_FRACTION = 0.45   # a taller legend goes below the image instead (small clips)
 
 
-def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
+def render_overlay(interp: Interpretation, cam: PromptCam, *, cine_frame: Optional[int] = None) -> np.ndarray:
     """The RGB pixels of one overlay at the source frame's own size.
 
     The heat map is mapped back through the preprocessing crop onto the full frame,
@@ -191,7 +196,7 @@ def render_overlay(interp: Interpretation, cam: PromptCam) -> np.ndarray:
     line_h = int(size * 1.3)
     text_w = w - 2 * pad
     rows: list[tuple[str, tuple[int, int, int], object]] = []
-    for text, colour in _legend_lines(interp, cam):
+    for text, colour in _legend_lines(interp, cam, cine_frame):
         rows += [(part, colour, fnt) for part in wrap(text, fnt, text_w)]
     banner = wrap(DEMO_BANNER, bold, text_w) if interp.demo else []
     bar_h = max(8, size // 2)
@@ -301,6 +306,73 @@ def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Datas
             if int(getattr(ref, "NumberOfFrames", 1) or 1) > 1:
                 src.ReferencedFrameNumber = cam.frame_index + 1
             sc.SourceImageSequence = DicomSequence([src])
+        out.append(sc)
+    return out
+
+
+MF_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"   # Multi-frame True Color Secondary Capture
+CINE_SERIES_NUMBER = 9905
+CINE_FRAME_TIME_MS = 250.0   # 4 analysed frames a second: slow enough to follow each map
+
+
+def render_cine(interp: Interpretation, cam: PromptCam) -> np.ndarray:
+    """(T, rows, columns, 3): the overlay of every analysed frame with its own map."""
+    if cam.cine_heatmaps is None or cam.cine_frames is None:
+        raise ValueError(f"PromptCam for task {cam.task_id!r} carries no cine maps (model.promptcam_cine)")
+    maps, frames = np.asarray(cam.cine_heatmaps), np.asarray(cam.cine_frames)
+    if len(maps) != len(frames) or len(maps) < 1:
+        raise ValueError(f"PromptCam {cam.task_id!r}: {len(maps)} cine maps for {len(frames)} frames")
+    indices = tuple(cam.cine_indices) or tuple(range(len(frames)))
+    out = [render_overlay(interp, dataclasses.replace(cam, heatmap=maps[j], source_frame=frames[j],
+                                                      frame=frames[j] if cam.source_frame is None else cam.frame),
+                          cine_frame=int(indices[j]))
+           for j in range(len(frames))]
+    return np.stack(out)
+
+
+def build_cine_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Dataset]:
+    """One Multi-frame True Color Secondary Capture per PromptCam that carries cine maps
+    (``model.promptcam_cine``): the analysed frames with their maps, played at
+    ``CINE_FRAME_TIME_MS``. Series ``sc-cine-series``, instances ``sc-cine``/index."""
+    cams = [(i, c) for i, c in enumerate(interp.promptcams) if c.cine_heatmaps is not None and c.cine_frames is not None]
+    if not cams:
+        return []
+    by_uid = _check_sources(interp, sources)
+    description = f"{DEMO_BANNER} PromptCAM cine" if interp.demo else "EchoCLIP PromptCAM cine for physician review"
+    out = []
+    for index, cam in cams:
+        ref = _cam_ref(cam, by_uid, sources)
+        pixels = render_cine(interp, cam)
+        t = interp.tasks.get(cam.task_id)
+        title = t.title if t is not None else cam.task_id
+        sc = secondary_capture(
+            interp, ref, pixels[0], kind="sc-cine", index=index, series_kind="sc-cine-series",
+            series_number=CINE_SERIES_NUMBER, description=description,
+            comments=f"PromptCAM saliency for {title} on each analysed frame. {interp.disclaimer}",
+            derivation=(f"PromptCAM saliency of the prompt for {cam.task_id} on each analysed frame, mapped "
+                        "through the model's crop onto the frame; outside the crop dimmed"))
+        sc.SOPClassUID = MF_TRUE_COLOR_SC
+        sc.file_meta.MediaStorageSOPClassUID = MF_TRUE_COLOR_SC
+        sc.NumberOfFrames = len(pixels)
+        sc.FrameTime = CINE_FRAME_TIME_MS
+        sc.FrameIncrementPointer = 0x00181063   # Frame Time
+        sc.PixelData = np.ascontiguousarray(pixels).tobytes()
+        sc.Rows, sc.Columns = int(pixels.shape[1]), int(pixels.shape[2])
+        for kw in ("ConversionType",):
+            if kw not in sc:
+                sc.ConversionType = "WSD"
+        if cam.sop_instance_uid in by_uid:
+            n = int(getattr(ref, "NumberOfFrames", 1) or 1)
+            items = []
+            for f in (cam.cine_indices or ()):
+                src = Dataset()
+                src.ReferencedSOPClassUID = ref.SOPClassUID
+                src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+                if n > 1:
+                    src.ReferencedFrameNumber = int(f) + 1
+                items.append(src)
+            if items:
+                sc.SourceImageSequence = DicomSequence(items)
         out.append(sc)
     return out
 
