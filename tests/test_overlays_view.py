@@ -165,3 +165,15 @@ def test_promptcam_cine_plays_every_analysed_frame_with_its_map(view_study, tmp_
         box = (r - 24, c - 24, r + MARKER + 24, c + MARKER + 24)
         assert magenta_centroid(px[j], box) == pytest.approx((r + (MARKER - 1) / 2, c + (MARKER - 1) / 2), abs=1.0)
     assert build_cine_overlays(view_study.interp, [src]) == []    # no cine maps, no cine
+
+
+def test_crop_and_source_frame_survive_json_round_trip(view_study):
+    """The crop is data: an Interpretation stored with its arrays renders the same overlay."""
+    from echonode.interpretation import Interpretation
+
+    interp = view_study.interp
+    back = Interpretation.from_dict(interp.to_dict(include_arrays=True))
+    cam, cam2 = interp.promptcams[0], back.promptcams[0]
+    assert cam2.crop == cam.crop and cam2.source_frame.shape == cam.source_frame.shape
+    assert np.array_equal(render_overlay(interp, cam), render_overlay(back, cam2))
+    assert "crop" in interp.to_dict()["promptcams"][0] and "source_frame" not in interp.to_dict()["promptcams"][0]

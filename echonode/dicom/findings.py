@@ -84,6 +84,8 @@ def _derived_words(key: str, flag: Optional[bool]) -> str:
     label = key.replace("_", " ")
     if key.startswith("lvef_lt_") and key[8:].isdigit():
         label = f"LVEF < {key[8:]} %"
+    elif key == "hfref":
+        label = "HFrEF"
     elif key.startswith("lvef_ge_") and key[8:].isdigit():
         label = f"LVEF \u2265 {key[8:]} %"
     return f"{label}: {word}"

@@ -162,10 +162,12 @@ class _Block:
 
 
 def _call_colour(f) -> tuple[int, int, int]:
+    """Amber for a device or finding present, grey for no call or a call without a
+    calibrated threshold (an argmax over levels), white for a calibrated call."""
+    if f.call == "not called" or (f.task.mode != "regression" and not f.calibrated):
+        return DIM
     if f.call == "PRESENT":
         return ALERT
-    if f.call == "not called":
-        return DIM
     return FG
 
 
