@@ -137,13 +137,26 @@ class Longitudinal:
 class PromptCam:
     """A PromptCAM saliency map for one task's prompt on the best-matching frame."""
 
+    ARRAYS = ("frame", "heatmap", "source_frame", "cine_heatmaps", "cine_frames")  # left out of to_dict() unless asked
+
     task_id: str
     prompt: str
     sop_instance_uid: str
     frame_index: int
     score: float
-    frame: Any = None      # np.ndarray (H, W, 3) uint8 RGB, the frame as decoded
+    frame: Any = None      # np.ndarray (H, W, 3) uint8 RGB, the frame as the model saw it
     heatmap: Any = None    # np.ndarray (H, W) float32 in [0, 1], same H, W as frame
+    # Where ``frame`` came from: the full decoded source frame (Rows, Columns, 3) uint8 RGB
+    # and the (top, left, height, width) region of it that preprocessing cropped and
+    # resized into ``frame``. Empty/None: ``frame`` is the whole source frame.
+    source_frame: Any = None
+    crop: tuple[int, ...] = ()
+    # With ``model.promptcam_cine``: the map on every analysed frame of the same clip,
+    # (T, H, W) float32 like ``heatmap``, the full source frames (T, Rows, Columns, 3)
+    # and their frame indices in the clip.
+    cine_heatmaps: Any = None
+    cine_frames: Any = None
+    cine_indices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ class Interpretation:
                 d = {}
                 for f in dataclasses.fields(obj):
                     v = getattr(obj, f.name)
-                    if isinstance(obj, PromptCam) and f.name in ("frame", "heatmap"):
+                    if isinstance(obj, PromptCam) and f.name in PromptCam.ARRAYS:
                         if not include_arrays:
                             continue
                         v = None if v is None else np.asarray(v).tolist()
@@ -212,9 +225,13 @@ class Interpretation:
         cams = []
         for c in d.get("promptcams", ()):
             c = dict(c)
-            for key in ("frame", "heatmap"):
+            for key in PromptCam.ARRAYS:
                 if c.get(key) is not None:
-                    c[key] = np.asarray(c[key], dtype=np.uint8 if key == "frame" else np.float32)
+                    c[key] = np.asarray(c[key], dtype=np.float32 if key.endswith("heatmaps") or key == "heatmap"
+                                        else np.uint8)
+            for key in ("crop", "cine_indices"):
+                if key in c:
+                    c[key] = tuple(int(v) for v in c[key])
             cams.append(PromptCam(**c))
         return cls(
             study_instance_uid=d["study_instance_uid"],

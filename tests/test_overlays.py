@@ -48,22 +48,18 @@ def test_overlays_valid_same_study_own_series(sources, tmp_path, demo):
 
 
 def test_demo_banner_is_burned_in(sources):
-    """The demo render differs from the clinical one in the banner rows: red pixels appear."""
+    """The demo render differs from the clinical one in the banner rows: the yellow band appears."""
     clinical = make_interpretation(sources, demo=False)
     demo = make_interpretation(sources, demo=True)
     a = render_overlay(clinical, clinical.promptcams[0])
     b = render_overlay(demo, demo.promptcams[0])
     h = clinical.promptcams[0].frame.shape[0]
-    # top banner across the image: dark red background
-    top = b[2:10, :, :].astype(int)
-    assert np.mean((top[..., 0] > 100) & (top[..., 1] < 40) & (top[..., 2] < 40)) > 0.5
+    # top banner across the image: safety-yellow background
+    top = b[1:4, :, :].astype(int)
+    assert np.mean((top[..., 0] > 200) & (top[..., 1] > 150) & (top[..., 2] < 60)) > 0.5
     assert not np.array_equal(a[:h], b[:h])
-    # legend: the first text line is the demo banner, drawn in red (the colour bar is lower)
-    def red(rows):
-        rows = rows.astype(int)
-        return np.any((rows[..., 0] > 200) & (rows[..., 1] < 100) & (rows[..., 2] < 100))
-    assert red(b[h + 2:h + 20])
-    assert not red(a[h + 2:h + 20])
+    # the clip is too small for the legend over the image: it is in a band below, in white
+    assert b.shape[0] > h and not np.array_equal(a[h:], np.zeros_like(a[h:]))
 
 
 def test_heatmap_is_blended_where_salient():

@@ -397,6 +397,9 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
     lon = _longitudinal_group(interp, index, by_uid)
     if lon is not None:
         groups.append(lon)
+    # after the groups above, so their tracking UIDs stay what they were
+    from echonode.dicom.sr_summary import insert_summary, promptcam_groups
+    groups.extend(promptcam_groups(interp, index + 1, by_uid, catalog))
     if not groups:
         raise SRBuildError("build_sr: nothing to report (no task results and no longitudinal comparison)")
 
@@ -406,6 +409,7 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
+    insert_summary(report[0], interp, by_uid, catalog)   # the key findings lead
     # TID 1500 row 12: CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
     qe = ContainerContentItem(name=C.QUALITATIVE_EVALUATIONS, relationship_type=CONTAINS)
     items = []

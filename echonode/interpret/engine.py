@@ -37,6 +37,7 @@ from echonode.interpret import scoring
 from echonode.interpret.compare import PriorEmbedding, compare_with_priors, study_embedding as _study_embedding
 from echonode.interpret.prompts import Task, load_catalog
 from echonode.interpret.promptcam import ActivationCapture, head_from_activation, promptcam, promptcam_from_activation
+from echonode.model.preprocess import crop_box
 from echonode.interpretation import (
     CALL_UNCALIBRATED,
     DEMO_BANNER,
@@ -238,7 +239,7 @@ class Interpreter:
 
     def __init__(self, bundle, r_bundle=None, *, device: str = "cpu", precision: str = "fp32",
                  channel_order: str = "bgr", tasks=None, promptcam_tasks: Iterable[str] = DEFAULT_PROMPTCAM_TASKS,
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32):
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32, promptcam_cine: bool = False):
         t0 = time.perf_counter()
         cache = PromptEmbeddingCache(cache_dir)
         self.device = device
@@ -259,6 +260,8 @@ class Interpreter:
             tasks = {t.id: t for t in tasks}
         self.tasks: dict[str, Task] = dict(tasks)
         self.promptcam_tasks = tuple(t for t in promptcam_tasks)
+        # also a map on every analysed frame of the best clip, for a cine overlay
+        self.promptcam_cine = bool(promptcam_cine)
         self.calibration: dict = dict(getattr(self.clip.bundle, "calibration", None) or {})
         self._prepare_prompts()
         self.init_seconds = time.perf_counter() - t0
@@ -446,10 +449,22 @@ class Interpreter:
             if self.channel_order == "bgr":
                 frame = frame[..., ::-1]
             used = clip.ref.frames_used
+            source = np.ascontiguousarray(clip.frames[local], dtype=np.uint8)
+            cine = {}
+            if self.promptcam_cine and acts is not None and self._head_split_ok(acts[n:n + 1], raw[n:n + 1]):
+                first = int(offsets[ci])
+                maps = [heat if j == local else
+                        promptcam_from_activation(self.clip.model, acts[first + j].to(self.clip.device), P[p], size)[0]
+                        for j in range(len(clip.frames))]
+                cine = dict(cine_heatmaps=np.stack(maps).astype(np.float32),
+                            cine_frames=np.ascontiguousarray(clip.frames, dtype=np.uint8),
+                            cine_indices=tuple(int(used[j]) if j < len(used) else j for j in range(len(clip.frames))))
             cams.append(PromptCam(
                 task_id=tid, prompt=ps[p], sop_instance_uid=clip.ref.sop_instance_uid,
                 frame_index=int(used[local]) if local < len(used) else local, score=float(sims[n, p]),
-                frame=np.ascontiguousarray(frame, dtype=np.uint8), heatmap=heat))
+                frame=np.ascontiguousarray(frame, dtype=np.uint8), heatmap=heat,
+                # the overlay maps the heat map back onto the full frame through this crop
+                source_frame=source, crop=crop_box(*source.shape[:2]), **cine))
         return cams
 
     def _head_split_ok(self, act: torch.Tensor, raw: torch.Tensor) -> bool:

@@ -27,33 +27,48 @@ from echonode.model.configs import OPENAI_MEAN, OPENAI_STD
 CHANNEL_ORDERS = ("bgr", "rgb")
 
 
+def crop_box(height: int, width: int, zoom: float = 0.1) -> tuple[int, int, int, int]:
+    """The region of an ``height``×``width`` frame that :func:`crop_and_scale` keeps.
+
+    Returns ``(top, left, crop_height, crop_width)`` in source pixels: the centred square
+    (Python's banker's rounding for its margin, as the reference), then ``int(dim * zoom)``
+    trimmed from each side; margins that round to 0 are skipped. The PromptCAM overlay
+    uses it to map the model-input heat map back onto the source frame.
+    """
+    h, w = int(height), int(width)
+    if h < 1 or w < 1:
+        raise ValueError(f"crop_box expects a positive frame size, got {h}x{w}")
+    top = left = 0
+    if w > h:
+        pad = int(round((w - h) / 2))
+        if pad > 0:
+            left, w = pad, w - 2 * pad
+    elif h > w:
+        pad = int(round((h - w) / 2))
+        if pad > 0:
+            top, h = pad, h - 2 * pad
+    if zoom:
+        pad_x, pad_y = int(w * zoom), int(h * zoom)
+        if pad_y > 0:
+            top, h = top + pad_y, h - 2 * pad_y
+        if pad_x > 0:
+            left, w = left + pad_x, w - 2 * pad_x
+    return top, left, h, w
+
+
 def crop_and_scale(frame: np.ndarray, size: int = 224, zoom: float = 0.1,
                    interpolation: int = cv2.INTER_CUBIC) -> np.ndarray:
     """Centre-crop to square, trim ``zoom`` of each side, resize to ``size``×``size``.
 
     Same arithmetic as the reference (Python's banker's rounding for the square crop,
     ``int(dim * zoom)`` for the trim); margins that round to 0 are skipped, not sliced.
+    The kept region is :func:`crop_box`.
     """
     frame = np.asarray(frame)
     if frame.ndim not in (2, 3) or frame.shape[0] < 1 or frame.shape[1] < 1:
         raise ValueError(f"crop_and_scale expects an (H, W[, C]) image, got shape {frame.shape}")
-    h, w = frame.shape[:2]
-    if w > h:
-        pad = int(round((w - h) / 2))
-        if pad > 0:
-            frame = frame[:, pad:w - pad]
-    elif h > w:
-        pad = int(round((h - w) / 2))
-        if pad > 0:
-            frame = frame[pad:h - pad]
-    if zoom:
-        h, w = frame.shape[:2]
-        pad_x = int(w * zoom)
-        pad_y = int(h * zoom)
-        if pad_y > 0:
-            frame = frame[pad_y:h - pad_y]
-        if pad_x > 0:
-            frame = frame[:, pad_x:w - pad_x]
+    top, left, h, w = crop_box(frame.shape[0], frame.shape[1], zoom)
+    frame = frame[top:top + h, left:left + w]
     return cv2.resize(np.ascontiguousarray(frame), (size, size), interpolation=interpolation)
 
 
