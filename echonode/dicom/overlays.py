@@ -24,7 +24,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from echonode import __version__
 from echonode.dicom.result_uids import result_uid
-from echonode.dicom.sr import MANUFACTURER, _check_sources
+from echonode.dicom.sr import MANUFACTURER, check_sources
 from echonode.interpretation import (
     DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_PUBLISHED, Interpretation, PromptCam,
 )
@@ -163,7 +163,7 @@ def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Datas
         log.warning("build_overlays: %d PromptCAM map(s) without pixel arrays skipped", skipped)
     if not cams:
         return []
-    by_uid = _check_sources(interp, sources)
+    by_uid = check_sources(interp, sources)
     m = interp.model
     series_uid = result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sc-series")
     description = (f"{DEMO_BANNER} PromptCAM" if interp.demo else "EchoCLIP PromptCAM for physician review")[:64]

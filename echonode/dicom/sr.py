@@ -57,7 +57,7 @@ from echonode.interpretation import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_sr", "SRBuildError", "MANUFACTURER", "SR_SERIES_NUMBER", "sr_uids", "algorithm_name"]
+__all__ = ["build_sr", "check_sources", "SRBuildError", "MANUFACTURER", "SR_SERIES_NUMBER", "sr_uids", "algorithm_name"]
 
 MANUFACTURER = "echonode"
 SR_SERIES_NUMBER = 9901
@@ -155,10 +155,10 @@ def _source_images(interp: Interpretation, by_uid: dict, only: Optional[Iterable
     return items
 
 
-def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict,
-                catalog: Optional[dict]) -> MeasurementsAndQualitativeEvaluations:
+def _task_group(interp: Interpretation, t: TaskResult, index: int,
+                by_uid: dict) -> MeasurementsAndQualitativeEvaluations:
     m = interp.model
-    tc = C.codes_for(t.task_id, t.title, t.unit, catalog)
+    tc = C.codes_for(t)
     tracking = TrackingIdentifier(
         identifier=f"echonode {t.task_id}",
         uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "tracking", index),
@@ -296,7 +296,9 @@ def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
     return group
 
 
-def _check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
+def check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
+    """Header copies of ``sources`` by SOP Instance UID, checked to belong to ``interp``'s study
+    (shared by the SR and the overlay writers). Raises :class:`SRBuildError`."""
     # UIDs from the cart: the receive side accepts leading-zero components (strict=False), so must we
     study = check_uid(interp.study_instance_uid, "Interpretation.study_instance_uid", strict=False)
     if not sources:
@@ -367,16 +369,15 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optional[dict] = None) -> Dataset:
+def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for ``interp`` (a pydicom Dataset, not yet written).
 
     ``sources``: the analysed instances (pixel data not needed); all must be in
     ``interp.study_instance_uid``. Raises :class:`SRBuildError` otherwise.
-    ``catalog``: the task catalogue in use ({task id: Task}, e.g.
-    ``load_catalog(settings.model.tasks_file)`` so site tasks keep their codes);
-    default: the built-in catalogue.
+    Task codes are the ones each ``TaskResult.coding`` carries (the catalogue the
+    Interpreter used, site file included).
     """
-    by_uid = _check_sources(interp, sources)
+    by_uid = check_sources(interp, sources)
     m = interp.model
     sop_uid, series_uid = sr_uids(interp)
 
@@ -392,7 +393,7 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
     groups = []
     index = 0
     for t in interp.tasks.values():
-        groups.append(_task_group(interp, t, index, by_uid, catalog))
+        groups.append(_task_group(interp, t, index, by_uid))
         index += 1
     lon = _longitudinal_group(interp, index, by_uid)
     if lon is not None:

@@ -35,7 +35,7 @@ import torch
 from echonode import __version__
 from echonode.interpret import scoring
 from echonode.interpret.compare import PriorEmbedding, compare_with_priors, study_embedding as _study_embedding
-from echonode.interpret.prompts import Task, load_catalog
+from echonode.interpret.prompts import Task, load_catalog, task_coding
 from echonode.interpret.promptcam import ActivationCapture, head_from_activation, promptcam, promptcam_from_activation
 from echonode.interpretation import (
     CALL_UNCALIBRATED,
@@ -370,7 +370,7 @@ class Interpreter:
     def _score_task(self, task: Task, pooled: torch.Tensor, per_clip: list[torch.Tensor], uids: list[str]) -> TaskResult:
         P = self._task_emb[task.id]
         _, values = self._task_texts[task.id]
-        common = dict(task_id=task.id, title=task.title, mode=task.mode, group=task.group)
+        common = dict(task_id=task.id, title=task.title, mode=task.mode, group=task.group, coding=task_coding(task))
         if task.mode == "binary":
             score = scoring.binary_score(pooled, P)
             th, src = self.threshold(task)
