@@ -175,12 +175,12 @@ def main() -> int:
 
         from echonode.config import load_settings
         from echonode.store import db
-        from echonode.store import results as rs
+        from echonode.store import interpretations, status
         Session = db.session_factory(db.get_engine(load_settings(cfg_path, env={}).db_url))
 
         def worker_interpret_s(uid):
             with Session() as s:
-                d = rs.latest_interpretation(s, uid) or {}
+                d = interpretations.latest_interpretation(s, uid) or {}
             return float((d.get("timings") or {}).get("total", float("nan")))
 
         # latency, one study (one A4C clip) at a time
@@ -237,10 +237,10 @@ def main() -> int:
         stages: dict[str, list[float]] = {}
         with Session() as s:
             for uid, _ in studies:
-                d = rs.latest_interpretation(s, uid) or {}
+                d = interpretations.latest_interpretation(s, uid) or {}
                 for k, v in (d.get("timings") or {}).items():
                     stages.setdefault(k, []).append(float(v))
-            durations = rs.job_durations(s, limit=args.n)
+            durations = status.job_durations(s, limit=args.n)
         emit(bench="pipeline", stage="throughput", device=args.device, studies=args.n, seconds=round(span, 2),
              studies_per_s=round(args.n / span, 3), clips_per_s=round(args.n / span, 3),
              job_mean_s=round(statistics.mean(durations), 2) if durations else None,

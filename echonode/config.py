@@ -308,7 +308,3 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     if overrides:
         data = _merge(data, overrides)
     return _build(Settings, data, "")
-
-
-def settings_as_dict(settings: Settings) -> dict:
-    return dataclasses.asdict(settings)

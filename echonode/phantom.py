@@ -61,9 +61,6 @@ EFFUSION_WORDS = ("NONE", "SMALL", "MODERATE", "LARGE")
 A4C_VIEW_CODE = ("399214001", "SCT", "Apical four chamber")
 US_MULTIFRAME_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-#: UID root for phantom objects (2.25 = UUID-derived root, PS3.5 §B.2); the rest is a
-#: hash of the seed and the object's role, so the same seed gives the same UIDs.
-_UID_ROOT = "2.25."
 
 
 # --------------------------------------------------------------------------- truth
@@ -617,8 +614,9 @@ def make_clip(seed: int, truth: Optional[PhantomTruth] = None, *, n_frames: int 
 # --------------------------------------------------------------------------- DICOM
 
 def _uid(*parts: object) -> str:
-    h = hashlib.sha256("|".join(map(str, ("echonode-phantom",) + parts)).encode()).digest()
-    return _UID_ROOT + str(int.from_bytes(h[:16], "big"))
+    from echonode.dicom.uids import derived_uid
+
+    return derived_uid("echonode-phantom", *parts)
 
 
 def _encode_jpeg_frames(frames: np.ndarray, quality: int) -> list[bytes]:

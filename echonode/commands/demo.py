@@ -272,7 +272,7 @@ def run(args) -> int:
         from tqdm import tqdm
 
         from echonode.store import db
-        from echonode.store import results as rs
+        from echonode.store import interpretations, outbox
         from echonode.store.models import AnalysisJob
         Session = db.session_factory(db.get_engine(settings.db_url))
         uids = {s["study_uid"] for s in studies}
@@ -284,7 +284,7 @@ def run(args) -> int:
             with Session() as s:
                 jobs = {j.study_instance_uid: (j.state, j.error) for j in s.query(AnalysisJob)
                         if j.study_instance_uid in uids}
-                pending_outbox = rs.outbox_due_count(s)
+                pending_outbox = outbox.due_count(s)
             for uid, (state, err) in jobs.items():
                 if state in ("done", "failed", "waiting_model") and uid not in finished:
                     if state != "done" or not orthanc or any(
@@ -308,7 +308,7 @@ def run(args) -> int:
                   "results_dir": str(settings.results_path), "studies": []}
         for st in studies:
             with Session() as s:
-                interp = rs.latest_interpretation(s, st["study_uid"])
+                interp = interpretations.latest_interpretation(s, st["study_uid"])
                 state, err = s.query(AnalysisJob.state, AnalysisJob.error).filter(
                     AnalysisJob.study_instance_uid == st["study_uid"]).order_by(AnalysisJob.id.desc()).first()
             back = orthanc.study_objects(st["study_uid"]) if orthanc else []

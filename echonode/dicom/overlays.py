@@ -211,11 +211,3 @@ def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Datas
             sc.SourceImageSequence = DicomSequence([src])
         out.append(sc)
     return out
-
-
-def overlay_uid(interp: Interpretation, index: int) -> str:
-    m = interp.model
-    return result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sc", index)
-
-
-__all__.append("overlay_uid")

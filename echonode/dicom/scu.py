@@ -30,9 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import ssl
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ from echonode.store import outbox as ob
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "write_results", "enqueue", "deliver_pending", "publish", "DeliverySummary", "CommitmentListener",
+    "write_results", "enqueue", "deliver_pending", "DeliverySummary", "CommitmentListener",
     "commitment_report_handler", "DeliveryError", "STORAGE_COMMITMENT_PUSH", "STORAGE_COMMITMENT_INSTANCE",
 ]
 
@@ -64,48 +62,21 @@ class DeliveryError(RuntimeError):
 
 
 # ------------------------------------------------------------------ result files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -> list[ob.OutboxObject]:
     """Write each dataset to ``<results_path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
 
     UIDs are validated before they become path components; the write is atomic
-    (temp file, fsync, rename) so a reader never sees half a file.
+    (:func:`echonode.files.atomic_write`) so a reader never sees half a file.
     """
+    from echonode.files import atomic_write
+
     root = Path(results_path)
     out = []
     for ds in datasets:
         study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID", strict=False)
         sop = check_uid(getattr(ds, "SOPInstanceUID", None), "result SOPInstanceUID")
         cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
-        folder = root / study
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{sop}.dcm"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(folder)
+        final = atomic_write(root / study / f"{sop}.dcm", lambda fh: ds.save_as(fh, enforce_file_format=True))
         out.append(ob.OutboxObject(path=str(final), sop_instance_uid=sop, sop_class_uid=cls,
                                    study_instance_uid=study, kind=KIND_BY_CLASS.get(cls, "")))
     return out
@@ -161,20 +132,6 @@ def enqueue(session, objects: Sequence[Union[Dataset, str, Path, ob.OutboxObject
     if not names or not items:
         return []
     return ob.add(session, items, names, now=now)
-
-
-def publish(settings: Settings, session, interp, sources: Sequence[Dataset]) -> list[Path]:
-    """Build the SR and PromptCAM overlays for ``interp``, write them under
-    ``settings.results_path`` and enqueue them for every configured destination.
-    Returns the written paths (in SR, overlays order)."""
-    from echonode.dicom.overlays import build_overlays
-    from echonode.dicom.sr import build_sr
-
-    datasets = [build_sr(interp, list(sources))] + build_overlays(interp, list(sources))
-    objs = write_results(settings.results_path, datasets)
-    if settings.delivery.destinations:
-        ob.add(session, objs, _dest_names(settings.delivery.destinations))
-    return [Path(o.path) for o in objs]
 
 
 # ------------------------------------------------------------------ delivery

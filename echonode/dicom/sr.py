@@ -29,7 +29,6 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from typing import Iterable, Optional, Sequence
@@ -49,7 +48,7 @@ from pydicom.sr.codedict import codes
 from echonode import __version__
 from echonode.dicom import sr_codes as C
 from echonode.dicom.result_uids import result_uid
-from echonode.dicom.uids import check_uid
+from echonode.dicom.uids import check_uid, derived_uid
 from echonode.interpretation import (
     CALL_ABSENT, CALL_PRESENT, DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_NONE,
     THRESHOLD_PUBLISHED, Interpretation, TaskResult,
@@ -86,8 +85,7 @@ def sr_uids(interp: Interpretation) -> tuple[str, str]:
 
 def device_uid(weights_sha256: str, version: str) -> str:
     """The device observer UID: one per (weights, echonode version), study independent."""
-    digest = hashlib.sha256(f"echonode-device|{weights_sha256.lower()}|{version}".encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    return derived_uid("echonode-device", weights_sha256.lower(), version)
 
 
 def _finite(x) -> bool:

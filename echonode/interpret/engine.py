@@ -225,6 +225,10 @@ class _Encoder:
 
 # ------------------------------------------------------------------------ interpreter
 
+class NoUsableClipError(ValueError):
+    """None of a study's clips could be analysed (the study fails; one bad clip alone does not)."""
+
+
 class Interpreter:
     """EchoCLIP zero-shot interpretation of one study's A4C clips.
 
@@ -480,19 +484,27 @@ class Interpreter:
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if not clips:
-            raise ValueError("no clips to interpret")
-        for c in clips:
-            f = np.asarray(c.frames)
-            if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8 or f.shape[0] < 1:
-                raise ValueError(f"clip {c.ref.sop_instance_uid}: frames must be (T, H, W, 3) uint8 with T >= 1, "
-                                 f"got {f.shape} {f.dtype}")
-
+            raise NoUsableClipError("no clips to interpret")
         t = time.perf_counter()
-        scaled, xs = [], []
+        usable, scaled, xs = [], [], []
         for c in clips:
-            s, x = self.clip.preprocess(c.frames)
+            # one bad clip is one bad clip: it is left out with a warning, the others are analysed
+            try:
+                f = np.asarray(c.frames)
+                if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8 or f.shape[0] < 1:
+                    raise ValueError(f"frames must be (T, H, W, 3) uint8 with T >= 1, got {f.shape} {f.dtype}")
+                s, x = self.clip.preprocess(c.frames)
+            except Exception as exc:
+                log.warning("clip %s not analysed: preprocessing failed: %s", c.ref.sop_instance_uid, exc)
+                warnings.append(f"clip {c.ref.sop_instance_uid} not analysed: preprocessing failed "
+                                f"({type(exc).__name__}: {exc})")
+                continue
+            usable.append(c)
             scaled.append(s)
             xs.append(x)
+        if not usable:
+            raise NoUsableClipError("no clip of the study could be preprocessed (" + "; ".join(warnings) + ")")
+        clips = usable
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()

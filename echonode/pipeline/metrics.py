@@ -116,7 +116,7 @@ def _histogram(lines: list[str], name: str, help_text: str, samples: list[float]
 
 def sql_metrics(session_factory) -> list[str]:
     """Gauges and the job-duration histogram, read from SQL."""
-    from echonode.store import results as rs
+    from echonode.store import status as rs
 
     lines: list[str] = []
     with session_factory() as s:

@@ -8,7 +8,7 @@ from echonode.config import Settings
 def pipeline_status(settings: Settings, session, *, recent: int = 10) -> dict:
     """Keys added to the status dict: ``queue``, ``waiting_model``, ``recent_results``, ``failed_jobs``."""
     from echonode.pipeline.celery_app import broker_kind, queue_depths
-    from echonode.store import results as rs
+    from echonode.store import status as rs
 
     depths = queue_depths(settings)
     return {

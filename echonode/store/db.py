@@ -23,12 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from echonode.store.base import Base
 
-for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.results"):
-    try:
-        importlib.import_module(_mod)
-    except ModuleNotFoundError as _exc:  # a table module not written yet
-        if _exc.name != _mod:
-            raise
+for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.interpretations",
+             "echonode.store.jobs"):
+    importlib.import_module(_mod)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
