@@ -34,6 +34,14 @@ def _settings(tmp_path, dicom_port, *, commitment=False, listener_port=0, max_at
     return load_settings(env={}, overrides=over)
 
 
+def publish(settings, session, interp, sources) -> list[Path]:
+    """The application path's publish step (echonode.analysis) for a hand-made Interpretation."""
+    from echonode.analysis import Analysis
+    from echonode.analysis import publish as publish_analysis
+
+    return [Path(o.path) for o in publish_analysis(settings, session, Analysis(interp, headers=list(sources))).objects]
+
+
 def _store(settings):
     db.migrate(settings.db_url)
     engine = db.make_engine(settings.db_url)
@@ -55,7 +63,7 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        paths = scu.publish(settings, s, interp, sources)
+        paths = publish(settings, s, interp, sources)
     assert len(paths) == 3
     for p in paths:  # files under results/<study uid>/ before any send
         assert p.parent == settings.results_path / interp.study_instance_uid and p.is_file()
@@ -77,7 +85,7 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     # a re-run of the same model: same UIDs, the outbox row is reset, Orthanc keeps one copy
     again = make_interpretation(sources)
     with sf() as s:
-        paths2 = scu.publish(settings, s, again, sources)
+        paths2 = publish(settings, s, again, sources)
     assert paths2 == paths
     assert len(_rows(sf)) == 3 and {r["state"] for r in _rows(sf)} == {"pending"}
     summary = scu.deliver_pending(settings, sf)
@@ -93,7 +101,7 @@ def test_orthanc_down_retries_with_backoff_then_delivers(orthanc, sources, tmp_p
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
     orthanc.stop()
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
     summary = scu.deliver_pending(settings, sf, now=t0)
@@ -130,7 +138,7 @@ def test_dead_letter_and_outbox_cli(orthanc, sources, tmp_path, capsys):
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
     orthanc.stop()
     capsys.readouterr()
     assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 0
@@ -159,7 +167,7 @@ def test_storage_commitment_with_orthanc(orthanc, sources, tmp_path):
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
     with scu.CommitmentListener(settings, sf):
         summary = scu.deliver_pending(settings, sf)
         assert (summary.claimed, summary.committing, summary.delivered) == (3, 3, 0)
@@ -182,7 +190,7 @@ def test_commitment_without_report_times_out_and_is_resent(orthanc, sources, tmp
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
     assert scu.deliver_pending(settings, sf, now=t0).committing == 1
     assert _rows(sf)[0]["state"] == "committing"
@@ -220,7 +228,7 @@ def test_failure_and_warning_statuses_are_recorded(status_scp, sources, tmp_path
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
     summary = scu.deliver_pending(settings, sf)
     assert (summary.delivered, summary.warnings, summary.retrying) == (2, 2, 1)
     rows = {r["kind"] + str(i): r for i, r in enumerate(_rows(sf))}
@@ -323,7 +331,7 @@ def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish(settings, s, interp, sources)
         (row,) = ob.claim_due(s)
         tx = pydicom.uid.generate_uid()
         ob.mark_committing(s, [row.id], tx)
@@ -366,7 +374,7 @@ def test_mutual_tls_delivery(orthanc_tls, sources, tmp_path):
                                            "port": orthanc_tls.dicom_port, "tls": tls}]}})
         engine, sf = _store(settings)
         with sf() as s:
-            scu.publish(settings, s, interp, sources)
+            publish(settings, s, interp, sources)
         summary = scu.deliver_pending(settings, sf)
         (row,) = _rows(sf)
         if with_cert:
@@ -389,7 +397,7 @@ def test_node_scp_receives_commitment_reports(orthanc, sources, tmp_path):
     try:
         interp = make_interpretation(sources, promptcams=False)
         with sf() as s:
-            scu.publish(settings, s, interp, sources)
+            publish(settings, s, interp, sources)
         assert scu.deliver_pending(settings, sf).committing == 1
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _rows(sf)[0]["state"] != "delivered":
