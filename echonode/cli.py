@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from echonode.store.db import NotMigrated   # read-only commands never migrate
+
+        if isinstance(exc, NotMigrated):
+            print(f"echonode {args.command}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
     return EXIT_OK if rc is None else int(rc)
 
 

@@ -311,9 +311,37 @@ def test_config_before_the_outbox_action_is_used(tmp_path, monkeypatch, capsys):
     assert main(["outbox", "list", "--config", str(bad)]) == 3
     good = tmp_path / "good.toml"
     good.write_text(f'data_dir = "{tmp_path / "configured"}"\n')
-    assert main(["outbox", "--config", str(good), "list", "--json"]) == 0
-    assert (tmp_path / "configured").is_dir() and not (tmp_path / "echonode-data").exists()
     capsys.readouterr()
+    # a read-only command never creates nor migrates the database: it says where it looked
+    assert main(["outbox", "--config", str(good), "list", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "no database yet" in err and str(tmp_path / "configured") in err, err
+    assert not (tmp_path / "configured").exists() and not (tmp_path / "echonode-data").exists()
+    db.migrate(f"sqlite:///{tmp_path / 'configured' / 'echonode.sqlite3'}")
+    assert main(["outbox", "--config", str(good), "list", "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_status_never_migrates(tmp_path, capsys):
+    """`echonode status` on a database that is behind says so, and leaves it as it is."""
+    from echonode.cli import main
+
+    data = tmp_path / "data"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data_dir = "{data}"\n')
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert "no database yet" in capsys.readouterr().err and not data.exists()
+    url = f"sqlite:///{data / 'echonode.sqlite3'}"
+    db.migrate(url, "0001_ingest")
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert "not migrated yet" in capsys.readouterr().err
+    assert db.current_revision(url).startswith("0001"), "status did not migrate"
+    db.migrate(url)
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    capsys.readouterr()
+    # the database file holds patient data: 0640, its directory 0750
+    assert (data / "echonode.sqlite3").stat().st_mode & 0o777 == 0o640
+    assert data.stat().st_mode & 0o777 == 0o750
 
 
 def test_backoff_delay():
