@@ -196,7 +196,8 @@ def _load_study(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, 
             if header is not None:
                 headers.append(header)
             continue
-        # the reason names the defect, never the file's patient data
+        # the reason names the defect, not where the node keeps its files (the SR goes to the PACS)
+        reason = reason.replace(str(src.path), Path(src.path).name)
         log.warning("clip %s not analysed: %s", name, reason)
         warnings.append(f"clip {name} not analysed: {reason}")
     return inputs, headers, warnings

@@ -26,6 +26,16 @@ def _settings(tmp_path, tiny_bundle, tiny_bundle_r, destinations=()):
     return s
 
 
+def _texts(ds) -> list[str]:
+    """Every TEXT value anywhere in an SR's content tree."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out += _texts(item)
+    return out
+
+
 def _job(Session, job_id):
     with Session() as s:
         j = s.get(AnalysisJob, job_id)
@@ -109,3 +119,38 @@ def test_undecodable_clip_fails_with_reason(tmp_path, tiny_bundle, tiny_bundle_r
     assert analyse_job(rt, job) == "failed"
     state, _, err = _job(rt.Session, job)
     assert state == "failed" and "no clip of the study could be decoded" in err
+
+
+def test_one_bad_clip_is_one_bad_clip(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
+    """A clip whose header is damaged after it was indexed (NumberOfFrames "wide": the decoder
+    raises IndexError, not a decode error) is left out with a warning in the Interpretation
+    and the SR; the study's other clip is analysed and the job is done."""
+    from echonode.pipeline.tasks import WorkerRuntime, analyse_job
+
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r)
+    study_uid, files = phantom_factory(patient_id="PIPE4", study_date="20230105", seed=6, n_clips=2)
+    [job] = ingest(settings, files)
+    rt = WorkerRuntime(settings, worker_id="w")
+    with rt.Session() as s:
+        ctx = jobs.job_context(s, job)
+    bad = ctx.clips[0]
+    stored = settings.data_path / bad.path
+    ds = pydicom.dcmread(stored)
+    ds.NumberOfFrames = 7777
+    ds.save_as(stored)
+    raw = stored.read_bytes()
+    assert raw.count(b"7777") == 1
+    stored.write_bytes(raw.replace(b"7777", b"wide"))
+
+    assert analyse_job(rt, job) == "done"
+    with rt.Session() as s:
+        interp = interpretations.latest_interpretation(s, study_uid)
+    assert [c["sop_instance_uid"] for c in interp["clips"]] == [ctx.clips[1].sop_instance_uid]
+    [warning] = [w for w in interp["warnings"] if "not analysed" in w]
+    assert bad.sop_instance_uid in warning and "IndexError" in warning
+    [sr] = [d for d in (pydicom.dcmread(p) for p in (settings.results_path / study_uid).glob("*.dcm"))
+            if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert warning in _texts(sr), "the SR names the clip that was left out"
+    assert bad.sop_instance_uid not in {str(r.ReferencedSOPInstanceUID)
+                                        for e in sr.CurrentRequestedProcedureEvidenceSequence
+                                        for se in e.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
