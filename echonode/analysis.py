@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("echonode.analysis")
 
 __all__ = ["AnalysisError", "JobTakenOver", "ClipSource", "Analysis", "Published", "load_task_catalog",
-           "make_interpreter", "read_instance", "instance_path", "analyse", "result_datasets", "publish",
+           "make_interpreter", "read_instance", "instance_path", "load_clips", "analyse", "result_datasets", "publish",
            "pseudo_study_uid"]
 
 #: pixel data above this size is not read by the header parse; the decoder reads only the
@@ -178,7 +178,7 @@ def _load_clip(settings: Settings, src: ClipSource):
     return ClipInput(ref=ref, frames=clip.frames), header
 
 
-def _load_study(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, list, list[str]]:
+def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, list, list[str]]:
     """Decode every clip: ``(clip inputs, headers, warnings)``. One bad clip is one bad clip."""
     from echonode.dicom.frames import FrameDecodeError
 
@@ -211,7 +211,7 @@ def analyse(settings: Settings, interpreter, study_uid: str, clips: Sequence[Cli
     clip is usable; a clip that is not is named in the Interpretation's warnings."""
     from echonode.interpret.engine import NoUsableClipError
 
-    inputs, headers, warnings = _load_study(settings, clips)
+    inputs, headers, warnings = load_clips(settings, clips)
     if not inputs:
         raise AnalysisError("no clip of the study could be decoded" + (f" ({'; '.join(warnings)})" if warnings else ""))
     try:

@@ -106,3 +106,14 @@ def recent_results(session: Session, limit: int = 10) -> list[dict]:
             "priors": len(lon.get("priors", ()) or ()),
         })
     return out
+
+
+def study_jobs(session: Session, study_uids) -> dict:
+    """``{study uid: (state, error)}`` of each study's newest analysis job (studies without one left out)."""
+    out: dict = {}
+    rows = session.execute(select(AnalysisJob.study_instance_uid, AnalysisJob.state, AnalysisJob.error)
+                           .where(AnalysisJob.study_instance_uid.in_(list(study_uids)))
+                           .order_by(AnalysisJob.id)).all()
+    for uid, state, error in rows:
+        out[uid] = (state, error)      # ordered by id: the newest job wins
+    return out
