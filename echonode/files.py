@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-__all__ = ["DIR_MODE", "FILE_MODE", "ensure_dir", "fsync_dir", "atomic_write", "atomic_write_bytes"]
+__all__ = ["DIR_MODE", "FILE_MODE", "ensure_dir", "fsync_dir", "atomic_write", "atomic_write_bytes", "restrict"]
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -78,3 +78,12 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> P
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
     return atomic_write(path, lambda fh: fh.write(data))
+
+
+def restrict(folder: Union[str, Path]) -> None:
+    """``folder`` 0750 and the regular files directly in it 0640 (files another library wrote)."""
+    folder = Path(folder)
+    os.chmod(folder, DIR_MODE)
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, FILE_MODE)

@@ -724,12 +724,9 @@ def write_dicom(path: str | os.PathLike, clip: PhantomClip, *, patient_id: str, 
     ds.SequenceOfUltrasoundRegions = Sequence([reg])
     ds.PixelData = encapsulate(_encode_jpeg_frames(clip.frames, quality), has_bot=True)
     ds["PixelData"].VR = "OB"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-    return path
+    from echonode.files import atomic_write
+
+    return atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 # --------------------------------------------------------------------------- datasets

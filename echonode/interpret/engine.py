@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -106,22 +105,13 @@ class PromptEmbeddingCache:
         path = self._path(sha, tokenizer, precision)
         if path is None or not new:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from echonode.files import atomic_write
+
         merged = {**self.load(sha, tokenizer, precision), **new}
         texts = list(merged)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, weights_sha256=np.str_(sha), tokenizer=np.str_(tokenizer),
-                         texts=np.array(texts, dtype=np.str_),
-                         embeddings=np.stack([np.asarray(merged[t], np.float32) for t in texts]))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda fh: np.savez(
+            fh, weights_sha256=np.str_(sha), tokenizer=np.str_(tokenizer), texts=np.array(texts, dtype=np.str_),
+            embeddings=np.stack([np.asarray(merged[t], np.float32) for t in texts])))
 
 
 # --------------------------------------------------------------------------- helpers
