@@ -17,6 +17,7 @@ import pytest
 from echonode.config import load_settings
 from echonode.store import db
 from echonode.store import interpretations, jobs
+from echonode.store.jobs import JobDispatch
 from echonode.store import status as store_status
 from echonode.store.models import AnalysisJob, Instance, Patient, Series, Study, utcnow
 
@@ -105,7 +106,7 @@ def test_reaper_requeues_then_fails(db_url):
     old = utcnow() - dt.timedelta(seconds=600)
     with Session.begin() as s:
         s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
-        s.query(jobs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+        s.query(JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
     with Session.begin() as s:
         assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([jid], [])
     state, attempts, err = job_state(Session, jid)
@@ -113,7 +114,7 @@ def test_reaper_requeues_then_fails(db_url):
     with Session.begin() as s:
         assert jobs.start_job(s, jid, "w2")
         s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
-        s.query(jobs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+        s.query(JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
     with Session.begin() as s:
         assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [jid])
     state, attempts, err = job_state(Session, jid)
@@ -195,7 +196,7 @@ def test_dispatch_exactly_once_across_dispatchers(db_url, tmp_path, broker, requ
     assert sum(sent) == len(jobs), sent
     assert queue_depths(settings, apps[0])["analyze"] == len(jobs)
     with Session() as s:
-        rows = s.query(jobs.JobDispatch).all()
+        rows = s.query(JobDispatch).all()
         assert sorted(r.job_id for r in rows) == jobs and all(r.dispatches == 1 for r in rows)
     for a in apps:
         a.close()
@@ -361,10 +362,10 @@ def test_lost_message_is_sent_again(db_url, tmp_path, monkeypatch):
     assert queue_depths(settings, app)["analyze"] == 0
     assert d.tick()["sent"] == 0, "not before lease_s"
     with Session.begin() as s:
-        s.query(jobs.JobDispatch).filter_by(job_id=jid).update(
+        s.query(JobDispatch).filter_by(job_id=jid).update(
             {"dispatched_at": utcnow() - dt.timedelta(seconds=60)})
     assert d.tick()["sent"] == 1
     assert queue_depths(settings, app)["analyze"] == 1
     with Session() as s:
-        assert s.get(jobs.JobDispatch, jid).dispatches == 2
+        assert s.get(JobDispatch, jid).dispatches == 2
     app.close()

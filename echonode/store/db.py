@@ -44,10 +44,11 @@ def make_engine(url: str, **kwargs) -> Engine:
 
     Statement parameters are hidden from SQLAlchemy's exception messages (``hide_parameters``):
     they hold patient IDs and birth dates, and those messages reach the logs."""
+    create = kwargs.pop("create", True)     # False: never create the SQLite file (read-only commands)
     kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         u = make_url(url)
-        if u.database and u.database != ":memory:" and kwargs.pop("create", True):
+        if u.database and u.database != ":memory:" and create:
             _create_private_file(Path(u.database).expanduser())
         connect_args = {"timeout": 60, "check_same_thread": False}
         connect_args.update(kwargs.pop("connect_args", {}))
