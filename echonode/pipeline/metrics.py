@@ -136,15 +136,10 @@ def sql_metrics(session_factory) -> list[str]:
 
 
 def _outbox_counts(session) -> Optional[dict[str, int]]:
+    from echonode.store import outbox
+
     try:
-        from echonode.store import outbox
-    except ImportError:
-        return None
-    fn = getattr(outbox, "counts", None)
-    if fn is None:
-        return None
-    try:
-        return {str(k): int(v) for k, v in dict(fn(session)).items()}
+        return {str(k): int(v) for k, v in dict(outbox.counts(session)).items()}
     except Exception:  # pragma: no cover - a metrics scrape never fails on the outbox
         log.debug("outbox counts unavailable", exc_info=True)
         return None
