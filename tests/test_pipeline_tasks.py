@@ -57,6 +57,9 @@ def test_analyse_idempotent_and_priors(tmp_path, tiny_bundle, tiny_bundle_r, pha
     srs = [p for p in (settings.results_path / first_uid).glob("*.dcm")
            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
     assert len(srs) == 1 and len(results1) >= 2, results1          # SR + PromptCAM overlay
+    # results hold patient data: files 0640, folders 0750 (whatever the umask)
+    assert {p.stat().st_mode & 0o777 for p in (settings.results_path / first_uid).glob("*.dcm")} == {0o640}
+    assert (settings.results_path / first_uid).stat().st_mode & 0o777 == 0o750
     with rt.Session() as s:
         interp = interpretations.latest_interpretation(s, first_uid)
         rows1 = outbox.due_count(s)

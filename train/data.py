@@ -77,10 +77,10 @@ class FrameCache:
                 return np.load(f, mmap_mode="r" if mmap else None)
             except (OSError, ValueError):
                 f.unlink(missing_ok=True)
+        from echonode.files import atomic_write
+
         arr = self.decode(row)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, f)
+        atomic_write(f, lambda fh: np.save(fh, arr))
         return np.load(f, mmap_mode="r") if mmap else arr
 
     def decode(self, row: Row) -> np.ndarray:
