@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from echonode.model.configs import ARCHITECTURES, ModelConfig, get_config
+from echonode.model.configs import ARCHITECTURES, DATA_DIR, ModelConfig, get_config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ PINNED_WEIGHTS_SHA256 = {
     "echo-clip-r": "5212c42fab82d4b2dd0a3196058d192bb91bc35c33633bf0ca01cae76d09e1cd",
 }
 
-from echonode.model.tokenize import DATA_DIR  # noqa: E402  (the package data folder, one definition)
 #: Where the tiny phantom-trained demo bundle ships (used when no weights are installed).
 DEMO_BUNDLE_DIR = DATA_DIR / "demo-model"
 

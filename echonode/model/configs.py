@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ARCHITECTURES = ("echo-clip", "echo-clip-r", "tiny")
+
+#: The package's data folder (tokenizer vocabularies, the shipped demo model): defined once.
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 #: The timm name under which :mod:`echonode.model.clip` registers the tiny trunk.
 TINY_TIMM_NAME = "echonode_convnext_micro"
