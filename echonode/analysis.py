@@ -46,7 +46,13 @@ _DEFER_BYTES = 4 * 1024 * 1024
 
 
 class AnalysisError(Exception):
-    """A study cannot be analysed (permanent: the job fails with this message)."""
+    """A study cannot be analysed (permanent: the job fails with this message).
+
+    ``log_message``: what the log may say (the message itself can quote a clip's header)."""
+
+    def __init__(self, message: str, log_message: Optional[str] = None):
+        super().__init__(message)
+        self.log_message = log_message or message
 
 
 class JobTakenOver(RuntimeError):
@@ -188,9 +194,10 @@ def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, l
         try:
             ci, header = _load_clip(settings, src)
         except FrameDecodeError as exc:
-            reason = exc.reason
+            reason = logged = exc.reason
         except Exception as exc:  # any damage in a peer's file: struct.error, ValueError, KeyError, ...
-            reason = f"{type(exc).__name__}: {exc}"
+            # the message may quote a header value: the log gets the error class only
+            reason, logged = f"{type(exc).__name__}: {exc}", type(exc).__name__
         else:
             inputs.append(ci)
             if header is not None:
@@ -198,7 +205,7 @@ def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, l
             continue
         # the reason names the defect, not where the node keeps its files (the SR goes to the PACS)
         reason = reason.replace(str(src.path), Path(src.path).name)
-        log.warning("clip %s not analysed: %s", name, reason)
+        log.warning("clip %s not analysed: %s", name, logged.replace(str(src.path), Path(src.path).name))
         warnings.append(f"clip {name} not analysed: {reason}")
     return inputs, headers, warnings
 
@@ -213,11 +220,13 @@ def analyse(settings: Settings, interpreter, study_uid: str, clips: Sequence[Cli
 
     inputs, headers, warnings = load_clips(settings, clips)
     if not inputs:
-        raise AnalysisError("no clip of the study could be decoded" + (f" ({'; '.join(warnings)})" if warnings else ""))
+        raise AnalysisError("no clip of the study could be decoded" + (f" ({'; '.join(warnings)})" if warnings else ""),
+                            f"no clip of the study could be decoded ({len(warnings)} clip(s); reasons in the job row)")
     try:
         interp, embedding = interpreter.interpret_with_embedding(study_uid, inputs, priors)
     except NoUsableClipError as exc:
-        raise AnalysisError("; ".join([str(exc), *warnings])) from exc
+        raise AnalysisError("; ".join([str(exc), *warnings]),
+                            "no clip of the study could be preprocessed (reasons in the job row)") from exc
     if warnings:
         interp = dataclasses.replace(interp, warnings=tuple(interp.warnings) + tuple(warnings))
     used = {c.sop_instance_uid for c in interp.clips}

@@ -160,7 +160,7 @@ def _fail(rt: WorkerRuntime, job_id: int, exc: Exception) -> None:
 
     if isinstance(exc, AnalysisError):
         reason = str(exc)
-        log.error("job %d failed: %s", job_id, reason)
+        log.error("job %d failed: %s", job_id, exc.log_message)
     elif isinstance(exc, SQLAlchemyError):
         # PostgreSQL messages quote statement values (e.g. the PatientID of the priors
         # query): keep only the error class and SQLSTATE, in the job row and the log.
