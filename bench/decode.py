@@ -1,6 +1,7 @@
 """Decode speed of echonode.dicom.frames on the real-world JPEG baseline clips.
 
-For every JPEG baseline ultrasound clip under ``tests/data/realworld`` (or ``--realworld DIR``) prints one JSON
+For every JPEG baseline ultrasound clip under ``--clips`` (default ``tests/data/realworld``, else
+``../shared/data/realworld``) prints one JSON
 line with:
 
 * ``all_fps`` / ``all_s``: ``load_clip(path)`` decoding every frame;
@@ -16,7 +17,7 @@ line with:
 A last line ``"summary"`` gives totals over the clips. Times are the best of
 ``--repeat`` runs. Usage::
 
-    OMP_NUM_THREADS=1 python3 bench/decode.py [--realworld DIR] [--repeat 3] [--threads N]
+    OMP_NUM_THREADS=1 python3 bench/decode.py [--clips DIR] [--repeat 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.datadirs import default_data_dir  # noqa: E402
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
@@ -45,8 +48,8 @@ def _best(fn, repeat: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--realworld", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "data" / "realworld",
-                    help="folder with us_multiframe/ and us_singleframe/ (default: the repository's test data)")
+    ap.add_argument("--clips", type=Path, default=default_data_dir("realworld"),
+                    help="the real-world data folder (with us_*/ subfolders)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for preprocessing (0 = leave)")
     ap.add_argument("--no-preprocess", action="store_true", help="skip decode+preprocess even if available")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
             print(json.dumps({"note": f"preprocess not measured: {exc}"}), flush=True)
             preprocess = None
 
-    realworld = args.realworld
+    realworld = args.clips
     files = []
     for p in sorted(realworld.glob("us_*/*.dcm")):
         with warnings.catch_warnings():

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.datadirs import default_data_dir  # noqa: E402
+
 
 def emit(**kw) -> None:
     print(json.dumps(kw, sort_keys=True), flush=True)
@@ -44,7 +46,7 @@ def main() -> int:
     ap.add_argument("--arch", default="echo-clip", choices=("echo-clip", "tiny"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--video", default=str(ROOT / "tests" / "data" / "echoclip" / "example_video.avi"))
+    ap.add_argument("--video", default=str(default_data_dir("echoclip") / "example_video.avi"))
     args = ap.parse_args()
 
     import numpy as np

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.datadirs import default_data_dir  # noqa: E402
+
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
@@ -136,12 +138,9 @@ def bench_rss(precision: str = "fp32") -> None:
 
 
 def bench_decode(realworld: Path, reps: int) -> None:
-    try:
-        from echonode.dicom.frames import count_frames, load_clip
-    except ImportError as exc:
-        emit(bench="decode_preprocess", error=f"echonode.dicom.frames unavailable: {exc}")
-        return
     import pydicom
+
+    from echonode.dicom.frames import count_frames, load_clip
 
     from echonode.model.preprocess import preprocess_frames, sample_indices
 
@@ -181,7 +180,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--realworld", default=str(ROOT / "tests" / "data" / "realworld"))
+    ap.add_argument("--clips", "--realworld", dest="realworld", default=str(default_data_dir("realworld")),
+                    help="the real-world data folder (default tests/data/realworld, else ../shared/data/realworld)")
     args = ap.parse_args()
     if args.threads:
         import torch

@@ -47,7 +47,7 @@ def sh(args, **kw):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-studies", type=int, default=1800,
-                    help="training phantoms (default 1800: with 900 the model overfit within the budget)")
+                    help="training phantoms (default 1800; the demo model's TRAINING.md says why)")
     ap.add_argument("--test-studies", type=int, default=300)
     ap.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     ap.add_argument("--size", type=int, default=160, help="phantom frame size (default 160)")

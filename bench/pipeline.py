@@ -11,7 +11,7 @@ JSON lines printed:
   includes computing and caching the prompt embeddings);
 * ``latency``: for one study with one clip, seconds from the last C-STORE response to
   the SR being in Orthanc, **minus the configured stable delay** (median of ``--repeat``);
-  ``ref_interpret_s`` is the bare ``Interpreter.interpret`` of the same clip in this
+  ``ref_interpret_s`` is the bare ``Interpreter.interpret`` (built by ``echonode.analysis``) of the same clip in this
   process, same device (the reference), and ``ratio_vs_interpret = latency / ref``;
   ``worker_interpret_s`` is the Interpreter's own time inside the worker for that study and
   ``pipeline_overhead_s`` = latency − that (decode, SR/overlays, SQL, queue, delivery);
@@ -63,13 +63,11 @@ def build_bundle(work: Path, name: str, tokenizer: str):
 
 
 def make_study(folder: Path, i: int, n_frames: int, rows: int, cols: int, patient: str = "") -> tuple[str, Path]:
-    import hashlib
-
+    from echonode.dicom.uids import derived_uid
     from echonode.phantom import make_clip, write_dicom
 
     def uid(*p):
-        return "2.25." + str(int.from_bytes(hashlib.sha256("|".join(map(str, ("bench",) + p)).encode()).digest()[:16],
-                                            "big"))
+        return derived_uid("bench", *p)
     pid = patient or f"BENCH{i:05d}"
     study = uid(i, "study")
     clip = make_clip(500 + i, n_frames=n_frames, rows=rows, cols=cols)
@@ -94,7 +92,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800.0)
     args = ap.parse_args()
 
-    from echonode.commands.demo import _Orthanc, _echo, _free_port, _send, _write_toml
+    from echonode.sandbox import LocalOrthanc, echo, find_orthanc, free_port, send, write_toml
 
     work = Path(args.work or tempfile.mkdtemp(prefix="echonode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -105,12 +103,12 @@ def main() -> int:
          weights_sha256=clip_b.weights_sha256[:12])
 
     run = work / f"run-{int(time.time())}"
-    exe = next((c for c in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(c, os.X_OK)), shutil.which("Orthanc"))
+    exe = find_orthanc()
     if not exe:
         emit(bench="pipeline", error="Orthanc not installed")
         return 1
-    node_port = _free_port()
-    orthanc = _Orthanc(exe, run / "orthanc", "ECHONODE", node_port)
+    node_port = free_port()
+    orthanc = LocalOrthanc(exe, run / "orthanc", "ECHONODE", node_port)
     procs = []
     try:
         if not orthanc.wait():
@@ -126,7 +124,7 @@ def main() -> int:
                "delivery": {"backoff_initial_s": 1.0, "destinations": [
                    {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]}}
         cfg_path = run / "bench.toml"
-        _write_toml(cfg_path, cfg)
+        write_toml(cfg_path, cfg)
         saved = work / "prompt-cache"          # prompt embeddings of earlier runs (same weights)
         if saved.is_dir():
             shutil.copytree(saved, run / "node" / "cache" / "prompts", dirs_exist_ok=True)
@@ -135,7 +133,7 @@ def main() -> int:
         node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         procs.append(node)
-        while not _echo(node_port):
+        while not echo(node_port):
             if node.poll() is not None:
                 emit(bench="pipeline", error=f"node exited, see {run / 'node.log'}")
                 return 1
@@ -162,7 +160,7 @@ def main() -> int:
         # warm-up (the worker loads the model at start; prompt embeddings are computed here)
         u, f = make_study(folder, 0, args.frames, args.rows, args.cols)
         t = time.perf_counter()
-        _send(node_port, [f])
+        send(node_port, [f])
         t_sent = time.perf_counter()
         done, pending = wait_srs([u], deadline)
         if pending:
@@ -175,19 +173,19 @@ def main() -> int:
 
         from echonode.config import load_settings
         from echonode.store import db
-        from echonode.store import results as rs
+        from echonode.store import interpretations, status
         Session = db.session_factory(db.get_engine(load_settings(cfg_path, env={}).db_url))
 
         def worker_interpret_s(uid):
             with Session() as s:
-                d = rs.latest_interpretation(s, uid) or {}
+                d = interpretations.latest_interpretation(s, uid) or {}
             return float((d.get("timings") or {}).get("total", float("nan")))
 
         # latency, one study (one A4C clip) at a time
         lat, in_worker = [], []
         for k in range(args.repeat):
             u, f = make_study(folder, 1 + k, args.frames, args.rows, args.cols)
-            _send(node_port, [f])
+            send(node_port, [f])
             t_last = time.perf_counter()
             done, pending = wait_srs([u], deadline)
             if pending:
@@ -196,17 +194,11 @@ def main() -> int:
             lat.append(done[u] - t_last - args.stable_delay)
             in_worker.append(worker_interpret_s(u))
 
-        # reference in this run: bare Interpreter.interpret of the same clip, same device
-        from echonode.dicom.frames import load_clip
-        from echonode.interpret.engine import ClipInput, Interpreter
-        from echonode.interpretation import ClipRef
-        from echonode.model.preprocess import sample_indices
-        import pydicom
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        clip = load_clip(f, indices=sample_indices(int(ds.NumberOfFrames), limit=40, stride=2))
-        interp = Interpreter(clip_b, r_b, device=args.device, cache_dir=str(run / "ref-cache"),
-                             promptcam_tasks=("pacemaker", "impella", "tavr", "mitraclip"))
-        ci = [ClipInput(ClipRef(str(ds.SOPInstanceUID)), clip.frames)]
+        # reference in this run: the bare Interpreter (as the worker builds it) on the same clip
+        from echonode import analysis
+        node_settings = load_settings(cfg_path, env={})
+        interp = analysis.make_interpreter(node_settings, clip_b, r_b, device=args.device)
+        ci, _, _ = analysis.load_clips(node_settings, [analysis.ClipSource(Path(f))])
         interp.interpret(u, ci)   # warm
         ref = []
         for _ in range(args.repeat):
@@ -227,7 +219,7 @@ def main() -> int:
             return 0
         # throughput: n studies queued at once
         studies = [make_study(folder, 100 + i, args.frames, args.rows, args.cols) for i in range(args.n)]
-        _send(node_port, [p for _, p in studies])
+        send(node_port, [p for _, p in studies])
         t_last = time.perf_counter()
         done, pending = wait_srs([s for s, _ in studies], deadline)
         if pending:
@@ -237,10 +229,10 @@ def main() -> int:
         stages: dict[str, list[float]] = {}
         with Session() as s:
             for uid, _ in studies:
-                d = rs.latest_interpretation(s, uid) or {}
+                d = interpretations.latest_interpretation(s, uid) or {}
                 for k, v in (d.get("timings") or {}).items():
                     stages.setdefault(k, []).append(float(v))
-            durations = rs.job_durations(s, limit=args.n)
+            durations = status.job_durations(s, limit=args.n)
         emit(bench="pipeline", stage="throughput", device=args.device, studies=args.n, seconds=round(span, 2),
              studies_per_s=round(args.n / span, 3), clips_per_s=round(args.n / span, 3),
              job_mean_s=round(statistics.mean(durations), 2) if durations else None,

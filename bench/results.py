@@ -4,8 +4,8 @@
 
 In one process, with a real Orthanc (Debian package) on free loopback ports:
 
-1. ``build_sr`` and ``build_overlays`` on the hand-made Interpretation over two real
-   clips (median of ``--reps``);
+1. ``build_sr`` and ``build_overlays`` on the Interpretation of a two-clip phantom study
+   (analysed through ``echonode.analysis`` with the shipped demo model; median of ``--reps``);
 2. delivery of ``--objects`` Secondary Captures (distinct UIDs) through the outbox
    (``deliver_pending``: claim, one association, C-STORE, SQL bookkeeping) against
    DCMTK ``storescu`` sending a same-sized set of other files to the same Orthanc
@@ -31,6 +31,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _phantom_study(folder: Path):
+    """Two phantom A4C clips of one study: (study UID, [ClipSource])."""
+    from echonode.analysis import ClipSource
+    from echonode.dicom.uids import derived_uid
+    from echonode.phantom import make_clip, write_dicom
+
+    study = derived_uid("bench-results", "study")
+    clips = []
+    for i in range(2):
+        path = write_dicom(folder / f"{i}.dcm", make_clip(700 + i, n_frames=40, rows=224, cols=224),
+                           patient_id="BENCH-RESULTS", patient_name="BENCH^PHANTOM", birth_date="19600101",
+                           sex="O", study_uid=study, series_uid=derived_uid("bench-results", "series", i),
+                           sop_uid=derived_uid("bench-results", "sop", i), study_date="20240101")
+        clips.append(ClipSource(path))
+    return study, clips
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objects", type=int, default=40)
@@ -39,18 +56,24 @@ def main() -> int:
 
     import logging
     logging.disable(logging.WARNING)
-    from conftest import REALWORLD
+    from echonode import analysis
     from echonode.config import load_settings
     from echonode.dicom import scu
     from echonode.dicom.overlays import build_overlays
     from echonode.dicom.sr import build_sr
+    from echonode.dicom.uids import derived_uid
+    from echonode.model.bundle import DEMO_BUNDLE_DIR, Bundle
+    from echonode.sandbox import LocalOrthanc, find_orthanc, free_port
     from echonode.store import db
     from echonode.store import outbox as ob
-    from tests.fixtures.interp import _uid, make_interpretation, make_sources
-    from tests.fixtures.orthanc import OrthancServer
 
-    sources = make_sources(REALWORLD)
-    interp = make_interpretation(sources)
+    work = Path(tempfile.mkdtemp(prefix="echonode-bench-"))
+    settings = load_settings(env={}, overrides={"data_dir": str(work / "analysis"),
+                                                 "model": {"promptcam_tasks": ["pacemaker", "tavr"]}})
+    study_uid, clips = _phantom_study(work / "phantoms")
+    interpreter = analysis.make_interpreter(settings, Bundle.open(DEMO_BUNDLE_DIR))
+    result = analysis.analyse(settings, interpreter, study_uid, clips)
+    interp, sources = result.interp, result.headers
     t_sr, t_sc = [], []
     for _ in range(args.reps):
         t = time.perf_counter()
@@ -63,9 +86,15 @@ def main() -> int:
                       "build_overlay_ms_per_image": round(1000 * statistics.median(t_sc), 1),
                       "groups": len(interp.tasks) + 1, "reps": args.reps}))
 
-    work = Path(tempfile.mkdtemp(prefix="echonode-bench-"))
-    server = OrthancServer(work / "orthanc")
-    server.start()
+    exe = find_orthanc()
+    if not exe:
+        print(json.dumps({"bench": "delivery", "error": "Orthanc not installed"}))
+        return 1
+    node_port = free_port()     # where Orthanc sends storage-commitment reports
+    server = LocalOrthanc(exe, work / "orthanc", "ECHONODE", node_port)
+    if not server.wait():
+        print(json.dumps({"bench": "delivery", "error": "Orthanc did not start"}))
+        return 1
     try:
         def make_set(label: str) -> list[Path]:
             folder = work / label
@@ -73,7 +102,7 @@ def main() -> int:
             paths = []
             for i in range(args.objects):
                 ds = copy.deepcopy(scs[i % len(scs)])
-                ds.SOPInstanceUID = _uid(f"{label}-{i}")
+                ds.SOPInstanceUID = derived_uid("bench-results", label, i)
                 ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
                 p = folder / f"{i}.dcm"
                 ds.save_as(p, enforce_file_format=True)
@@ -93,7 +122,7 @@ def main() -> int:
         for label, paths, commitment in (("c-store", ours, False), ("c-store+commitment", ours_commit, True)):
             settings = load_settings(env={}, overrides={
                 "data_dir": str(work / f"data-{label}"),
-                "node": {"ae_title": "ECHONODE", "host": "127.0.0.1", "port": server.commitment_port},
+                "node": {"ae_title": "ECHONODE", "host": "127.0.0.1", "port": node_port},
                 "delivery": {"destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                                                "port": server.dicom_port, "storage_commitment": commitment}]}})
             db.migrate(settings.db_url)

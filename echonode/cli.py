@@ -67,12 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"echonode {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # command not built yet
-                continue
-            raise
+        mod = importlib.import_module(name)
         mod.register(sub, [common])
     return parser
 
@@ -91,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from echonode.store.db import NotMigrated   # read-only commands never migrate
+
+        if isinstance(exc, NotMigrated):
+            print(f"echonode {args.command}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
     return EXIT_OK if rc is None else int(rc)
 
 

@@ -122,6 +122,7 @@ class ModelSettings:
     frames: int = 20  # frames 0,2,...,38 as in the reference
     frame_stride: int = 2
     promptcam_tasks: tuple[str, ...] = ("pacemaker", "impella", "tavr", "mitraclip")
+    promptcam_cine: bool = False  # also a multi-frame SC of every analysed frame with its map
     tasks_file: str = ""  # site overrides of the task catalogue (TOML)
     # Use the tiny phantom-trained demo model when no EchoCLIP weights are installed. Off by
     # default: a hospital node must never send demo results into its PACS silently; only
@@ -189,6 +190,13 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ResultsSettings:
+    """Which result objects go into the study besides the SR, the overlays and the page."""
+
+    pdf: bool = False  # the key-results page also as an Encapsulated PDF
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     """The audit trail (PS3.15 A.5 over syslog). Events are always kept in SQL; with ``url``
     set they are also sent to that audit record repository."""
@@ -233,6 +241,7 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    results: ResultsSettings = field(default_factory=ResultsSettings)
 
     # ---- derived paths (never stored, always computed from data_dir) ----
     @property
@@ -373,7 +382,3 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     if overrides:
         data = _merge(data, overrides)
     return _build(Settings, data, "")
-
-
-def settings_as_dict(settings: Settings) -> dict:
-    return dataclasses.asdict(settings)

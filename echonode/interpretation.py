@@ -71,6 +71,36 @@ class ClipValue:
     value: Optional[float] = None
 
 
+#: A coded concept as plain data: (code value, coding scheme designator, code meaning).
+CodeTuple = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class TaskCoding:
+    """How a task is coded in DICOM, copied from the task catalogue the Interpreter used
+    (built-in ``tasks.toml`` plus the site's ``model.tasks_file``).
+
+    It travels inside the result so that every writer (SR, page, a rebuild from SQL)
+    codes the task exactly as the catalogue in use did, without reading the catalogue.
+    """
+
+    concept: CodeTuple
+    private: CodeTuple
+    site: Optional[CodeTuple] = None
+    unit: Optional[CodeTuple] = None
+    value_code: Optional[CodeTuple] = None
+    levels: tuple[tuple[int, CodeTuple], ...] = ()     # categorical level value -> code
+    notes: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskCoding":
+        def code(x):
+            return None if x is None else (str(x[0]), str(x[1]), str(x[2]))
+        return cls(concept=code(d["concept"]), private=code(d["private"]), site=code(d.get("site")),
+                   unit=code(d.get("unit")), value_code=code(d.get("value_code")),
+                   levels=tuple((int(v), code(c)) for v, c in d.get("levels", ())), notes=d.get("notes", ""))
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """One zero-shot task's result for the study.
@@ -99,6 +129,7 @@ class TaskResult:
     per_clip: tuple[ClipValue, ...] = ()
     aggregation: str = ""                  # how per-clip values became the study value
     group: str = ""                        # "device", "chamber", "lv", "pericardium", "function", ...
+    coding: Optional[TaskCoding] = None    # None: a task no catalogue codes (the SR uses a fallback code)
 
 
 @dataclass(frozen=True)
@@ -215,6 +246,8 @@ class Interpretation:
         for k, t in d["tasks"].items():
             t = dict(t)
             t["per_clip"] = tuple(ClipValue(**c) for c in t.get("per_clip", ()))
+            if t.get("coding") is not None:
+                t["coding"] = TaskCoding.from_dict(t["coding"])
             tasks[k] = TaskResult(**t)
         lon = d.get("longitudinal")
         if lon is not None:

@@ -61,9 +61,6 @@ EFFUSION_WORDS = ("NONE", "SMALL", "MODERATE", "LARGE")
 A4C_VIEW_CODE = ("399214001", "SCT", "Apical four chamber")
 US_MULTIFRAME_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-#: UID root for phantom objects (2.25 = UUID-derived root, PS3.5 §B.2); the rest is a
-#: hash of the seed and the object's role, so the same seed gives the same UIDs.
-_UID_ROOT = "2.25."
 
 
 # --------------------------------------------------------------------------- truth
@@ -385,64 +382,10 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
         cv.segment((septum_x + dx, lv_apex + 0.03), (septum_x + dx, av_y - 0.01), sw, 0.42, mode="set")
         cv.segment((septum_x + dx, av_y + 0.03), (septum_x + dx, av_y + 0.1), atrial_wall * 0.8, 0.42, mode="set")
 
-        # --- valves: mitral (LV/LA) and tricuspid (RV/RA) leaflets hinged at the annulus
-        open_mv = float(np.clip(1.0 - 2.2 * max(s, 0.0), 0.0, 1.0)) * (0.5 + 0.5 * math.sin(math.pi * min(1.0, p_mod[k] / 0.6)) if p_mod[k] > 0.35 else 0.2)
-        open_mv = float(np.clip(open_mv, 0.0, 1.0))
-        if truth.mitraclip:
-            open_mv *= 0.35  # tethered leaflets
-        mv_l = (septum_x + dx + 0.006, av_y)
-        mv_r = (septum_x + dx + 0.006 + 2 * lv_hw * 0.8, av_y)
-        mv_len = 0.055 * lv_scale ** 0.5
-        ang = open_mv * 1.25  # radians towards the apex
-        tip_l = (mv_l[0] + mv_len * math.cos(ang), mv_l[1] - mv_len * math.sin(ang))
-        tip_r = (mv_r[0] - mv_len * math.cos(ang), mv_r[1] - mv_len * math.sin(ang))
-        cv.segment(mv_l, tip_l, 0.0065, 0.8)
-        cv.segment(mv_r, tip_r, 0.0065, 0.8)
-        tv_r = (septum_x + dx - 0.004, av_y + 0.01)
-        tv_l = (septum_x + dx - 0.004 - 2 * rv_hw * 0.8, av_y + 0.01)
-        tv_len = 0.045
-        open_tv = float(np.clip(1.0 - 2.2 * max(sr, 0.0), 0.0, 1.0))
-        ang_t = open_tv * 1.2
-        cv.segment(tv_r, (tv_r[0] - tv_len * math.cos(ang_t), tv_r[1] - tv_len * math.sin(ang_t)), 0.006, 0.75)
-        cv.segment(tv_l, (tv_l[0] + tv_len * math.cos(ang_t), tv_l[1] - tv_len * math.sin(ang_t)), 0.006, 0.75)
-
-        # --- devices
-        if truth.mitraclip:
-            mid = ((tip_l[0] + tip_r[0]) / 2, (tip_l[1] + tip_r[1]) / 2)
-            offs = (0.0,) if truth.mitraclip == 1 else (-0.016, 0.016)
-            for o in offs:
-                # a bright metal body (a few pixels wide even after the 10 % trim and the
-                # resize to 224) with a comet-tail reverberation deeper along the beam
-                cv.blob(mid[0] + o, mid[1] - 0.004, 0.016, 0.026, 1.25)
-                cv.segment((mid[0] + o, mid[1] + 0.02), (mid[0] + o * 1.2, mid[1] + 0.07), 0.006, 0.7)
-        if truth.pacemaker:
-            rv_apex = (rv_tip[0] - 0.005, rv_tip[1] + 0.03)
-            pts = [(ra_cx - ra_hw * 0.5, ra_cy + ra_hh * 0.95), (ra_cx - ra_hw * 0.1, ra_cy),
-                   ((tv_l[0] + tv_r[0]) / 2, av_y + 0.005), (rv_cx + rv_hw * 0.05, rv_cy),
-                   rv_apex]
-            cv.polyline(pts, 0.011, 1.0)
-            # reverberation artefact: a fainter parallel echo deeper along the beam
-            cv.polyline([(x + 0.004, y + 0.016) for x, y in pts], 0.007, 0.6)
-        if truth.impella:
-            a0 = (lv_tip[0] + 0.02, lv_tip[1] + 0.07)
-            a1 = (septum_x + dx + 0.03, av_y - 0.015)
-            ux, uy = a1[0] - a0[0], a1[1] - a0[1]
-            n = math.hypot(ux, uy) + 1e-9
-            nx, ny = -uy / n * 0.009, ux / n * 0.009
-            cv.segment((a0[0] + nx, a0[1] + ny), (a1[0] + nx, a1[1] + ny), 0.005, 0.95)
-            cv.segment((a0[0] - nx, a0[1] - ny), (a1[0] - nx, a1[1] - ny), 0.005, 0.95)
-            # pigtail at the tip
-            circ = [(a0[0] + 0.014 * math.cos(q), a0[1] - 0.014 + 0.014 * math.sin(q)) for q in np.linspace(0, 5.5, 9)]
-            cv.polyline(circ, 0.0045, 0.9)
-            # outflow: a second tube segment continuing towards the LVOT
-            cv.segment(a1, (a1[0] - 0.02, a1[1] + 0.05), 0.008, 0.9)
-        if truth.tavr:
-            cx0, cy0 = septum_x + dx + 0.006, av_y + 0.02
-            hw_, hh_ = 0.032, 0.045
-            for q in np.linspace(-1, 1, 4):
-                cv.segment((cx0 + q * hw_, cy0 - hh_), (cx0 - q * hw_, cy0 + hh_), 0.006, 1.0)
-            cv.segment((cx0 - hw_, cy0 - hh_), (cx0 - hw_, cy0 + hh_), 0.008, 1.0)
-            cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.008, 1.0)
+        tip_l, tip_r, tv_l, tv_r = _draw_valves(cv, truth, s=s, sr=sr, p=float(p_mod[k]), x0=septum_x + dx, av_y=av_y,
+                                                lv_hw=lv_hw, rv_hw=rv_hw, lv_scale=lv_scale)
+        _draw_devices(cv, truth, tip_l=tip_l, tip_r=tip_r, tv_l=tv_l, tv_r=tv_r, rv_tip=rv_tip, lv_tip=lv_tip,
+                      ra=(ra_cx, ra_cy, ra_hw, ra_hh), rv=(rv_cx, rv_cy, rv_hw), x0=septum_x + dx, av_y=av_y)
 
         # --- image formation: speckle, gain, haze, log compression, sector
         nb, oy, ox = noise_offs[k]
@@ -458,6 +401,76 @@ def render_clip(truth: PhantomTruth, *, n_frames: int = 40, rows: int = 256, col
     if ecg:
         _draw_ecg(frames, phase, depth, rng)
     return frames
+
+
+def _draw_valves(cv: "_Canvas", truth: PhantomTruth, *, s: float, sr: float, p: float, x0: float, av_y: float,
+                 lv_hw: float, rv_hw: float, lv_scale: float):
+    """Mitral (LV/LA) and tricuspid (RV/RA) leaflets hinged at the annulus, opening in diastole.
+    ``x0``: the septum's x this frame. Returns the mitral tips and tricuspid hinges (devices sit there)."""
+    open_mv = float(np.clip(1.0 - 2.2 * max(s, 0.0), 0.0, 1.0)) * (0.5 + 0.5 * math.sin(math.pi * min(1.0, p / 0.6)) if p > 0.35 else 0.2)
+    open_mv = float(np.clip(open_mv, 0.0, 1.0))
+    if truth.mitraclip:
+        open_mv *= 0.35  # tethered leaflets
+    mv_l = (x0 + 0.006, av_y)
+    mv_r = (x0 + 0.006 + 2 * lv_hw * 0.8, av_y)
+    mv_len = 0.055 * lv_scale ** 0.5
+    ang = open_mv * 1.25  # radians towards the apex
+    tip_l = (mv_l[0] + mv_len * math.cos(ang), mv_l[1] - mv_len * math.sin(ang))
+    tip_r = (mv_r[0] - mv_len * math.cos(ang), mv_r[1] - mv_len * math.sin(ang))
+    cv.segment(mv_l, tip_l, 0.0065, 0.8)
+    cv.segment(mv_r, tip_r, 0.0065, 0.8)
+    tv_r = (x0 - 0.004, av_y + 0.01)
+    tv_l = (x0 - 0.004 - 2 * rv_hw * 0.8, av_y + 0.01)
+    tv_len = 0.045
+    open_tv = float(np.clip(1.0 - 2.2 * max(sr, 0.0), 0.0, 1.0))
+    ang_t = open_tv * 1.2
+    cv.segment(tv_r, (tv_r[0] - tv_len * math.cos(ang_t), tv_r[1] - tv_len * math.sin(ang_t)), 0.006, 0.75)
+    cv.segment(tv_l, (tv_l[0] + tv_len * math.cos(ang_t), tv_l[1] - tv_len * math.sin(ang_t)), 0.006, 0.75)
+    return tip_l, tip_r, tv_l, tv_r
+
+
+def _draw_devices(cv: "_Canvas", truth: PhantomTruth, *, tip_l, tip_r, tv_l, tv_r, rv_tip, lv_tip, ra, rv,
+                  x0: float, av_y: float) -> None:
+    """MitraClip(s), pacemaker lead, Impella, TAVR: bright structures with their artefacts.
+    ``ra`` = (cx, cy, half width, half height) of the RA, ``rv`` = (cx, cy, half width) of the RV."""
+    ra_cx, ra_cy, ra_hw, ra_hh = ra
+    rv_cx, rv_cy, rv_hw = rv
+    if truth.mitraclip:
+        mid = ((tip_l[0] + tip_r[0]) / 2, (tip_l[1] + tip_r[1]) / 2)
+        offs = (0.0,) if truth.mitraclip == 1 else (-0.016, 0.016)
+        for o in offs:
+            # a bright metal body (a few pixels wide even after the 10 % trim and the
+            # resize to 224) with a comet-tail reverberation deeper along the beam
+            cv.blob(mid[0] + o, mid[1] - 0.004, 0.016, 0.026, 1.25)
+            cv.segment((mid[0] + o, mid[1] + 0.02), (mid[0] + o * 1.2, mid[1] + 0.07), 0.006, 0.7)
+    if truth.pacemaker:
+        rv_apex = (rv_tip[0] - 0.005, rv_tip[1] + 0.03)
+        pts = [(ra_cx - ra_hw * 0.5, ra_cy + ra_hh * 0.95), (ra_cx - ra_hw * 0.1, ra_cy),
+               ((tv_l[0] + tv_r[0]) / 2, av_y + 0.005), (rv_cx + rv_hw * 0.05, rv_cy),
+               rv_apex]
+        cv.polyline(pts, 0.011, 1.0)
+        # reverberation artefact: a fainter parallel echo deeper along the beam
+        cv.polyline([(x + 0.004, y + 0.016) for x, y in pts], 0.007, 0.6)
+    if truth.impella:
+        a0 = (lv_tip[0] + 0.02, lv_tip[1] + 0.07)
+        a1 = (x0 + 0.03, av_y - 0.015)
+        ux, uy = a1[0] - a0[0], a1[1] - a0[1]
+        n = math.hypot(ux, uy) + 1e-9
+        nx, ny = -uy / n * 0.009, ux / n * 0.009
+        cv.segment((a0[0] + nx, a0[1] + ny), (a1[0] + nx, a1[1] + ny), 0.005, 0.95)
+        cv.segment((a0[0] - nx, a0[1] - ny), (a1[0] - nx, a1[1] - ny), 0.005, 0.95)
+        # pigtail at the tip
+        circ = [(a0[0] + 0.014 * math.cos(q), a0[1] - 0.014 + 0.014 * math.sin(q)) for q in np.linspace(0, 5.5, 9)]
+        cv.polyline(circ, 0.0045, 0.9)
+        # outflow: a second tube segment continuing towards the LVOT
+        cv.segment(a1, (a1[0] - 0.02, a1[1] + 0.05), 0.008, 0.9)
+    if truth.tavr:
+        cx0, cy0 = x0 + 0.006, av_y + 0.02
+        hw_, hh_ = 0.032, 0.045
+        for q in np.linspace(-1, 1, 4):
+            cv.segment((cx0 + q * hw_, cy0 - hh_), (cx0 - q * hw_, cy0 + hh_), 0.006, 1.0)
+        cv.segment((cx0 - hw_, cy0 - hh_), (cx0 - hw_, cy0 + hh_), 0.008, 1.0)
+        cv.segment((cx0 + hw_, cy0 - hh_), (cx0 + hw_, cy0 + hh_), 0.008, 1.0)
 
 
 def _draw_ecg(frames: np.ndarray, phase: np.ndarray, depth: float, rng: np.random.Generator) -> None:
@@ -617,8 +630,9 @@ def make_clip(seed: int, truth: Optional[PhantomTruth] = None, *, n_frames: int 
 # --------------------------------------------------------------------------- DICOM
 
 def _uid(*parts: object) -> str:
-    h = hashlib.sha256("|".join(map(str, ("echonode-phantom",) + parts)).encode()).digest()
-    return _UID_ROOT + str(int.from_bytes(h[:16], "big"))
+    from echonode.dicom.uids import derived_uid
+
+    return derived_uid("echonode-phantom", *parts)
 
 
 def _encode_jpeg_frames(frames: np.ndarray, quality: int) -> list[bytes]:
@@ -726,12 +740,9 @@ def write_dicom(path: str | os.PathLike, clip: PhantomClip, *, patient_id: str, 
     ds.SequenceOfUltrasoundRegions = Sequence([reg])
     ds.PixelData = encapsulate(_encode_jpeg_frames(clip.frames, quality), has_bot=True)
     ds["PixelData"].VR = "OB"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-    return path
+    from echonode.files import atomic_write
+
+    return atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 # --------------------------------------------------------------------------- datasets

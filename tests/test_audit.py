@@ -37,6 +37,7 @@ from sqlalchemy import text
 from echonode import audit
 from echonode.audit.schema import errors as schema_errors
 from echonode.config import load_settings
+from tests.fixtures.interp import publish_results
 from tests.fixtures.node import ROOT, send_raw, storescu_ts_flag
 from tests.fixtures.orthanc import make_test_pki
 from tests.fixtures.pipeline import wait_for
@@ -445,7 +446,7 @@ def test_delivery_commitment_dead_letter_and_outbox_admin_audited(orthanc, realw
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        paths = scu.publish(settings, s, interp, sources)
+        paths = publish_results(settings, s, interp, sources)
     with scu.CommitmentListener(settings, sf):
         scu.deliver_pending(settings, sf)
         wait_for(lambda: len([r for r in _db_messages(sf).values() if r.event == "result-delivered"]) == len(paths),
@@ -458,7 +459,7 @@ def test_delivery_commitment_dead_letter_and_outbox_admin_audited(orthanc, realw
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
 
     with sf() as s:   # the same results again (a re-run), now with Orthanc down
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     orthanc.stop()
     scu.deliver_pending(settings, sf)
     dead = [r for r in _db_messages(sf).values() if r.event == "result-dead-lettered"]

@@ -15,7 +15,7 @@ from echonode.config import load_settings
 from echonode.dicom import scu
 from echonode.store import db
 from echonode.store import outbox as ob
-from tests.fixtures.interp import make_interpretation, make_sources
+from tests.fixtures.interp import make_interpretation, make_sources, publish_results
 
 
 def _settings(tmp_path, dicom_port, *, commitment=False, listener_port=0, max_attempts=8, db_url=None,
@@ -55,8 +55,8 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        paths = scu.publish(settings, s, interp, sources)
-    assert len(paths) == 3
+        paths = publish_results(settings, s, interp, sources)
+    assert len(paths) == 4   # SR, key-results page, two overlays
     for p in paths:  # files under results/<study uid>/ before any send
         assert p.parent == settings.results_path / interp.study_instance_uid and p.is_file()
     assert {r["state"] for r in _rows(sf)} == {"pending"}
@@ -77,7 +77,7 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     # a re-run of the same model: same UIDs, the outbox row is reset, Orthanc keeps one copy
     again = make_interpretation(sources)
     with sf() as s:
-        paths2 = scu.publish(settings, s, again, sources)
+        paths2 = publish_results(settings, s, again, sources)
     assert paths2 == paths
     assert len(_rows(sf)) == 3 and {r["state"] for r in _rows(sf)} == {"pending"}
     summary = scu.deliver_pending(settings, sf)
@@ -93,7 +93,7 @@ def test_orthanc_down_retries_with_backoff_then_delivers(orthanc, sources, tmp_p
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     orthanc.stop()
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
     summary = scu.deliver_pending(settings, sf, now=t0)
@@ -130,7 +130,7 @@ def test_dead_letter_and_outbox_cli(orthanc, sources, tmp_path, capsys):
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     orthanc.stop()
     capsys.readouterr()
     assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 0
@@ -159,7 +159,7 @@ def test_storage_commitment_with_orthanc(orthanc, sources, tmp_path):
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     with scu.CommitmentListener(settings, sf):
         summary = scu.deliver_pending(settings, sf)
         assert (summary.claimed, summary.committing, summary.delivered) == (3, 3, 0)
@@ -182,7 +182,7 @@ def test_commitment_without_report_times_out_and_is_resent(orthanc, sources, tmp
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
     assert scu.deliver_pending(settings, sf, now=t0).committing == 1
     assert _rows(sf)[0]["state"] == "committing"
@@ -220,7 +220,7 @@ def test_failure_and_warning_statuses_are_recorded(status_scp, sources, tmp_path
     engine, sf = _store(settings)
     interp = make_interpretation(sources)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
     summary = scu.deliver_pending(settings, sf)
     assert (summary.delivered, summary.warnings, summary.retrying) == (2, 2, 1)
     rows = {r["kind"] + str(i): r for i, r in enumerate(_rows(sf))}
@@ -303,9 +303,37 @@ def test_config_before_the_outbox_action_is_used(tmp_path, monkeypatch, capsys):
     assert main(["outbox", "list", "--config", str(bad)]) == 3
     good = tmp_path / "good.toml"
     good.write_text(f'data_dir = "{tmp_path / "configured"}"\n')
-    assert main(["outbox", "--config", str(good), "list", "--json"]) == 0
-    assert (tmp_path / "configured").is_dir() and not (tmp_path / "echonode-data").exists()
     capsys.readouterr()
+    # a read-only command never creates nor migrates the database: it says where it looked
+    assert main(["outbox", "--config", str(good), "list", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "no database yet" in err and str(tmp_path / "configured") in err, err
+    assert not (tmp_path / "configured").exists() and not (tmp_path / "echonode-data").exists()
+    db.migrate(f"sqlite:///{tmp_path / 'configured' / 'echonode.sqlite3'}")
+    assert main(["outbox", "--config", str(good), "list", "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_status_never_migrates(tmp_path, capsys):
+    """`echonode status` on a database that is behind says so, and leaves it as it is."""
+    from echonode.cli import main
+
+    data = tmp_path / "data"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data_dir = "{data}"\n')
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert "no database yet" in capsys.readouterr().err and not data.exists()
+    url = f"sqlite:///{data / 'echonode.sqlite3'}"
+    db.migrate(url, "0001_ingest")
+    assert main(["status", "--config", str(cfg)]) == 1
+    assert "not migrated yet" in capsys.readouterr().err
+    assert db.current_revision(url).startswith("0001"), "status did not migrate"
+    db.migrate(url)
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    capsys.readouterr()
+    # the database file holds patient data: 0640, its directory 0750
+    assert (data / "echonode.sqlite3").stat().st_mode & 0o777 == 0o640
+    assert data.stat().st_mode & 0o777 == 0o750
 
 
 def test_backoff_delay():
@@ -323,7 +351,7 @@ def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
     engine, sf = _store(settings)
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
-        scu.publish(settings, s, interp, sources)
+        publish_results(settings, s, interp, sources)
         (row,) = ob.claim_due(s)
         tx = pydicom.uid.generate_uid()
         ob.mark_committing(s, [row.id], tx)
@@ -366,7 +394,7 @@ def test_mutual_tls_delivery(orthanc_tls, sources, tmp_path):
                                            "port": orthanc_tls.dicom_port, "tls": tls}]}})
         engine, sf = _store(settings)
         with sf() as s:
-            scu.publish(settings, s, interp, sources)
+            publish_results(settings, s, interp, sources)
         summary = scu.deliver_pending(settings, sf)
         (row,) = _rows(sf)
         if with_cert:
@@ -389,7 +417,7 @@ def test_node_scp_receives_commitment_reports(orthanc, sources, tmp_path):
     try:
         interp = make_interpretation(sources, promptcams=False)
         with sf() as s:
-            scu.publish(settings, s, interp, sources)
+            publish_results(settings, s, interp, sources)
         assert scu.deliver_pending(settings, sf).committing == 1
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _rows(sf)[0]["state"] != "delivered":

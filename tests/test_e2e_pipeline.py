@@ -2,7 +2,9 @@
 SR + overlays → Orthanc (checked through its REST API).
 
 * embedded: serve alone (SQLite, the embedded SQLite broker, its own worker child);
-  a phantom study and a real ultrasound clip from tests/data/realworld;
+  a phantom study and a real ultrasound clip from the real-world fixtures; the site's
+  task catalogue (``model.tasks_file``) recodes one task and the delivered SRs carry
+  the site's code;
 * production shape: serve + a separate ``echonode worker``, Redis and PostgreSQL;
   kill -9 of the worker during an analysis, a new worker, the study reported exactly
   once; a second study of the same patient is compared with the first (SR names it).
@@ -45,6 +47,14 @@ def _results(orthanc, study_uid):
             [i for i in inst if i["SOPClassUID"].startswith(SC_PREFIX)])
 
 
+def _codes(ds):
+    """Every coded entry (concept names and values) anywhere in an SR's content tree."""
+    for item in ds.get("ContentSequence", []):
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            yield from item.get(key, [])
+        yield from _codes(item)
+
+
 def _job_rows(db_url):
     from echonode.store import db
     from echonode.store.models import AnalysisJob
@@ -53,11 +63,17 @@ def _job_rows(db_url):
         return {j.study_instance_uid: (j.state, j.attempts, j.error) for j in s.query(AnalysisJob)}
 
 
+SITE_CODE = ("SITEPM42", "99ECHONODE", "Pacemaker lead (site code)")
+
+
 def test_embedded_serve_phantom_and_real_clip(node_factory, orthanc, tiny_bundle, tiny_bundle_r, phantom_factory,
-                                              realworld_dir):
+                                              realworld_dir, tmp_path):
     metrics_port = _free_port()
     cfg = _config(orthanc, tiny_bundle, tiny_bundle_r, embedded_worker=True)
     cfg["metrics"] = {"enabled": True, "port": metrics_port}
+    site = tmp_path / "site-tasks.toml"       # the site codes one task its own way
+    site.write_text("[tasks.pacemaker]\nprivate_code = " + json.dumps(list(SITE_CODE)) + "\n")
+    cfg["model"]["tasks_file"] = str(site)
     node = node_factory(cfg).start()
     assert node.settings.broker.startswith("sqla+sqlite:///"), "embedded broker: no Redis"
     phantom_uid, files = phantom_factory(patient_id="E2E1", study_date="20240105", seed=11)
@@ -73,6 +89,9 @@ def test_embedded_serve_phantom_and_real_clip(node_factory, orthanc, tiny_bundle
         ds = pydicom.dcmread(io.BytesIO(orthanc.fetch_instance(sr[0]["SOPInstanceUID"])))
         assert ds.StudyInstanceUID == uid, "the SR lands in the analysed study"
         assert "EchoCLIP" in str(ds.ContentSequence) or "echonode" in str(ds)
+        codes = {(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in _codes(ds)}
+        assert SITE_CODE in codes, "the node's SR carries the site catalogue's code"
+        assert ("PACER-LEAD", "99ECHONODE", "Pacemaker or ICD lead") not in codes, "not the built-in one"
     assert "embedded worker started" in node.log_text()
 
     status = node.status()

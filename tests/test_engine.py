@@ -216,6 +216,15 @@ def test_rejects_bad_input(interpreter, tiny_bundle):
         Interpreter(tiny_bundle, tiny_bundle, promptcam_tasks=())
 
 
+def test_one_clip_failing_preprocessing_is_left_out(interpreter):
+    """One bad clip is one bad clip: the study is interpreted from the others, with a warning."""
+    good = make_clips(sizes=(4,))[0]
+    bad = ClipInput(ClipRef("1.2.826.0.1.99"), np.zeros((2, 10, 10, 3), dtype=np.float32))
+    out = interpreter.interpret("1.2", [bad, good])
+    assert [c.sop_instance_uid for c in out.clips] == [good.ref.sop_instance_uid]
+    assert any(w.startswith("clip 1.2.826.0.1.99 not analysed: preprocessing failed") for w in out.warnings)
+
+
 # ------------------------------------------------------------------ echonode analyze
 
 YBR_CLIP = "us_multiframe/pydicom__examples_ybr_color.dcm"

@@ -16,7 +16,9 @@ import pytest
 
 from echonode.config import load_settings
 from echonode.store import db
-from echonode.store import results as rs
+from echonode.store import interpretations, jobs
+from echonode.store.jobs import JobDispatch
+from echonode.store import status as store_status
 from echonode.store.models import AnalysisJob, Instance, Patient, Series, Study, utcnow
 
 
@@ -77,62 +79,62 @@ def test_job_transitions_are_conditional(db_url):
     Session = db.session_factory(db.get_engine(db_url))
     jid = make_job(Session, 1)
     with Session.begin() as s:
-        assert rs.start_job(s, jid, "w1")
+        assert jobs.start_job(s, jid, "w1")
     with Session.begin() as s:
-        assert not rs.start_job(s, jid, "w2"), "a running job must not be claimed twice"
+        assert not jobs.start_job(s, jid, "w2"), "a running job must not be claimed twice"
     with Session.begin() as s:
-        assert not rs.finish_job(s, jid, "w2"), "only the owner may finish"
-        assert rs.finish_job(s, jid, "w1")
+        assert not jobs.finish_job(s, jid, "w2"), "only the owner may finish"
+        assert jobs.finish_job(s, jid, "w1")
     assert job_state(Session, jid)[:2] == ("done", 1)
     with Session.begin() as s:
-        assert not rs.start_job(s, jid, "w3"), "a done job is never re-run by a re-delivered message"
+        assert not jobs.start_job(s, jid, "w3"), "a done job is never re-run by a re-delivered message"
 
     ctx_id = make_job(Session, 2)
     with Session() as s:
-        ctx = rs.job_context(s, ctx_id)
+        ctx = jobs.job_context(s, ctx_id)
     assert ctx.study_instance_uid.endswith(".2") and len(ctx.clips) == 1
-    assert ctx.patient_key == rs.patient_key("P1", "") and "P1" not in ctx.patient_key
+    assert ctx.patient_key == interpretations.patient_key("P1", "") and "P1" not in ctx.patient_key
 
 
 def test_reaper_requeues_then_fails(db_url):
     Session = db.session_factory(db.get_engine(db_url))
     jid = make_job(Session, 1)
     with Session.begin() as s:
-        assert rs.start_job(s, jid, "w1")
+        assert jobs.start_job(s, jid, "w1")
     with Session.begin() as s:   # fresh heartbeat: nothing to reap
-        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [])
+        assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [])
     old = utcnow() - dt.timedelta(seconds=600)
     with Session.begin() as s:
         s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
-        s.query(rs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+        s.query(JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
     with Session.begin() as s:
-        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([jid], [])
+        assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([jid], [])
     state, attempts, err = job_state(Session, jid)
     assert state == "queued" and attempts == 1 and "stopped" in err
     with Session.begin() as s:
-        assert rs.start_job(s, jid, "w2")
+        assert jobs.start_job(s, jid, "w2")
         s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
-        s.query(rs.JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+        s.query(JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
     with Session.begin() as s:
-        assert rs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [jid])
+        assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [jid])
     state, attempts, err = job_state(Session, jid)
     assert state == "failed" and attempts == 2 and "max_attempts=2" in err
 
 
 def test_priors_same_patient_earlier_same_model(db_url):
     Session = db.session_factory(db.get_engine(db_url))
-    me = rs.patient_key("P1", "ISS")
-    other = rs.patient_key("P1", "OTHER")   # same PatientID, another issuer: another patient
+    me = interpretations.patient_key("P1", "ISS")
+    other = interpretations.patient_key("P1", "OTHER")   # same PatientID, another issuer: another patient
     v = np.arange(8, dtype=np.float32)
     with Session.begin() as s:
-        rs.save_study_embedding(s, "1.1", me, "20200101", "A" * 64, v)
-        rs.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 1)
-        rs.save_study_embedding(s, "1.3", me, "20220101", "B" * 64, v)      # other weights
-        rs.save_study_embedding(s, "1.4", other, "20210101", "A" * 64, v)   # other patient
-        rs.save_study_embedding(s, "1.5", me, "20250101", "A" * 64, v)      # later study
-        rs.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 2)  # re-run replaces
+        interpretations.save_study_embedding(s, "1.1", me, "20200101", "A" * 64, v)
+        interpretations.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 1)
+        interpretations.save_study_embedding(s, "1.3", me, "20220101", "B" * 64, v)      # other weights
+        interpretations.save_study_embedding(s, "1.4", other, "20210101", "A" * 64, v)   # other patient
+        interpretations.save_study_embedding(s, "1.5", me, "20250101", "A" * 64, v)      # later study
+        interpretations.save_study_embedding(s, "1.2", me, "20220101", "A" * 64, v + 2)  # re-run replaces
     with Session() as s:
-        pri = rs.prior_embeddings(s, me, "1.9", "20240101", "A" * 64)
+        pri = interpretations.prior_embeddings(s, me, "1.9", "20240101", "A" * 64)
     assert [p.study_instance_uid for p in pri] == ["1.2", "1.1"]
     np.testing.assert_array_equal(pri[0].embedding, v + 2)
     assert pri[0].study_date == "20220101"
@@ -148,14 +150,14 @@ def test_save_interpretation_idempotent(db_url, tmp_path):
                             clips=(), tasks={"ejection_fraction": TaskResult("ejection_fraction", "LVEF", "regression",
                                                                                "m", value=55.0)})
     with Session.begin() as s:
-        a = rs.save_interpretation(s, jid, interp)
+        a = interpretations.save_interpretation(s, jid, interp)
     with Session.begin() as s:
-        b = rs.save_interpretation(s, jid, interp)
+        b = interpretations.save_interpretation(s, jid, interp)
     assert a == b
     with Session() as s:
-        recent = rs.recent_results(s)
+        recent = store_status.recent_results(s)
         assert len(recent) == 1 and recent[0]["lvef"] == 55.0 and recent[0]["demo"] is True
-        assert rs.latest_interpretation(s, interp.study_instance_uid)["banner"].startswith("DEMO MODEL")
+        assert interpretations.latest_interpretation(s, interp.study_instance_uid)["banner"].startswith("DEMO MODEL")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -194,7 +196,7 @@ def test_dispatch_exactly_once_across_dispatchers(db_url, tmp_path, broker, requ
     assert sum(sent) == len(jobs), sent
     assert queue_depths(settings, apps[0])["analyze"] == len(jobs)
     with Session() as s:
-        rows = s.query(rs.JobDispatch).all()
+        rows = s.query(JobDispatch).all()
         assert sorted(r.job_id for r in rows) == jobs and all(r.dispatches == 1 for r in rows)
     for a in apps:
         a.close()
@@ -221,7 +223,7 @@ def test_waiting_model_then_released(db_url, tmp_path, monkeypatch, caplog):
     assert state == "waiting_model" and "echonode models import" in err
     assert any("echonode models import" in r.getMessage() for r in caplog.records)
     with Session() as s:
-        assert "echonode models import" in rs.waiting_model_message(s)
+        assert "echonode models import" in store_status.waiting_model_message(s)
     from echonode.commands.status import collect_status
     from echonode.pipeline.statusinfo import format_pipeline
     status = collect_status(settings)
@@ -274,8 +276,8 @@ def test_metrics_and_health(db_url, tmp_path):
     Session = db.session_factory(db.get_engine(db_url))
     jid = make_job(Session, 1)
     with Session.begin() as s:
-        rs.start_job(s, jid, "w")
-        rs.finish_job(s, jid, "w")
+        jobs.start_job(s, jid, "w")
+        jobs.finish_job(s, jid, "w")
     REGISTRY.inc("echonode_deliveries_total", outcome="delivered")
 
     class _SCP:
@@ -360,10 +362,10 @@ def test_lost_message_is_sent_again(db_url, tmp_path, monkeypatch):
     assert queue_depths(settings, app)["analyze"] == 0
     assert d.tick()["sent"] == 0, "not before lease_s"
     with Session.begin() as s:
-        s.query(rs.JobDispatch).filter_by(job_id=jid).update(
+        s.query(JobDispatch).filter_by(job_id=jid).update(
             {"dispatched_at": utcnow() - dt.timedelta(seconds=60)})
     assert d.tick()["sent"] == 1
     assert queue_depths(settings, app)["analyze"] == 1
     with Session() as s:
-        assert s.get(rs.JobDispatch, jid).dispatches == 2
+        assert s.get(JobDispatch, jid).dispatches == 2
     app.close()

@@ -9,7 +9,7 @@ import dataclasses
 import pydicom
 
 from echonode.config import Destination, load_settings
-from echonode.store import results as rs
+from echonode.store import interpretations, jobs, outbox
 from echonode.store.models import AnalysisJob
 from tests.fixtures.pipeline import ingest
 
@@ -24,6 +24,16 @@ def _settings(tmp_path, tiny_bundle, tiny_bundle_r, destinations=()):
     if destinations:
         s = s.replace(delivery=dataclasses.replace(s.delivery, destinations=tuple(destinations)))
     return s
+
+
+def _texts(ds) -> list[str]:
+    """Every TEXT value anywhere in an SR's content tree."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out += _texts(item)
+    return out
 
 
 def _job(Session, job_id):
@@ -47,9 +57,12 @@ def test_analyse_idempotent_and_priors(tmp_path, tiny_bundle, tiny_bundle_r, pha
     srs = [p for p in (settings.results_path / first_uid).glob("*.dcm")
            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
     assert len(srs) == 1 and len(results1) >= 2, results1          # SR + PromptCAM overlay
+    # results hold patient data: files 0640, folders 0750 (whatever the umask)
+    assert {p.stat().st_mode & 0o777 for p in (settings.results_path / first_uid).glob("*.dcm")} == {0o640}
+    assert (settings.results_path / first_uid).stat().st_mode & 0o777 == 0o750
     with rt.Session() as s:
-        interp = rs.latest_interpretation(s, first_uid)
-        rows1 = rs.outbox_due_count(s)
+        interp = interpretations.latest_interpretation(s, first_uid)
+        rows1 = outbox.due_count(s)
     assert len(interp["clips"]) == 2 and not (interp["longitudinal"] or {}).get("priors")
     assert rows1 == len(results1), "one outbox row per object and destination"
 
@@ -58,7 +71,7 @@ def test_analyse_idempotent_and_priors(tmp_path, tiny_bundle, tiny_bundle_r, pha
     [job2] = ingest(settings, f2)
     assert analyse_job(rt, job2) == "done"
     with rt.Session() as s:
-        priors = rs.latest_interpretation(s, second_uid)["longitudinal"]["priors"]
+        priors = interpretations.latest_interpretation(s, second_uid)["longitudinal"]["priors"]
     assert [(p["study_instance_uid"], p["study_date"]) for p in priors] == [(first_uid, "20230105")]
     sr2 = [pydicom.dcmread(p) for p in (settings.results_path / second_uid).glob("*.dcm")]
     sr2 = [d for d in sr2 if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
@@ -67,7 +80,7 @@ def test_analyse_idempotent_and_priors(tmp_path, tiny_bundle, tiny_bundle_r, pha
     # an operator re-run of a finished job: the same SOP Instance UIDs, the same outbox rows
     with rt.Session.begin() as s:
         s.query(AnalysisJob).filter_by(id=job1).update({"state": "failed"})
-        assert rs.retry_failed(s, [job1]) == 1
+        assert jobs.retry_failed(s, [job1]) == 1
     assert analyse_job(rt, job1) == "done"
     assert sorted(p.name for p in (settings.results_path / first_uid).glob("*.dcm")) == results1
     with rt.Session() as s:
@@ -88,7 +101,7 @@ def test_no_model_waits_then_runs(tmp_path, tiny_bundle, tiny_bundle_r, phantom_
     state, attempts, err = _job(rt.Session, job)
     assert state == "waiting_model" and attempts == 0 and "echonode models import" in err
     with rt.Session.begin() as s:
-        assert rs.release_waiting_model(s) == 1
+        assert jobs.release_waiting_model(s) == 1
     rt2 = WorkerRuntime(settings, worker_id="w2")
     assert analyse_job(rt2, job) == "done"
     assert (settings.results_path).is_dir() and any(settings.results_path.rglob("*.dcm"))
@@ -102,10 +115,45 @@ def test_undecodable_clip_fails_with_reason(tmp_path, tiny_bundle, tiny_bundle_r
     [job] = ingest(settings, files)
     rt = WorkerRuntime(settings, worker_id="w")
     with rt.Session() as s:
-        ctx = rs.job_context(s, job)
+        ctx = jobs.job_context(s, job)
     stored = settings.data_path / ctx.clips[0].path
     data = stored.read_bytes()
     stored.write_bytes(data[: len(data) // 2])      # the stored file is damaged
     assert analyse_job(rt, job) == "failed"
     state, _, err = _job(rt.Session, job)
     assert state == "failed" and "no clip of the study could be decoded" in err
+
+
+def test_one_bad_clip_is_one_bad_clip(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
+    """A clip whose header is damaged after it was indexed (NumberOfFrames "wide": the decoder
+    raises IndexError, not a decode error) is left out with a warning in the Interpretation
+    and the SR; the study's other clip is analysed and the job is done."""
+    from echonode.pipeline.tasks import WorkerRuntime, analyse_job
+
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r)
+    study_uid, files = phantom_factory(patient_id="PIPE4", study_date="20230105", seed=6, n_clips=2)
+    [job] = ingest(settings, files)
+    rt = WorkerRuntime(settings, worker_id="w")
+    with rt.Session() as s:
+        ctx = jobs.job_context(s, job)
+    bad = ctx.clips[0]
+    stored = settings.data_path / bad.path
+    ds = pydicom.dcmread(stored)
+    ds.NumberOfFrames = 7777
+    ds.save_as(stored)
+    raw = stored.read_bytes()
+    assert raw.count(b"7777") == 1
+    stored.write_bytes(raw.replace(b"7777", b"wide"))
+
+    assert analyse_job(rt, job) == "done"
+    with rt.Session() as s:
+        interp = interpretations.latest_interpretation(s, study_uid)
+    assert [c["sop_instance_uid"] for c in interp["clips"]] == [ctx.clips[1].sop_instance_uid]
+    [warning] = [w for w in interp["warnings"] if "not analysed" in w]
+    assert bad.sop_instance_uid in warning and "IndexError" in warning
+    [sr] = [d for d in (pydicom.dcmread(p) for p in (settings.results_path / study_uid).glob("*.dcm"))
+            if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert warning in _texts(sr), "the SR names the clip that was left out"
+    assert bad.sop_instance_uid not in {str(r.ReferencedSOPInstanceUID)
+                                        for e in sr.CurrentRequestedProcedureEvidenceSequence
+                                        for se in e.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}

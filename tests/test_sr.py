@@ -288,7 +288,8 @@ def test_site_added_task_gets_documented_private_code(realworld_dir, tmp_path):
 
 
 def test_site_catalogue_codes_are_used(realworld_dir, tmp_path):
-    from echonode.interpret.prompts import load_catalog
+    """A site task's codes reach the SR as data, through the result's ``coding``."""
+    from echonode.interpret.prompts import load_catalog, task_coding
     from tests.fixtures.interp import make_interpretation
     site = tmp_path / "tasks.toml"
     site.write_text('[tasks.aortic_stenosis]\ntitle = "Aortic stenosis"\nmode = "binary"\ngroup = "valves"\n'
@@ -299,9 +300,12 @@ def test_site_catalogue_codes_are_used(realworld_dir, tmp_path):
     sources = make_sources(realworld_dir)
     interp = make_interpretation(sources, longitudinal=False, promptcams=False)
     extra = TaskResult("aortic_stenosis", "Aortic stenosis", "binary", "binary mean cosine", score=0.4,
-                       call="present", threshold=0.35, threshold_source="calibrated")
+                       call="present", threshold=0.35, threshold_source="calibrated",
+                       coding=task_coding(catalog["aortic_stenosis"]))
     interp = dataclasses.replace(interp, tasks={"aortic_stenosis": extra})
-    ds = build_sr(interp, sources, catalog=catalog)
+    # stored and read back (SQL keeps the Interpretation as JSON): the codes survive
+    interp = type(interp).from_json(interp.to_json())
+    ds = build_sr(interp, sources)
     path = tmp_path / "sr.dcm"
     ds.save_as(path, enforce_file_format=True)
     g = _group(hd.sr.srread(path), "aortic_stenosis")
@@ -310,15 +314,16 @@ def test_site_catalogue_codes_are_used(realworld_dir, tmp_path):
 
 
 def test_results_modules_do_not_import_torch():
-    """The wall: echonode/dicom never imports torch (the task catalogue it reads is torch-free)."""
+    """The wall: echonode/dicom imports neither torch nor echonode.interpret."""
     import subprocess
     import sys
     code = ("import sys; import echonode.dicom.sr, echonode.dicom.overlays, echonode.dicom.scu, "
-            "echonode.dicom.sr_codes as c; c.builtin_catalog(); import echonode.commands.outbox; "
-            "print('torch' in sys.modules)")
+            "echonode.dicom.sr_codes, echonode.dicom.select, echonode.dicom.frames, echonode.dicom.spool, "
+            "echonode.dicom.scp; import echonode.commands.outbox; "
+            "print('torch' in sys.modules, any(m.split('.')[:2] == ['echonode', 'interpret'] for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 def test_non_finite_numbers_are_omitted_and_empty_reports_refused(realworld_dir, tmp_path):

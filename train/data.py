@@ -9,9 +9,9 @@
   *snippet* (a random subset of the report's sentences, in report order, that fits in the
   77-token context — the paper trained EchoCLIP on report snippets); for the template
   tokenizer the full report (EchoCLIP-R). Snippets keep 40-100 % of the sentences (then
-  drop random ones until they fit), rare sentences more often: short snippets of one to
-  six sentences were tried first and left a 10-minute run near chance, because most such
-  snippets say only boiler-plate that fits many clips of a batch equally well.
+  drop random ones until they fit), rare sentences more often, so that a snippet seldom
+  says only boiler-plate that fits many clips of a batch equally well (the demo model's
+  ``TRAINING.md`` records the measurements).
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ class FrameCache:
                 return np.load(f, mmap_mode="r" if mmap else None)
             except (OSError, ValueError):
                 f.unlink(missing_ok=True)
+        from echonode.files import atomic_write
+
         arr = self.decode(row)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, f)
+        atomic_write(f, lambda fh: np.save(fh, arr))
         return np.load(f, mmap_mode="r") if mmap else arr
 
     def decode(self, row: Row) -> np.ndarray:

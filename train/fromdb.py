@@ -83,7 +83,7 @@ def export_manifest(settings, out_csv: str | Path) -> DbExport:
 
     from echonode.store import db
     from echonode.store.models import Instance, Patient, Series, Study
-    from echonode.store.results import patient_key
+    from echonode.store.interpretations import patient_key
 
     engine = db.make_engine(settings.db_url)
     data_dir = Path(settings.data_path)

@@ -343,15 +343,280 @@ class _null:
         return False
 
 
+@dataclass
+class _Model:
+    """The model to train and where it came from."""
+
+    model: object
+    config: object          # echonode.model.configs.ModelConfig
+    architecture: str
+    tokenizer_kind: str
+    source: str
+    base_value_ranges: Optional[dict]   # {} from scratch; the starting bundle's record otherwise
+
+
+def _load_model(cfg: TrainConfig) -> _Model:
+    """The starting bundle (fine-tuning) or a fresh model of ``cfg.architecture``."""
+    import torch
+
+    from echonode.model.bundle import Bundle
+    from echonode.model.clip import build_model
+    from echonode.model.configs import get_config
+
+    if cfg.init_bundle:
+        b = Bundle.open(cfg.init_bundle)
+        model = b.load_model(device="cpu", precision="fp32")
+        model.train()
+        return _Model(model, b.config, b.architecture, cfg.tokenizer or b.tokenizer_kind,
+                      f"fine-tuned from {b.name} ({b.weights_sha256[:12]})", b.value_ranges or None)
+    mcfg = get_config(cfg.architecture)
+    torch.manual_seed(cfg.seed)
+    return _Model(build_model(mcfg), mcfg, cfg.architecture, cfg.tokenizer or mcfg.tokenizer_kind,
+                  f"trained from scratch ({cfg.architecture})", {})
+
+
+def _text_sampler(cfg: TrainConfig, tokenizer_kind: str) -> TextSampler:
+    from echonode.model.tokenize import get_tokenizer
+
+    if cfg.positives not in ("report", "none"):
+        raise ValueError(f"positives must be 'report' or 'none', got {cfg.positives!r}")
+    try:
+        keep_lo, keep_hi = (float(x) for x in str(cfg.snippet_keep).split(","))
+    except ValueError:
+        raise ValueError(f"snippet_keep must be 'LO,HI', got {cfg.snippet_keep!r}") from None
+    return TextSampler(get_tokenizer(tokenizer_kind), keep=(keep_lo, keep_hi), full_report_prob=cfg.full_report_prob)
+
+
+def _optimizer(cfg: TrainConfig, model):
+    """AdamW with weight decay on weight matrices only (not on norms, biases, scales, embeddings)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in n or "positional_embedding" in n or n.endswith(".bias")
+         or "norm" in n or "ln_" in n or "gamma" in n else decay).append(p)
+    return make_optimizer([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+@dataclass
+class _Run:
+    """A training run in progress: what every step reads, and the counters it moves."""
+
+    cfg: TrainConfig
+    model: object
+    ddp_model: object
+    opt: object
+    sampler: TextSampler
+    tr: Prepared
+    va: Prepared
+    report_sets: list
+    device: object
+    autocast: object
+    writer: _Writer
+    ckdir: Path
+    main: bool
+    rank: int
+    world: int
+    mean: tuple
+    std: tuple
+    per_rank: int = 0
+    bs: int = 2
+    steps_per_epoch: int = 1
+    total_updates: int = 1
+    warmup_frac: float = 0.0
+    low_sizes: list = field(default_factory=list)
+    step: int = 0
+    best: float = float("inf")
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    elapsed_before: float = 0.0
+    budget: float = 0.0
+    t_loop: float = 0.0
+
+    def progress_frac(self) -> float:
+        """How far the run is: by updates, or by time when a budget is set (whichever is further)."""
+        p = self.step / max(1, self.total_updates)
+        if self.budget:
+            p = max(p, (self.elapsed_before + time.time() - self.t_loop) / self.budget)
+        return p
+
+    def train_size(self) -> int:
+        """Input size at the current point of the run (the model's own size after the low-res share)."""
+        p = self.progress_frac()
+        if not self.low_sizes or p >= self.cfg.low_res_fraction:
+            return 0
+        return self.low_sizes[min(len(self.low_sizes) - 1, int(p / self.cfg.low_res_fraction * len(self.low_sizes)))]
+
+
+def _schedule(run: _Run) -> None:
+    """Shard the training set across ranks (disjoint, equal length) and size the run."""
+    cfg = run.cfg
+    run.per_rank = len(run.tr.rows) // run.world
+    run.bs = max(2, min(cfg.batch_size, run.per_rank))
+    run.steps_per_epoch = max(1, run.per_rank // run.bs)
+    updates_per_epoch = max(1, run.steps_per_epoch // max(1, cfg.accum_steps))
+    run.total_updates = updates_per_epoch * cfg.epochs
+    # the paper's 2,000 warm-up steps, but never more than 5 % of the run
+    run.warmup_frac = min(cfg.warmup_steps / max(1, run.total_updates), 0.05)
+    run.low_sizes = [int(x) for x in str(cfg.low_res or "").replace(" ", "").split(",") if x and int(x) > 0]
+
+
+def _resume(run: _Run, last: Path) -> int:
+    """Continue from ``last.pt``: model, optimizer, counters. Returns the epoch to start with."""
+    import torch
+
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    start_epoch, run.step = int(ck["epoch"]) + 1, int(ck["step"])
+    run.best, run.best_epoch, run.history = float(ck["best"]), int(ck["best_epoch"]), list(ck.get("history", []))
+    run.elapsed_before = float(ck.get("elapsed", 0.0))
+    run.writer(event="resume", epoch=start_epoch, step=run.step)
+    return start_epoch
+
+
+def _batch(run: _Run, idx, rng):
+    """Images (one random cached frame per clip, augmented, at the current size) and text ids
+    (a report snippet per clip) with the report-level positives mask."""
+    import cv2
+    import torch
+
+    from echonode.model.preprocess import normalize
+
+    cfg, tr = run.cfg, run.tr
+    imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
+    if cfg.augment:
+        imgs = np.stack([augment(im, rng) for im in imgs])
+    size_now = run.train_size()
+    if size_now and size_now < imgs.shape[1]:
+        imgs = np.stack([cv2.resize(im, (size_now, size_now), interpolation=cv2.INTER_AREA) for im in imgs])
+    samples = [run.sampler.sample_with_sentences(tr.rows[i].report, rng) for i in idx]
+    ids = np.stack([x[0] for x in samples])
+    pos = report_positives([run.report_sets[i] for i in idx], [x[1] for x in samples]) \
+        if cfg.positives == "report" else None
+    x = normalize(imgs, run.mean, run.std).to(run.device, non_blocking=True)
+    if run.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(ids).to(run.device), pos
+
+
+def _update(run: _Run) -> None:
+    """One optimizer update (learning rate from the schedule, gradient clipping, logit scale ≤ 100)."""
+    import torch
+
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(run.progress_frac(), run.warmup_frac, run.cfg.lr)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        run.model.logit_scale.clamp_(0, math.log(100))
+    run.step += 1
+
+
+def _train_epoch(run: _Run, epoch: int, bar) -> tuple[list[float], bool]:
+    """One epoch on this rank's shard: ``(losses, stop)``; stop when the time budget is spent."""
+    cfg = run.cfg
+    rng = np.random.default_rng([cfg.seed, epoch])
+    perm = rng.permutation(np.arange(len(run.tr.rows)))[run.rank * run.per_rank:(run.rank + 1) * run.per_rank]
+    run.ddp_model.train()
+    losses: list[float] = []
+    for bi in range(run.steps_per_epoch):
+        x, t, pos = _batch(run, perm[bi * run.bs:(bi + 1) * run.bs], rng)
+        with (run.autocast() if run.autocast else _null()):
+            img_f, txt_f, scale = run.ddp_model(x, t)
+            loss = clip_loss(img_f.float(), txt_f.float(), scale.float(),
+                             positives=pos.to(run.device) if pos is not None else None)
+        (loss / cfg.accum_steps).backward()
+        losses.append(float(loss.detach()))
+        if (bi + 1) % cfg.accum_steps:
+            continue
+        _update(run)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-10:]):.3f}")
+        if run.main and run.step % max(1, cfg.log_every) == 0:
+            run.writer(event="step", epoch=epoch, step=run.step, loss=float(np.mean(losses[-cfg.log_every:])),
+                       lr=run.opt.param_groups[0]["lr"], logit_scale=float(run.model.logit_scale.detach().exp()))
+        if run.budget and run.progress_frac() >= 1.0:
+            return losses, True
+    return losses, False
+
+
+def _validate(run: _Run, epoch: int, losses: list[float], stop: bool, t_ep: float) -> None:
+    """MCMRR of clip vs full-report embeddings on the validation split; keeps ``best.pt`` and
+    writes ``last.pt`` (the resume point)."""
+    import torch
+
+    from train.metrics import retrieval
+
+    cfg, model = run.cfg, run.model
+    rec = {"event": "epoch", "epoch": epoch, "step": run.step,
+           "train_loss": float(np.mean(losses)) if losses else None, "epoch_seconds": round(time.time() - t_ep, 2)}
+    model.eval()
+    low_now = 0 if stop else run.train_size()
+    if len(run.va.rows) >= 2:
+        ie = embed_clips(model, run.va.frames, run.device, run.mean, run.std, n_frames=cfg.val_frames,
+                         autocast=run.autocast, size=low_now)
+        te = embed_texts(model, run.sampler, [r.report for r in run.va.rows], run.device)
+        rr = retrieval(ie, te)
+        # collapse diagnostic: mean pairwise cosine of each modality's embeddings
+        # (near 1 = every clip or report looks the same to the model)
+        rec.update(val_image_cos=round(mean_pairwise_cos(ie), 4), val_text_cos=round(mean_pairwise_cos(te), 4))
+        rec.update(val_mcmrr=rr["mcmrr"], val_i2t=rr["image_to_report_mean_rank"],
+                   val_t2i=rr["report_to_image_mean_rank"], val_chance=rr["chance_rank"], val_n=rr["n"])
+        metric = rr["mcmrr"]
+    else:
+        metric = float(np.mean(losses)) if losses else float("inf")  # no val split: lowest loss
+        rec.update(val_note="no validation split; best by training loss")
+    if low_now:
+        # validated at the low training size: logged, but only full-size epochs can be "best"
+        rec.update(val_size=low_now)
+    elif metric < run.best:
+        run.best, run.best_epoch = metric, epoch
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run.ckdir / "best.pt")
+    rec.update(best_epoch=run.best_epoch, best=run.best)
+    run.history.append(rec)
+    run.writer(**rec)
+    tmp = run.ckdir / "last.pt.tmp"
+    torch.save({"model": model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch, "step": run.step,
+                "best": run.best, "best_epoch": run.best_epoch, "history": run.history,
+                "elapsed": run.elapsed_before + time.time() - run.t_loop,
+                "config": dataclasses.asdict(cfg)}, tmp)
+    os.replace(tmp, run.ckdir / "last.pt")
+
+
+def _progress_bar(run: _Run, show: bool):
+    if not (show and run.main):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=run.total_updates, initial=min(run.step, run.total_updates), desc="train", unit="step",
+                file=sys.stderr, disable=not sys.stderr.isatty() and not os.environ.get("ECHONODE_PROGRESS"))
+
+
+def _stop_everywhere(run: _Run, stop: bool) -> bool:
+    """Rank 0 decides (it holds the clock and the validation); the others follow."""
+    if run.world == 1:
+        return stop
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if stop else 0], device=run.device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     import cv2
     import torch
 
-    from echonode.model.bundle import Bundle, write_bundle
-    from echonode.model.clip import build_model
-    from echonode.model.configs import get_config
-    from echonode.model.tokenize import get_tokenizer
-    from train.metrics import retrieval
+    from echonode.model.bundle import write_bundle
 
     t_start = time.time()
     rank, world, local_rank = _dist()
@@ -368,209 +633,49 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     use_bf16 = (cfg.precision == "bf16") or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 else None
 
-    # --- model and tokenizer
-    if cfg.init_bundle:
-        b = Bundle.open(cfg.init_bundle)
-        model = b.load_model(device="cpu", precision="fp32")
-        model.train()
-        mcfg = b.config
-        arch = b.architecture
-        tok_kind = cfg.tokenizer or b.tokenizer_kind
-        source = f"fine-tuned from {b.name} ({b.weights_sha256[:12]})"
-    else:
-        mcfg = get_config(cfg.architecture)
-        arch = cfg.architecture
-        torch.manual_seed(cfg.seed)
-        model = build_model(mcfg)
-        tok_kind = cfg.tokenizer or mcfg.tokenizer_kind
-        source = f"trained from scratch ({arch})"
-    tokenizer = get_tokenizer(tok_kind)
-    if cfg.positives not in ("report", "none"):
-        raise ValueError(f"positives must be 'report' or 'none', got {cfg.positives!r}")
-    try:
-        keep_lo, keep_hi = (float(x) for x in str(cfg.snippet_keep).split(","))
-    except ValueError:
-        raise ValueError(f"snippet_keep must be 'LO,HI', got {cfg.snippet_keep!r}") from None
-    sampler = TextSampler(tokenizer, keep=(keep_lo, keep_hi), full_report_prob=cfg.full_report_prob)
-    model = model.to(device)
+    m = _load_model(cfg)
+    sampler = _text_sampler(cfg, m.tokenizer_kind)
+    model = m.model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
     # --- data
     manifest = load_manifest(cfg.manifest)
     problems = list(manifest.problems)
-    cache = FrameCache(cfg.cache_dir or (out / "cache"), size=mcfg.image_size, channel_order=cfg.channel_order)
+    cache = FrameCache(cfg.cache_dir or (out / "cache"), size=m.config.image_size, channel_order=cfg.channel_order)
     tr = prepare_split(manifest, "train", cache, "cache train")
     va = prepare_split(manifest, "val", cache, "cache val")
     problems += tr.problems + va.problems
     sampler.fit(r.report for r in tr.rows)
-    value_ranges = trained_value_ranges([r.report for r in tr.rows], (b.value_ranges or None)
-                                        if cfg.init_bundle else {})
-    report_sets = [sampler.sentence_set(r.report) for r in tr.rows]
+    value_ranges = trained_value_ranges([r.report for r in tr.rows], m.base_value_ranges)
     for p in problems:
         log.warning("%s", p)
     if len(tr.rows) < 2:
         raise ManifestError(f"{cfg.manifest}: need at least 2 usable training clips, have {len(tr.rows)}")
     writer(event="data", train=len(tr.rows), val=len(va.rows), problems=len(problems))
 
-    # shard the training set across ranks (disjoint, equal length)
-    order_all = np.arange(len(tr.rows))
-    per_rank = len(order_all) // world
-    bs = max(2, min(cfg.batch_size, per_rank))
-    steps_per_epoch = max(1, per_rank // bs)
-    updates_per_epoch = max(1, steps_per_epoch // max(1, cfg.accum_steps))
-    total_updates = updates_per_epoch * cfg.epochs
-    # the paper's 2,000 warm-up steps, but never more than 5 % of the run
-    warmup_frac = min(cfg.warmup_steps / max(1, total_updates), 0.05)
-
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in n or "positional_embedding" in n or n.endswith(".bias")
-         or "norm" in n or "ln_" in n or "gamma" in n else decay).append(p)
-    opt = make_optimizer([{"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     ddp_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = _Run(cfg=cfg, model=model, ddp_model=ddp_model, opt=_optimizer(cfg, model), sampler=sampler, tr=tr, va=va,
+               report_sets=[sampler.sentence_set(r.report) for r in tr.rows], device=device, autocast=autocast,
+               writer=writer, ckdir=ckdir, main=main, rank=rank, world=world, mean=m.config.mean, std=m.config.std)
+    _schedule(run)
+    start_epoch = _resume(run, ckdir / "last.pt") if cfg.resume else 0
+    run.budget = cfg.max_minutes * 60.0 if cfg.max_minutes else 0.0
+    run.t_loop = time.time()  # the time budget covers the training loop (frame caching is logged apart)
+    writer(event="prepared", seconds=round(run.t_loop - t_start, 1))
 
-    # --- resume
-    start_epoch, step, best, best_epoch, history = 0, 0, float("inf"), -1, []
-    elapsed_before = 0.0
-    last = ckdir / "last.pt"
-    if cfg.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
-        best, best_epoch, history = float(ck["best"]), int(ck["best_epoch"]), list(ck.get("history", []))
-        elapsed_before = float(ck.get("elapsed", 0.0))
-        writer(event="resume", epoch=start_epoch, step=step)
-    budget = cfg.max_minutes * 60.0 if cfg.max_minutes else 0.0
-    t_loop = time.time()  # the time budget covers the training loop (frame caching is logged apart)
-    writer(event="prepared", seconds=round(t_loop - t_start, 1))
-
-    def progress_frac():
-        p = step / max(1, total_updates)
-        if budget:
-            p = max(p, (elapsed_before + time.time() - t_loop) / budget)
-        return p
-
-    bar = None
-    if progress and main:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=total_updates, initial=min(step, total_updates), desc="train", unit="step",
-                       file=sys.stderr, disable=not sys.stderr.isatty() and not os.environ.get("ECHONODE_PROGRESS"))
-        except ImportError:  # pragma: no cover
-            bar = None
-
-    mean, std = mcfg.mean, mcfg.std
-    from echonode.model.preprocess import normalize
-    low_sizes = [int(x) for x in str(cfg.low_res or "").replace(" ", "").split(",") if x and int(x) > 0]
-
-    def train_size() -> int:
-        """Input size at the current point of the run (the model's own size after the low-res share)."""
-        p = progress_frac()
-        if not low_sizes or p >= cfg.low_res_fraction:
-            return 0
-        return low_sizes[min(len(low_sizes) - 1, int(p / cfg.low_res_fraction * len(low_sizes)))]
-    stop = False
+    bar = _progress_bar(run, progress)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])
-        perm = rng.permutation(order_all)[rank * per_rank:(rank + 1) * per_rank]
-        ddp_model.train()
-        losses = []
         t_ep = time.time()
-        for bi in range(steps_per_epoch):
-            idx = perm[bi * bs:(bi + 1) * bs]
-            imgs = np.stack([np.asarray(tr.frames[i][rng.integers(len(tr.frames[i]))]) for i in idx])
-            if cfg.augment:
-                imgs = np.stack([augment(im, rng) for im in imgs])
-            size_now = train_size()
-            if size_now and size_now < imgs.shape[1]:
-                imgs = np.stack([cv2.resize(im, (size_now, size_now), interpolation=cv2.INTER_AREA)
-                                 for im in imgs])
-            samples = [sampler.sample_with_sentences(tr.rows[i].report, rng) for i in idx]
-            ids = np.stack([x[0] for x in samples])
-            pos = report_positives([report_sets[i] for i in idx], [x[1] for x in samples]) \
-                if cfg.positives == "report" else None
-            x = normalize(imgs, mean, std).to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            t = torch.from_numpy(ids).to(device)
-            with (autocast() if autocast else _null()):
-                img_f, txt_f, scale = ddp_model(x, t)
-                loss = clip_loss(img_f.float(), txt_f.float(), scale.float(),
-                                 positives=pos.to(device) if pos is not None else None)
-            (loss / cfg.accum_steps).backward()
-            losses.append(float(loss.detach()))
-            if (bi + 1) % cfg.accum_steps == 0:
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(progress_frac(), warmup_frac, cfg.lr)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-10:]):.3f}")
-                if main and step % max(1, cfg.log_every) == 0:
-                    writer(event="step", epoch=epoch, step=step, loss=float(np.mean(losses[-cfg.log_every:])),
-                           lr=opt.param_groups[0]["lr"], logit_scale=float(model.logit_scale.detach().exp()))
-                if budget and progress_frac() >= 1.0:
-                    stop = True
-                    break
-        # --- validation: MCMRR of clip vs full report embeddings
-        rec = {"event": "epoch", "epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
-               "epoch_seconds": round(time.time() - t_ep, 2)}
-        last_epoch = stop or epoch == cfg.epochs - 1 or (budget and progress_frac() >= 1.0)
+        losses, stop = _train_epoch(run, epoch, bar)
+        last_epoch = stop or epoch == cfg.epochs - 1 or (run.budget and run.progress_frac() >= 1.0)
         if main and ((epoch + 1) % max(1, cfg.val_every) == 0 or last_epoch):
-            model.eval()
-            low_now = 0 if stop else train_size()
-            low_phase = bool(low_now)
-            if len(va.rows) >= 2:
-                ie = embed_clips(model, va.frames, device, mean, std, n_frames=cfg.val_frames, autocast=autocast,
-                                 size=low_now)
-                te = embed_texts(model, sampler, [r.report for r in va.rows], device)
-                rr = retrieval(ie, te)
-                # collapse diagnostic: mean pairwise cosine of each modality's embeddings
-                # (near 1 = every clip or report looks the same to the model)
-                rec.update(val_image_cos=round(mean_pairwise_cos(ie), 4), val_text_cos=round(mean_pairwise_cos(te), 4))
-                rec.update(val_mcmrr=rr["mcmrr"], val_i2t=rr["image_to_report_mean_rank"],
-                           val_t2i=rr["report_to_image_mean_rank"], val_chance=rr["chance_rank"], val_n=rr["n"])
-                metric = rr["mcmrr"]
-            else:
-                metric = float(np.mean(losses)) if losses else float("inf")  # no val split: lowest loss
-                rec.update(val_note="no validation split; best by training loss")
-            if low_phase:
-                # validated at the low training size: logged, but only full-size epochs can be "best"
-                rec.update(val_size=low_now)
-            elif metric < best:
-                best, best_epoch = metric, epoch
-                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckdir / "best.pt")
-            rec.update(best_epoch=best_epoch, best=best)
-            history.append(rec)
-            writer(**rec)
-            tmp = ckdir / "last.pt.tmp"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-                        "best": best, "best_epoch": best_epoch, "history": history,
-                        "elapsed": elapsed_before + time.time() - t_loop,
-                        "config": dataclasses.asdict(cfg)}, tmp)
-            os.replace(tmp, last)
-        if world > 1:
-            import torch.distributed as dist
-            flag = torch.tensor([1 if stop else 0], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
+            _validate(run, epoch, losses, stop, t_ep)
+        if _stop_everywhere(run, stop):
             break
     if bar is not None:
         bar.close()
@@ -579,16 +684,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if main:
         best_sd = torch.load(ckdir / "best.pt", map_location="cpu", weights_only=True) if (ckdir / "best.pt").is_file() \
             else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        write_bundle(bundle_path, best_sd, name=cfg.name or f"{arch}-trained", architecture=arch,
-                     tokenizer_kind=tok_kind, demo=cfg.demo, dtype=(cfg.weights_dtype or None),
+        write_bundle(bundle_path, best_sd, name=cfg.name or f"{m.architecture}-trained", architecture=m.architecture,
+                     tokenizer_kind=m.tokenizer_kind, demo=cfg.demo, dtype=(cfg.weights_dtype or None),
                      value_ranges=value_ranges,
-                     source=f"echonode train: {source}; manifest {Path(cfg.manifest).name}; "
-                            f"best epoch {best_epoch} (val MCMRR {best:.3f})", overwrite=True)
-        writer(event="done", bundle=str(bundle_path), best_epoch=best_epoch, best=best, steps=step,
+                     source=f"echonode train: {m.source}; manifest {Path(cfg.manifest).name}; "
+                            f"best epoch {run.best_epoch} (val MCMRR {run.best:.3f})", overwrite=True)
+        writer(event="done", bundle=str(bundle_path), best_epoch=run.best_epoch, best=run.best, steps=run.step,
                seconds=round(time.time() - t_start, 1))
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(bundle_path, best_epoch, best, epoch + 1 - start_epoch, step, time.time() - t_start,
-                       history, problems)
+    return TrainResult(bundle_path, run.best_epoch, run.best, epoch + 1 - start_epoch, run.step,
+                       time.time() - t_start, run.history, problems)

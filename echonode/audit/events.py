@@ -172,7 +172,7 @@ class PatientRef:
 
     @property
     def key(self) -> str:
-        from echonode.store.results import patient_key
+        from echonode.store.interpretations import patient_key
         return patient_key(self.patient_id, self.issuer)
 
     @property

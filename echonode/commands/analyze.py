@@ -2,9 +2,9 @@
 
 DICOM files are grouped by StudyInstanceUID (one Interpretation per study, all its files
 as its A4C clips); every video file (AVI, MP4, ...) is a pseudo-study of its own with a
-deterministic ``2.25.`` UID derived from its path. Frames are sampled exactly as the
-worker samples them (``model.frames`` frames at ``model.frame_stride`` from frame 0) and
-decoded with :func:`echonode.dicom.frames.load_clip`.
+deterministic ``2.25.`` UID derived from its path. The analysis itself is the node's
+(:mod:`echonode.analysis`): the same Interpreter with the site's task catalogue, the
+same frame sampling and decoding, the same SR and overlays.
 
 Output: a readable table per study, or with ``--json`` one JSON object per study (one
 per line): ``{"study_instance_uid", "model", "tasks": {ID: {"mode", "score" | "value",
@@ -18,12 +18,9 @@ only ``interpretation.json`` is written for them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
-
-VIDEO_SUFFIXES = {".avi", ".mp4", ".mov", ".m4v", ".mkv", ".wmv", ".mpg", ".mpeg", ".webm"}
 
 
 def register(sub, parents):
@@ -45,12 +42,6 @@ def register(sub, parents):
     p.set_defaults(func=run)
 
 
-def pseudo_study_uid(path: Path) -> str:
-    """A deterministic UID for a video file (no DICOM study): 2.25.<128 bits of sha256(path)>."""
-    digest = hashlib.sha256(str(path.resolve()).encode("utf-8")).digest()[:16]
-    return "2.25." + str(int.from_bytes(digest, "big"))
-
-
 def _valid_uid(uid: str) -> bool:
     """Safe as a path component: the node's own UID check (echonode.dicom.uids, lenient form)."""
     from echonode.dicom.uids import is_valid_uid
@@ -63,17 +54,19 @@ def _err(msg: str) -> None:
 
 
 def _group_files(paths: list[Path]) -> tuple[dict, list[str]]:
-    """{study uid: {"video": bool, "files": [(path, dataset or None)]}} in argument order."""
-    import pydicom
+    """{study uid: {"video": bool, "clips": [ClipSource]}} in argument order. Each DICOM file
+    is parsed once here; the analysis decodes from that parse."""
+    from echonode.analysis import ClipSource, pseudo_study_uid, read_instance
+    from echonode.dicom.frames import VIDEO_SUFFIXES
 
     studies: dict[str, dict] = {}
     problems: list[str] = []
     for p in paths:
         if p.suffix.lower() in VIDEO_SUFFIXES:
-            studies.setdefault(pseudo_study_uid(p), {"video": True, "files": []})["files"].append((p, None))
+            studies.setdefault(pseudo_study_uid(p), {"video": True, "clips": []})["clips"].append(ClipSource(p))
             continue
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds = read_instance(p)
         except Exception as exc:  # pydicom raises many types on damaged files (struct.error, ...)
             problems.append(f"{p}: not a readable DICOM file ({type(exc).__name__})")
             continue
@@ -81,43 +74,8 @@ def _group_files(paths: list[Path]) -> tuple[dict, list[str]]:
         if not _valid_uid(uid):
             problems.append(f"{p}: missing or invalid StudyInstanceUID")
             continue
-        studies.setdefault(uid, {"video": False, "files": []})["files"].append((p, ds))
+        studies.setdefault(uid, {"video": False, "clips": []})["clips"].append(ClipSource(p, header=ds))
     return studies, problems
-
-
-def _load_study(files, settings, warnings: list[str]):
-    from echonode.dicom.frames import FrameDecodeError, count_frames, load_clip
-    from echonode.interpret.engine import ClipInput
-    from echonode.interpretation import ClipRef
-    from echonode.model.preprocess import sample_indices
-
-    m = settings.model
-    inputs, sources = [], []
-    for path, ds in files:
-        try:
-            n = count_frames(path) if ds is None else int(getattr(ds, "NumberOfFrames", 1) or 1)
-            idx = sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride)
-            clip = load_clip(path, indices=idx, sector_mask=m.sector_mask)
-        except FrameDecodeError as exc:
-            warnings.append(f"{path.name}: not analysed: {exc.reason}")
-            continue
-        except (OSError, ValueError, IndexError) as exc:
-            warnings.append(f"{path.name}: not analysed: {type(exc).__name__}: {exc}")
-            continue
-        if len(clip.frames) == 0:
-            warnings.append(f"{path.name}: not analysed: no frames")
-            continue
-        if ds is not None:
-            sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-            ref = ClipRef(sop_instance_uid=sop, series_instance_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""),
-                          sop_class_uid=str(getattr(ds, "SOPClassUID", "") or ""), path=str(path),
-                          n_frames=clip.n_frames, frames_used=tuple(int(i) for i in clip.indices))
-            sources.append(ds)
-        else:
-            ref = ClipRef(sop_instance_uid=pseudo_study_uid(path) + ".1", path=str(path), n_frames=clip.n_frames,
-                          frames_used=tuple(int(i) for i in clip.indices))
-        inputs.append(ClipInput(ref=ref, frames=clip.frames))
-    return inputs, sources
 
 
 def result_dict(interp, outputs: list[str] | None = None) -> dict:
@@ -216,32 +174,27 @@ def render_table(interp) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, interp, sources, video: bool, messages: list[str], catalog=None) -> list[str]:
+def _write_outputs(out: Path, result, video: bool, messages: list[str]) -> list[str]:
+    """``out/<study>/``: interpretation.json, and for DICOM studies the SR and overlays."""
+    from echonode.analysis import result_datasets
+    from echonode.files import atomic_write, atomic_write_bytes
+
+    interp = result.interp
     uid = interp.study_instance_uid
     if not _valid_uid(uid):
         raise ValueError("study UID unusable as a directory name")
     d = out / uid
-    d.mkdir(parents=True, exist_ok=True)
-    written = []
-    j = d / "interpretation.json"
-    j.write_text(json.dumps(interp.to_dict(), sort_keys=True, indent=1))
-    written.append(str(j))
+    written = [str(atomic_write_bytes(d / "interpretation.json",
+                                      json.dumps(interp.to_dict(), sort_keys=True, indent=1).encode()))]
     if video:
         messages.append(f"study {uid}: video input has no DICOM source; SR and overlays not written")
         return written
-    try:
-        from echonode.dicom.overlays import build_overlays
-        from echonode.dicom.sr import build_sr
-    except ImportError as exc:
-        messages.append(f"SR/overlay writers unavailable ({exc}); only interpretation.json written")
-        return written
-    objs = [("SR", build_sr(interp, sources, catalog=catalog))] + [("SC", o) for o in build_overlays(interp, sources)]
-    for kind, ds in objs:
+    for ds in result_datasets(interp, result.headers):
+        kind = "SR" if str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.88.") else "SC"
         sop = str(ds.SOPInstanceUID)
         if not _valid_uid(sop):
             raise ValueError(f"generated {kind} has an invalid SOP Instance UID")
-        p = d / f"{kind}_{sop}.dcm"
-        ds.save_as(p, enforce_file_format=True)
+        p = atomic_write(d / f"{kind}_{sop}.dcm", lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
         written.append(str(p))
     return written
 
@@ -257,12 +210,10 @@ def run(args) -> int:
         return 2
 
     # heavy imports only now
-    from echonode.interpret.engine import Interpreter
-    from echonode.interpret.prompts import load_catalog
+    from echonode import analysis
     from echonode.model.bundle import Bundle, BundleError, resolve_model
 
-    m = settings.model
-    tasks = load_catalog(m.tasks_file or None)       # a malformed site file -> ConfigError -> exit 3
+    analysis.load_task_catalog(settings)       # a malformed site file -> ConfigError -> exit 3, before the model
     try:
         bundle = Bundle.open(args.model) if args.model else resolve_model(settings, "clip")
         r_bundle = Bundle.open(args.r_model) if args.r_model else resolve_model(settings, "r")
@@ -283,11 +234,9 @@ def run(args) -> int:
         _err("no analysable file")
         return 1
     try:
-        interpreter = Interpreter(
-            bundle, r_bundle, device=args.device or m.device, precision=args.precision or m.precision,
-            channel_order=m.channel_order, tasks=tasks,
-            promptcam_tasks=() if args.no_promptcam else tuple(m.promptcam_tasks),
-            cache_dir=settings.cache_path / "prompts")
+        interpreter = analysis.make_interpreter(settings, bundle, r_bundle, device=args.device,
+                                                precision=args.precision,
+                                                promptcam_tasks=() if args.no_promptcam else None)
     except (BundleError, ValueError, RuntimeError) as exc:
         _err(f"cannot load the model: {exc}")
         return 1
@@ -301,25 +250,23 @@ def run(args) -> int:
     failed = bool(problems)
     out = Path(args.out) if args.out else None
     for uid, study in studies.items():
-        warnings: list[str] = []
-        inputs, sources = _load_study(study["files"], settings, warnings)
-        for w in warnings:
-            _err(w)
-        if bar is not None:
-            bar.update(1)
-        if not inputs:
-            _err(f"study {uid}: no clip could be decoded")
+        try:
+            result = analysis.analyse(settings, interpreter, uid, study["clips"])
+        except analysis.AnalysisError as exc:
+            _err(f"study {uid}: {exc}")
             failed = True
             continue
-        interp = interpreter.interpret(uid, inputs)
-        if warnings:
-            from dataclasses import replace
-            interp = replace(interp, warnings=interp.warnings + tuple(warnings))
+        finally:
+            if bar is not None:
+                bar.update(1)
+        for w in result.interp.warnings:
+            if " not analysed: " in w:
+                _err(w)
         outputs = None
         if out is not None:
             messages: list[str] = []
             try:
-                outputs = _write_outputs(out, interp, sources, study["video"], messages, catalog=tasks)
+                outputs = _write_outputs(out, result, study["video"], messages)
             except Exception as exc:  # report, keep going with the other studies
                 _err(f"study {uid}: writing outputs failed: {type(exc).__name__}: {exc}")
                 failed = True
@@ -327,9 +274,9 @@ def run(args) -> int:
             for msg in messages:
                 _err(msg)
         if args.json:
-            print(json.dumps(result_dict(interp, outputs), sort_keys=True))
+            print(json.dumps(result_dict(result.interp, outputs), sort_keys=True))
         else:
-            print(render_table(interp))
+            print(render_table(result.interp))
             for o in outputs or ():
                 print(f"  wrote {o}")
             print()

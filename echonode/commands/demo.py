@@ -16,16 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+from typing import Optional
 
-ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
+from echonode.sandbox import LocalOrthanc, echo, find_orthanc, free_port, send, write_toml
 
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+US_MULTIFRAME_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
 
 def register(sub, parents):
     p = sub.add_parser("demo", parents=parents, help="run phantom studies through the whole loop",
@@ -46,97 +47,13 @@ def register(sub, parents):
     p.set_defaults(func=run)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
-    raise TypeError(type(v))
-
-
-def _write_toml(path: Path, cfg: dict) -> None:
-    lines = [f"{k} = {_toml(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml(vv)}" for kk, vv in v.items()]
-    path.write_text("\n".join(lines) + "\n")
-
-
-class _Orthanc:
-    def __init__(self, exe: str, folder: Path, node_aet: str, node_port: int):
-        self.folder = folder
-        self.http_port, self.dicom_port, self.aet = _free_port(), _free_port(), "ORTHANC"
-        (folder / "storage").mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "Name": "echonode-demo-pacs", "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"), "Plugins": [], "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAet": self.aet,
-            "DicomPort": self.dicom_port, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True, "UnknownSopClassAccepted": True, "SaveJobs": False,
-            "DicomModalities": {"echonode": [node_aet, "127.0.0.1", node_port]}, "DeidentifyLogs": True,
-        }
-        (folder / "orthanc.json").write_text(json.dumps(cfg, indent=1))
-        self.log = open(folder / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([exe, "--no-jobs", str(folder / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def wait(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                self.get("/system")
-                return True
-            except OSError:
-                time.sleep(0.2)
-        return False
-
-    def study_objects(self, study_uid: str) -> list[dict]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
-                                     data=json.dumps({"Level": "Instance", "Expand": True,
-                                                      "Query": {"StudyInstanceUID": study_uid}}).encode())
-        with urllib.request.urlopen(req, timeout=10) as r:
-            found = json.loads(r.read())
-        out = []
-        for inst in found:
-            tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
-            out.append({"sop_class_uid": tags.get("SOPClassUID", ""), "sop_instance_uid": tags.get("SOPInstanceUID", ""),
-                        "series_description": tags.get("SeriesDescription", "")})
-        return out
-
-    def stop(self) -> None:
-        from echonode.pipeline.service import terminate
-        terminate(self.proc, 15)
-        self.log.close()
-
-
 def _make_studies(folder: Path, n: int) -> list[dict]:
     """n phantom studies: patient DEMO-0001 twice (a year apart), then one study per patient."""
-    import hashlib
-
+    from echonode.dicom.uids import derived_uid
     from echonode.phantom import make_clip, write_dicom
 
     def _uid(*parts) -> str:
-        h = hashlib.sha256("|".join(map(str, ("echonode-demo",) + parts)).encode()).digest()
-        return "2.25." + str(int.from_bytes(h[:16], "big"))
+        return derived_uid("echonode-demo", *parts)
 
     out = []
     for i in range(n):
@@ -153,189 +70,182 @@ def _make_studies(folder: Path, n: int) -> list[dict]:
     return out
 
 
-def _send(port: int, files: list[Path]) -> list[int]:
-    import pydicom
-    from pynetdicom import AE
-
-    ae = AE(ae_title="DEMOCART")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    dss = [pydicom.dcmread(f) for f in files]
-    for ds in dss:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    if not assoc.is_established:
-        raise RuntimeError("the demo node refused the association")
-    try:
-        return [int(getattr(assoc.send_c_store(ds), "Status", -1)) for ds in dss]
-    finally:
-        assoc.release()
-
-
-def _echo(port: int) -> bool:
-    from pynetdicom import AE
-
-    ae = AE(ae_title="DEMOCART")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    ae.acse_timeout = ae.network_timeout = 3
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="ECHONODE")
-    except Exception:
-        return False
-    if not assoc.is_established:
-        return False
-    ok = getattr(assoc.send_c_echo(), "Status", None) == 0
-    assoc.release()
-    return ok
-
-
 def _truth_line(truth) -> str:
     devices = [d for d in ("pacemaker", "impella", "tavr", "mitraclip") if getattr(truth, d, False)]
     return f"LVEF {truth.lvef:.0f} %" + (f", devices: {', '.join(devices)}" if devices else ", no device")
 
 
+class _DemoError(Exception):
+    """The demo cannot go on (the message says why and where the log is)."""
+
+
 def run(args) -> int:
     from echonode.cli import EXIT_FAILURE, EXIT_USAGE, settings_from_args
     from echonode.interpretation import DEMO_BANNER
+    from echonode.pipeline.modelsel import choose_models
 
     if args.studies < 1:
         print("echonode demo: --studies must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    for opt, given in (("--model", args.model), ("--r-model", args.r_model)):
+        if given and not Path(given).is_dir():
+            print(f"echonode demo: {opt} {given}: no model bundle there (`echonode models import` installs "
+                  "published weights)", file=sys.stderr)
+            return EXIT_FAILURE
     base = settings_from_args(args)
     work = Path(args.data_dir).resolve() if args.data_dir else Path(tempfile.mkdtemp(prefix="echonode-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     remove = not (args.keep or args.data_dir)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    node_port, metrics_port = _free_port(), _free_port()
-    orthanc = None
-    procs: list[subprocess.Popen] = []
+    node_port = free_port()
+    orthanc = node = None
     try:
-        exe = next((c for c in ORTHANC_CANDIDATES if os.access(c, os.X_OK)), shutil.which("Orthanc"))
-        if exe and not args.no_orthanc:
-            orthanc = _Orthanc(exe, work / "orthanc", "ECHONODE", node_port)
-            if not orthanc.wait():
-                say(f"Orthanc did not start (see {work / 'orthanc' / 'orthanc.log'}); results stay in the results folder")
-                orthanc.stop()
-                orthanc = None
-        for opt, given in (("--model", args.model), ("--r-model", args.r_model)):
-            if given and not Path(given).is_dir():
-                print(f"echonode demo: {opt} {given}: no model bundle there (`echonode models import` installs "
-                      "published weights)", file=sys.stderr)
-                return EXIT_FAILURE
-        model_cfg = {"models_dir": str(base.models_path), "allow_demo_model": True, "promptcam_tasks": ["pacemaker"]}
-        if args.model:
-            model_cfg["clip_model"] = str(Path(args.model).resolve())
-        if args.r_model:
-            model_cfg["r_model"] = str(Path(args.r_model).resolve())
-        cfg = {
-            "data_dir": str(work / "node"), "log_level": "INFO",
-            "node": {"ae_title": "ECHONODE", "host": "127.0.0.1", "port": node_port, "min_free_mb": 64},
-            "stable": {"delay_s": 2.0, "poll_s": 0.5},
-            "model": model_cfg,
-            "queue": {"embedded_worker": True},
-            "metrics": {"enabled": True, "port": metrics_port},
-            "delivery": {"backoff_initial_s": 1.0, "backoff_max_s": 10.0, "destinations": (
-                [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]
-                if orthanc else [])},
-        }
-        cfg_path = work / "demo.toml"
-        _write_toml(cfg_path, cfg)
-        from echonode.config import load_settings
-        settings = load_settings(cfg_path, env={})
-
-        from echonode.pipeline.modelsel import choose_models
+        orthanc = None if args.no_orthanc else _start_orthanc(work, node_port, say)
+        settings, cfg_path = _write_config(work, base, args, node_port, orthanc)
         choice = choose_models(settings)
         if not choice.available:
-            print(f"echonode demo: {choice.message}", file=sys.stderr)
-            return EXIT_FAILURE
+            raise _DemoError(choice.message)
         if choice.demo:
             say(DEMO_BANNER)
         say(f"model: {choice.message}")
         studies = _make_studies(work / "phantoms", args.studies)
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}  # only the demo's config
-        log = open(work / "node.log", "ab")
-        node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        procs.append(node)
-        deadline = time.monotonic() + 90
-        while not _echo(node_port):
-            if node.poll() is not None or time.monotonic() > deadline:
-                print(f"echonode demo: the demo node did not start (log: {work / 'node.log'})", file=sys.stderr)
-                return EXIT_FAILURE
-            time.sleep(0.3)
+        node = _start_node(work, cfg_path, node_port)
         say(f"demo node on port {node_port} (data in {work}); sending {len(studies)} phantom studies")
-        statuses = _send(node_port, [s["file"] for s in studies])
+        statuses = send(node_port, [s["file"] for s in studies])
         if any(st != 0 for st in statuses):
-            print(f"echonode demo: C-STORE statuses {statuses}", file=sys.stderr)
-            return EXIT_FAILURE
-
-        from tqdm import tqdm
-
-        from echonode.store import db
-        from echonode.store import results as rs
-        from echonode.store.models import AnalysisJob
-        Session = db.session_factory(db.get_engine(settings.db_url))
-        uids = {s["study_uid"] for s in studies}
-        want = len(studies)
-        deadline = time.monotonic() + args.timeout
-        bar = tqdm(total=want, desc="studies analysed and delivered", file=sys.stderr, disable=None)
-        finished: dict[str, str] = {}
-        while True:
-            with Session() as s:
-                jobs = {j.study_instance_uid: (j.state, j.error) for j in s.query(AnalysisJob)
-                        if j.study_instance_uid in uids}
-                pending_outbox = rs.outbox_due_count(s)
-            for uid, (state, err) in jobs.items():
-                if state in ("done", "failed", "waiting_model") and uid not in finished:
-                    if state != "done" or not orthanc or any(
-                            o["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.")
-                            for o in orthanc.study_objects(uid)):
-                        finished[uid] = state
-                        bar.update(1)
-            if len(finished) == want:
-                break
-            if node.poll() is not None:
-                print(f"echonode demo: the demo node stopped (log: {work / 'node.log'})", file=sys.stderr)
-                return EXIT_FAILURE
-            if time.monotonic() > deadline:
-                print(f"echonode demo: timed out after {args.timeout:.0f} s; jobs {jobs}, outbox due "
-                      f"{pending_outbox} (log: {work / 'node.log'})", file=sys.stderr)
-                return EXIT_FAILURE
-            time.sleep(0.5)
-        bar.close()
-
-        report = {"model": choice.message, "demo": choice.demo, "pacs": "orthanc" if orthanc else None,
-                  "results_dir": str(settings.results_path), "studies": []}
-        for st in studies:
-            with Session() as s:
-                interp = rs.latest_interpretation(s, st["study_uid"])
-                state, err = s.query(AnalysisJob.state, AnalysisJob.error).filter(
-                    AnalysisJob.study_instance_uid == st["study_uid"]).order_by(AnalysisJob.id.desc()).first()
-            back = orthanc.study_objects(st["study_uid"]) if orthanc else []
-            files = sorted(p.name for p in (settings.results_path / st["study_uid"]).glob("*.dcm")) \
-                if (settings.results_path / st["study_uid"]).is_dir() else []
-            report["studies"].append({
-                "study_instance_uid": st["study_uid"], "patient": st["patient"], "study_date": st["date"],
-                "state": state, "error": err, "truth": _truth_line(st["truth"]),
-                "interpretation": interp, "results_files": files,
-                "in_pacs": [o for o in back if not o["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.3.1")],
-            })
+            raise _DemoError(f"C-STORE statuses {statuses}")
+        _wait_until_through(settings, studies, orthanc, node, work, args.timeout)
+        report = _collect_report(settings, studies, orthanc, choice)
         if args.json:
             print(json.dumps(report, sort_keys=True))
         else:
             _print_report(report)
         ok = all(s["state"] == "done" for s in report["studies"])
         return 0 if ok else EXIT_FAILURE
+    except _DemoError as exc:
+        print(f"echonode demo: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         from echonode.pipeline.service import terminate
-        for p in procs:
-            terminate(p, 60)
+        if node is not None:
+            terminate(node, 60)
         if orthanc is not None:
             orthanc.stop()
         if remove:
             shutil.rmtree(work, ignore_errors=True)
         elif not args.json:
             print(f"demo data kept in {work}")
+
+
+def _start_orthanc(work: Path, node_port: int, say) -> Optional[LocalOrthanc]:
+    """A local Orthanc as the PACS, when it is installed; None otherwise (results stay local)."""
+    exe = find_orthanc()
+    if not exe:
+        return None
+    orthanc = LocalOrthanc(exe, work / "orthanc", "ECHONODE", node_port)
+    if orthanc.wait():
+        return orthanc
+    say(f"Orthanc did not start (see {work / 'orthanc' / 'orthanc.log'}); results stay in the results folder")
+    orthanc.stop()
+    return None
+
+
+def _write_config(work: Path, base, args, node_port: int, orthanc: Optional[LocalOrthanc]):
+    """The demo node's configuration file (embedded defaults, the demo model allowed)."""
+    from echonode.config import load_settings
+
+    model_cfg = {"models_dir": str(base.models_path), "allow_demo_model": True, "promptcam_tasks": ["pacemaker"]}
+    if args.model:
+        model_cfg["clip_model"] = str(Path(args.model).resolve())
+    if args.r_model:
+        model_cfg["r_model"] = str(Path(args.r_model).resolve())
+    cfg = {
+        "data_dir": str(work / "node"), "log_level": "INFO",
+        "node": {"ae_title": "ECHONODE", "host": "127.0.0.1", "port": node_port, "min_free_mb": 64},
+        "stable": {"delay_s": 2.0, "poll_s": 0.5},
+        "model": model_cfg,
+        "queue": {"embedded_worker": True},
+        "metrics": {"enabled": True, "port": free_port()},
+        "delivery": {"backoff_initial_s": 1.0, "backoff_max_s": 10.0, "destinations": (
+            [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+            if orthanc else [])},
+    }
+    cfg_path = work / "demo.toml"
+    write_toml(cfg_path, cfg)
+    return load_settings(cfg_path, env={}), cfg_path
+
+
+def _start_node(work: Path, cfg_path: Path, node_port: int) -> subprocess.Popen:
+    """``echonode serve`` with the demo's configuration only; returns once it answers C-ECHO."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+    log = open(work / "node.log", "ab")
+    node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not echo(node_port):
+        if node.poll() is not None or time.monotonic() > deadline:
+            from echonode.pipeline.service import terminate
+            terminate(node, 10)
+            raise _DemoError(f"the demo node did not start (log: {work / 'node.log'})")
+        time.sleep(0.3)
+    return node
+
+
+def _wait_until_through(settings, studies: list[dict], orthanc, node, work: Path, timeout: float) -> None:
+    """Until every study is analysed (done, failed or waiting for a model) and, with a PACS,
+    its SR is there."""
+    from tqdm import tqdm
+
+    from echonode.store import db, outbox, status
+
+    Session = db.session_factory(db.get_engine(settings.db_url))
+    uids = [s["study_uid"] for s in studies]
+    deadline = time.monotonic() + timeout
+    finished: set[str] = set()
+    with tqdm(total=len(uids), desc="studies analysed and delivered", file=sys.stderr, disable=None) as bar:
+        while len(finished) < len(uids):
+            with Session() as s:
+                jobs = status.study_jobs(s, uids)
+                pending_outbox = outbox.due_count(s)
+            for uid, (state, _err) in jobs.items():
+                if uid in finished or state not in ("done", "failed", "waiting_model"):
+                    continue
+                if state != "done" or not orthanc or any(o["sop_class_uid"].startswith(SR_CLASS_PREFIX)
+                                                         for o in orthanc.study_objects(uid)):
+                    finished.add(uid)
+                    bar.update(1)
+            if len(finished) == len(uids):
+                return
+            if node.poll() is not None:
+                raise _DemoError(f"the demo node stopped (log: {work / 'node.log'})")
+            if time.monotonic() > deadline:
+                raise _DemoError(f"timed out after {timeout:.0f} s; jobs {jobs}, outbox due {pending_outbox} "
+                                 f"(log: {work / 'node.log'})")
+            time.sleep(0.5)
+
+
+def _collect_report(settings, studies: list[dict], orthanc, choice) -> dict:
+    """What came back for each study, next to the phantom's truth."""
+    from echonode.store import db, interpretations, status
+
+    Session = db.session_factory(db.get_engine(settings.db_url))
+    report = {"model": choice.message, "demo": choice.demo, "pacs": "orthanc" if orthanc else None,
+              "results_dir": str(settings.results_path), "studies": []}
+    for st in studies:
+        uid = st["study_uid"]
+        with Session() as s:
+            interp = interpretations.latest_interpretation(s, uid)
+            state, err = status.study_jobs(s, [uid]).get(uid, (None, None))
+        back = orthanc.study_objects(uid) if orthanc else []
+        folder = settings.results_path / uid
+        files = sorted(p.name for p in folder.glob("*.dcm")) if folder.is_dir() else []
+        report["studies"].append({
+            "study_instance_uid": uid, "patient": st["patient"], "study_date": st["date"],
+            "state": state, "error": err, "truth": _truth_line(st["truth"]),
+            "interpretation": interp, "results_files": files,
+            "in_pacs": [o for o in back if not o["sop_class_uid"].startswith(US_MULTIFRAME_CLASS)],
+        })
+    return report
 
 
 def _print_report(report: dict) -> None:

@@ -51,8 +51,8 @@ def _session(args):
     from echonode.store import db
 
     settings = settings_from_args(args)
-    db.migrate(settings.db_url)
-    engine = db.make_engine(settings.db_url)
+    db.require_migrated(settings.db_url)      # only serve and worker migrate (cli says NotMigrated)
+    engine = db.make_engine(settings.db_url, create=False)
     return settings, engine, db.session_factory(engine)
 
 

@@ -1,7 +1,7 @@
 """``echonode serve``: the DICOM SCP in the foreground, plus the stable-study scheduler.
 
-Start-up: migrate the database, open the spool, start the SCP, start the scheduler,
-then every hook in :data:`START_HOOKS` (the pipeline adds the embedded worker there).
+Start-up: migrate the database, open the spool, start the SCP, the stable-study scheduler,
+then the pipeline (job dispatcher, embedded worker, metrics: ``echonode.pipeline.service``).
 SIGTERM/SIGINT: stop listening, let in-flight associations finish (up to
 ``--drain`` seconds), stop the services in reverse order, exit 0.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 LOG = logging.getLogger("echonode.serve")
 
@@ -23,27 +23,14 @@ class Stoppable(Protocol):
 
 @dataclass
 class ServeContext:
-    """What a start-up hook may use: the settings and the running ingest services."""
+    """The running services of ``serve``."""
 
     settings: Any
     sessions: Any = None
     spool: Any = None
     scp: Any = None
     scheduler: Any = None
-    extras: dict = field(default_factory=dict)
-
-
-#: ``hook(ctx) -> Stoppable | None``, called in order after the SCP and scheduler started.
-START_HOOKS: list[Callable[[ServeContext], Optional[Stoppable]]] = []
-
-
-def _pipeline_hook(ctx: ServeContext) -> Optional[Stoppable]:
-    """The pipeline: dispatcher of analysis jobs, embedded worker, metrics (echonode.pipeline.service)."""
-    from echonode.pipeline.service import serve_hook
-    return serve_hook(ctx)
-
-
-START_HOOKS.append(_pipeline_hook)
+    pipeline: Any = None
 
 
 class _Stop:
@@ -62,7 +49,9 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     from echonode.pipeline.stable import StableScheduler
     from echonode.store import db
 
-    settings.data_path.mkdir(parents=True, exist_ok=True)
+    from echonode.files import ensure_dir
+
+    ensure_dir(settings.data_path)
     db.migrate(settings.db_url)
     engine = db.get_engine(settings.db_url)
     sessions = db.session_factory(engine)
@@ -77,10 +66,9 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     services.append(_Stop(ctx.spool.close, "spool"))
     ctx.scheduler = StableScheduler(settings, sessions).start()
     services.append(ctx.scheduler)
-    for hook in START_HOOKS:
-        svc = hook(ctx)
-        if svc is not None:
-            services.append(svc)
+    from echonode.pipeline.service import start_for_serve
+    ctx.pipeline = start_for_serve(settings, scp=ctx.scp, scheduler=ctx.scheduler)
+    services.append(ctx.pipeline)
     services.append(_Stop(lambda: audit.stop(sessions, audit_sender), "audit"))
     services.append(_Stop(engine.dispose, "database"))
     return ctx, services

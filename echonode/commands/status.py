@@ -15,12 +15,13 @@ def register(sub, parents):
 
 
 def collect_status(settings, *, study_limit: int = 200) -> dict:
-    """The status dict (other areas add keys here, e.g. queue depth, recent results)."""
+    """The status dict (the pipeline adds queue depth, recent results). Read-only: never
+    migrates; raises :class:`echonode.store.db.NotMigrated` when the database is not ready."""
     from echonode.store import db
-    from echonode.store.index import collect_status as collect_store
+    from echonode.store.status import collect_status as collect_store
 
-    db.migrate(settings.db_url)
-    engine = db.make_engine(settings.db_url)
+    db.require_migrated(settings.db_url)
+    engine = db.make_engine(settings.db_url, create=False)
     try:
         with db.session_factory(engine)() as session:
             out = collect_store(session, study_limit=study_limit)
@@ -35,9 +36,14 @@ def collect_status(settings, *, study_limit: int = 200) -> dict:
 def run(args) -> int:
     from echonode.cli import settings_from_args
 
+    from echonode.store.db import NotMigrated
+
     settings = settings_from_args(args)
     try:
         status = collect_status(settings, study_limit=args.limit)
+    except NotMigrated as exc:
+        print(f"echonode status: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"echonode status: cannot read the database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

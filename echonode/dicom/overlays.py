@@ -30,7 +30,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from echonode import __version__
 from echonode.dicom.result_uids import result_uid
-from echonode.dicom.sr import MANUFACTURER, _check_sources
+from echonode.dicom.sr import MANUFACTURER, check_sources
 from echonode.interpretation import (
     DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_PUBLISHED, Interpretation, PromptCam,
 )
@@ -284,8 +284,8 @@ def build_overlays(interp: Interpretation, sources: list[Dataset]) -> list[Datas
         log.warning("build_overlays: %d PromptCAM map(s) without pixel arrays skipped", skipped)
     if not cams:
         return []
-    by_uid = _check_sources(interp, sources)
-    description = f"{DEMO_BANNER} PromptCAM" if interp.demo else "EchoCLIP PromptCAM for physician review"
+    by_uid = check_sources(interp, sources)
+    description = (f"{DEMO_BANNER} PromptCAM" if interp.demo else "EchoCLIP PromptCAM for physician review")[:64]
     out = []
     for index, cam in enumerate(interp.promptcams):
         if cam.frame is None or cam.heatmap is None:
@@ -337,7 +337,7 @@ def build_cine_overlays(interp: Interpretation, sources: list[Dataset]) -> list[
     cams = [(i, c) for i, c in enumerate(interp.promptcams) if c.cine_heatmaps is not None and c.cine_frames is not None]
     if not cams:
         return []
-    by_uid = _check_sources(interp, sources)
+    by_uid = check_sources(interp, sources)
     description = f"{DEMO_BANNER} PromptCAM cine" if interp.demo else "EchoCLIP PromptCAM cine for physician review"
     out = []
     for index, cam in cams:
@@ -375,11 +375,3 @@ def build_cine_overlays(interp: Interpretation, sources: list[Dataset]) -> list[
                 sc.SourceImageSequence = DicomSequence(items)
         out.append(sc)
     return out
-
-
-def overlay_uid(interp: Interpretation, index: int) -> str:
-    m = interp.model
-    return result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sc", index)
-
-
-__all__.append("overlay_uid")

@@ -34,7 +34,7 @@ from echonode import __version__
 from echonode.dicom.findings import Section, calibration_split, comparison_lines, key_findings
 from echonode.dicom.overlays import secondary_capture
 from echonode.dicom.result_uids import result_uid
-from echonode.dicom.sr import MANUFACTURER, _check_sources, algorithm_name
+from echonode.dicom.sr import MANUFACTURER, check_sources, algorithm_name
 from echonode.interpretation import DEMO_BANNER, Interpretation
 
 __all__ = ["build_page", "build_page_pdf", "render_page", "page_uids", "PAGE_SERIES_NUMBER",
@@ -296,7 +296,7 @@ def render_page(interp: Interpretation, ref: Dataset, *, now: Optional[datetime.
 
 
 def _ref(interp: Interpretation, sources: Sequence[Dataset]) -> tuple[Dataset, dict]:
-    by_uid = _check_sources(interp, list(sources))
+    by_uid = check_sources(interp, list(sources))
     for c in interp.clips:
         if c.sop_instance_uid in by_uid:
             return by_uid[c.sop_instance_uid], by_uid

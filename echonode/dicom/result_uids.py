@@ -14,9 +14,7 @@ so it is at most 39 digits and the UID at most 44 characters (limit: 64).
 
 from __future__ import annotations
 
-import hashlib
-
-from echonode.dicom.uids import check_uid
+from echonode.dicom.uids import check_uid, derived_uid
 
 __all__ = ["result_uid", "KINDS"]
 
@@ -47,8 +45,5 @@ def result_uid(study_uid: str, weights_sha256: str, version: str, kind: str, ind
         raise ValueError(f"result_uid: invalid kind {kind!r}")
     if int(index) < 0:
         raise ValueError(f"result_uid: index must be >= 0, got {index}")
-    key = f"echonode-result|{study_uid}|{weights_sha256.lower()}|{version}|{kind}|{int(index)}"
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    value = int.from_bytes(digest[:16], "big")
-    uid = f"2.25.{value}"
+    uid = derived_uid("echonode-result", study_uid, weights_sha256.lower(), version, kind, int(index))
     return check_uid(uid, "result UID")

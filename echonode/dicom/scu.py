@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import ssl
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ from echonode.store import outbox as ob
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "write_results", "enqueue", "deliver_pending", "publish", "DeliverySummary", "CommitmentListener",
+    "write_results", "enqueue", "deliver_pending", "DeliverySummary", "CommitmentListener",
     "commitment_report_handler", "DeliveryError", "STORAGE_COMMITMENT_PUSH", "STORAGE_COMMITMENT_INSTANCE",
 ]
 
@@ -63,48 +61,21 @@ class DeliveryError(RuntimeError):
 
 
 # ------------------------------------------------------------------ result files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -> list[ob.OutboxObject]:
     """Write each dataset to ``<results_path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
 
     UIDs are validated before they become path components; the write is atomic
-    (temp file, fsync, rename) so a reader never sees half a file.
+    (:func:`echonode.files.atomic_write`) so a reader never sees half a file.
     """
+    from echonode.files import atomic_write
+
     root = Path(results_path)
     out = []
     for ds in datasets:
         study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID", strict=False)
         sop = check_uid(getattr(ds, "SOPInstanceUID", None), "result SOPInstanceUID")
         cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
-        folder = root / study
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{sop}.dcm"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(folder)
+        final = atomic_write(root / study / f"{sop}.dcm", lambda fh: ds.save_as(fh, enforce_file_format=True))
         out.append(ob.OutboxObject(path=str(final), sop_instance_uid=sop, sop_class_uid=cls,
                                    study_instance_uid=study, kind=KIND_BY_CLASS.get(cls, "")))
     return out
@@ -162,20 +133,6 @@ def enqueue(session, objects: Sequence[Union[Dataset, str, Path, ob.OutboxObject
     return ob.add(session, items, names, now=now)
 
 
-def publish(settings: Settings, session, interp, sources: Sequence[Dataset]) -> list[Path]:
-    """Build the SR and PromptCAM overlays for ``interp``, write them under
-    ``settings.results_path`` and enqueue them for every configured destination.
-    Returns the written paths (in SR, overlays order)."""
-    from echonode.dicom.overlays import build_overlays
-    from echonode.dicom.sr import build_sr
-
-    datasets = [build_sr(interp, list(sources))] + build_overlays(interp, list(sources))
-    objs = write_results(settings.results_path, datasets)
-    if settings.delivery.destinations:
-        ob.add(session, objs, _dest_names(settings.delivery.destinations))
-    return [Path(o.path) for o in objs]
-
-
 # ------------------------------------------------------------------ delivery
 @dataclass
 class DeliverySummary:
@@ -229,98 +186,112 @@ def _transfer_syntaxes(path: str) -> list[str]:
     return out
 
 
-def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow], session,
-                summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
-                commitment_handler=None) -> None:
-    from pynetdicom import evt
+class _Delivery:
+    """One delivery run to one destination: the outbox bookkeeping every step shares."""
 
-    d = settings.delivery
-    fail_kw = dict(max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-                   backoff_max_s=d.backoff_max_s)
+    def __init__(self, settings: Settings, dest: Destination, session, summary: DeliverySummary,
+                 now_fn: Callable[[], dt.datetime]):
+        self.settings, self.dest, self.session, self.summary, self.now_fn = settings, dest, session, summary, now_fn
 
-    def failed(row, error, status=None, count=True):
-        state = ob.mark_failed(session, row.id, error, status, now=now_fn(), count_attempt=count,
-                               **fail_kw)
+    def failed(self, row: ob.OutboxRow, error: str, status: Optional[int] = None, count: bool = True) -> None:
+        """Retry later with backoff, or ``dead`` after ``delivery.max_attempts``."""
+        d = self.settings.delivery
+        state = ob.mark_failed(self.session, row.id, error, status, now=self.now_fn(), count_attempt=count,
+                               max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
+                               backoff_max_s=d.backoff_max_s)
         if state == ob.DEAD:
-            summary.dead += 1
+            self.summary.dead += 1
             log.error("outbox %d (%s to %s) is dead after %d attempts: %s", row.id, row.kind or "object",
-                      dest.name, d.max_attempts, error)
+                      self.dest.name, d.max_attempts, error)
         else:
-            summary.retrying += 1
-            log.warning("outbox %d to %s failed (%s); will retry", row.id, dest.name, error)
+            self.summary.retrying += 1
+            log.warning("outbox %d to %s failed (%s); will retry", row.id, self.dest.name, error)
 
-    sendable = []
-    for row in rows:
-        if not Path(row.path).is_file():
-            ob.mark_failed(session, row.id, f"result file missing: {row.path}", None, now=now_fn(),
+    def fail_all(self, rows, error: str) -> None:
+        for row in rows:
+            self.failed(row, error)
+
+    def files_present(self, rows: list[ob.OutboxRow]) -> list[ob.OutboxRow]:
+        """The rows whose file exists; a missing file cannot come back, so its row is dead at once."""
+        sendable = []
+        for row in rows:
+            if Path(row.path).is_file():
+                sendable.append(row)
+                continue
+            ob.mark_failed(self.session, row.id, f"result file missing: {row.path}", None, now=self.now_fn(),
                            max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0)
-            summary.dead += 1
-            continue
-        sendable.append(row)
-    if not sendable:
-        return
+            self.summary.dead += 1
+        return sendable
 
-    ae = _make_ae(settings, dest)
-    contexts = []
-    for row in sendable:
-        key = (row.sop_class_uid, tuple(_transfer_syntaxes(row.path)))
-        if key not in contexts:
-            contexts.append(key)
-    for cls, syntaxes in contexts[:120]:
-        ae.add_requested_context(cls, list(syntaxes))
-    if dest.storage_commitment:
-        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    handlers = []
-    if dest.storage_commitment and commitment_handler is not None:
-        handlers.append((evt.EVT_N_EVENT_REPORT, commitment_handler))
-    try:
-        tls_args = tls_context(dest)
-    except (OSError, ssl.SSLError) as exc:
-        for row in sendable:
-            failed(row, f"TLS configuration error: {exc}")
-        return
-    try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
-                             evt_handlers=handlers or None)
-    except (OSError, ssl.SSLError) as exc:
-        for row in sendable:
-            failed(row, f"cannot connect to {dest.host}:{dest.port}: {exc.__class__.__name__}")
-        return
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted or connection failed"
-        for row in sendable:
-            failed(row, f"{why} by {dest.ae_title}@{dest.host}:{dest.port}")
-        return
-    stored: list[tuple[ob.OutboxRow, int]] = []
-    try:
-        for i, row in enumerate(sendable):
+    def associate(self, rows: list[ob.OutboxRow], commitment_handler):
+        """An established association with a context per (SOP class, transfer syntaxes) of the
+        rows, or None after failing every row with the reason."""
+        from pynetdicom import evt
+
+        dest = self.dest
+        ae = _make_ae(self.settings, dest)
+        contexts = []
+        for row in rows:
+            key = (row.sop_class_uid, tuple(_transfer_syntaxes(row.path)))
+            if key not in contexts:
+                contexts.append(key)
+        for cls, syntaxes in contexts[:120]:     # PS3.8: at most 128 presentation contexts
+            ae.add_requested_context(cls, list(syntaxes))
+        handlers = []
+        if dest.storage_commitment:
+            ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+            if commitment_handler is not None:   # a report may arrive on this association
+                handlers.append((evt.EVT_N_EVENT_REPORT, commitment_handler))
+        try:
+            tls_args = tls_context(dest)
+        except (OSError, ssl.SSLError) as exc:
+            self.fail_all(rows, f"TLS configuration error: {exc}")
+            return None
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                                 evt_handlers=handlers or None)
+        except (OSError, ssl.SSLError) as exc:
+            self.fail_all(rows, f"cannot connect to {dest.host}:{dest.port}: {exc.__class__.__name__}")
+            return None
+        if not assoc.is_established:
+            why = "association rejected" if assoc.is_rejected else "association aborted or connection failed"
+            self.fail_all(rows, f"{why} by {dest.ae_title}@{dest.host}:{dest.port}")
+            return None
+        return assoc
+
+    def store_all(self, assoc, rows: list[ob.OutboxRow]) -> list[tuple[ob.OutboxRow, int]]:
+        """C-STORE each row's file; returns the stored rows with their (success or warning) status."""
+        stored = []
+        for i, row in enumerate(rows):
             if not assoc.is_established:
-                failed(row, "association lost")
+                self.failed(row, "association lost")
                 continue
             try:
                 rsp = assoc.send_c_store(row.path, msg_id=(i % 65535) + 1)
             except ValueError as exc:  # no accepted presentation context for this SOP class
-                failed(row, f"not accepted by {dest.ae_title}: {exc}")
+                self.failed(row, f"not accepted by {self.dest.ae_title}: {exc}")
                 continue
             status = _status_of(rsp)
             if status is None:
-                failed(row, "no C-STORE response (timeout or connection lost)")
+                self.failed(row, "no C-STORE response (timeout or connection lost)")
             elif status == 0x0000 or status in WARNING_STATUSES:
                 if status in WARNING_STATUSES:
-                    summary.warnings += 1
-                    log.warning("outbox %d: %s stored with warning status 0x%04X", row.id, dest.name, status)
+                    self.summary.warnings += 1
+                    log.warning("outbox %d: %s stored with warning status 0x%04X", row.id, self.dest.name, status)
                 stored.append((row, status))
             else:
-                failed(row, f"C-STORE failed with status 0x{status:04X}", status)
-        if not stored:
-            return
-        if not dest.storage_commitment:
-            for row, status in stored:
-                note = "" if status == 0 else f"stored with warning status 0x{status:04X}"
-                ob.mark_delivered(session, row.id, status, now=now_fn(), note=note)
-                summary.delivered += 1
-            return
-        # storage commitment: N-ACTION on this association
+                self.failed(row, f"C-STORE failed with status 0x{status:04X}", status)
+        return stored
+
+    def mark_delivered(self, stored: list[tuple[ob.OutboxRow, int]]) -> None:
+        for row, status in stored:
+            note = "" if status == 0 else f"stored with warning status 0x{status:04X}"
+            ob.mark_delivered(self.session, row.id, status, now=self.now_fn(), note=note)
+            self.summary.delivered += 1
+
+    def request_commitment(self, assoc, stored: list[tuple[ob.OutboxRow, int]]) -> None:
+        """Storage commitment (PS3.4 Annex J): one N-ACTION for the stored rows under a new
+        Transaction UID; the rows are ``committing`` until the report says delivered."""
         tx = generate_uid()
         req = Dataset()
         req.TransactionUID = tx
@@ -333,21 +304,42 @@ def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow],
         req.ReferencedSOPSequence = refs
         # rows must be 'committing' before the report can arrive
         for row, status in stored:
-            ob.mark_committing(session, [row.id], tx, status, now=now_fn(),
+            ob.mark_committing(self.session, [row.id], tx, status, now=self.now_fn(),
                                note="" if status == 0 else f"stored with warning status 0x{status:04X}")
         try:
             st, _reply = assoc.send_n_action(req, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
         except ValueError as exc:
             st = None
-            log.warning("storage commitment not accepted by %s: %s", dest.name, exc)
+            log.warning("storage commitment not accepted by %s: %s", self.dest.name, exc)
         status = _status_of(st)
         if status != 0x0000:
             err = ("storage commitment request refused" if status is None
                    else f"storage commitment N-ACTION failed with status 0x{status:04X}")
             for row, _ in stored:
-                failed(row, err, status, count=False)
+                self.failed(row, err, status, count=False)
             return
-        summary.committing += len(stored)
+        self.summary.committing += len(stored)
+
+
+def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow], session,
+                summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
+                commitment_handler=None) -> None:
+    """Send ``rows`` to ``dest`` on one association and record every outcome."""
+    run = _Delivery(settings, dest, session, summary, now_fn)
+    sendable = run.files_present(rows)
+    if not sendable:
+        return
+    assoc = run.associate(sendable, commitment_handler)
+    if assoc is None:
+        return
+    try:
+        stored = run.store_all(assoc, sendable)
+        if not stored:
+            return
+        if dest.storage_commitment:
+            run.request_commitment(assoc, stored)
+        else:
+            run.mark_delivered(stored)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -29,7 +29,6 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from typing import Iterable, Optional, Sequence
@@ -49,7 +48,7 @@ from pydicom.sr.codedict import codes
 from echonode import __version__
 from echonode.dicom import sr_codes as C
 from echonode.dicom.result_uids import result_uid
-from echonode.dicom.uids import check_uid
+from echonode.dicom.uids import check_uid, derived_uid
 from echonode.interpretation import (
     CALL_ABSENT, CALL_PRESENT, DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_NONE,
     THRESHOLD_PUBLISHED, Interpretation, TaskResult,
@@ -57,7 +56,7 @@ from echonode.interpretation import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_sr", "SRBuildError", "MANUFACTURER", "SR_SERIES_NUMBER", "sr_uids", "algorithm_name"]
+__all__ = ["build_sr", "check_sources", "SRBuildError", "MANUFACTURER", "SR_SERIES_NUMBER", "sr_uids", "algorithm_name"]
 
 MANUFACTURER = "echonode"
 SR_SERIES_NUMBER = 9901
@@ -86,8 +85,7 @@ def sr_uids(interp: Interpretation) -> tuple[str, str]:
 
 def device_uid(weights_sha256: str, version: str) -> str:
     """The device observer UID: one per (weights, echonode version), study independent."""
-    digest = hashlib.sha256(f"echonode-device|{weights_sha256.lower()}|{version}".encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    return derived_uid("echonode-device", weights_sha256.lower(), version)
 
 
 def _finite(x) -> bool:
@@ -155,10 +153,10 @@ def _source_images(interp: Interpretation, by_uid: dict, only: Optional[Iterable
     return items
 
 
-def _task_group(interp: Interpretation, t: TaskResult, index: int, by_uid: dict,
-                catalog: Optional[dict]) -> MeasurementsAndQualitativeEvaluations:
+def _task_group(interp: Interpretation, t: TaskResult, index: int,
+                by_uid: dict) -> MeasurementsAndQualitativeEvaluations:
     m = interp.model
-    tc = C.codes_for(t.task_id, t.title, t.unit, catalog)
+    tc = C.codes_for(t)
     tracking = TrackingIdentifier(
         identifier=f"echonode {t.task_id}",
         uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "tracking", index),
@@ -296,7 +294,9 @@ def _longitudinal_group(interp: Interpretation, index: int, by_uid: dict):
     return group
 
 
-def _check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
+def check_sources(interp: Interpretation, sources: Sequence[Dataset]) -> dict:
+    """Header copies of ``sources`` by SOP Instance UID, checked to belong to ``interp``'s study
+    (shared by the SR and the overlay writers). Raises :class:`SRBuildError`."""
     # UIDs from the cart: the receive side accepts leading-zero components (strict=False), so must we
     study = check_uid(interp.study_instance_uid, "Interpretation.study_instance_uid", strict=False)
     if not sources:
@@ -367,16 +367,15 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
-def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optional[dict] = None) -> Dataset:
+def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for ``interp`` (a pydicom Dataset, not yet written).
 
     ``sources``: the analysed instances (pixel data not needed); all must be in
     ``interp.study_instance_uid``. Raises :class:`SRBuildError` otherwise.
-    ``catalog``: the task catalogue in use ({task id: Task}, e.g.
-    ``load_catalog(settings.model.tasks_file)`` so site tasks keep their codes);
-    default: the built-in catalogue.
+    Task codes are the ones each ``TaskResult.coding`` carries (the catalogue the
+    Interpreter used, site file included).
     """
-    by_uid = _check_sources(interp, sources)
+    by_uid = check_sources(interp, sources)
     m = interp.model
     sop_uid, series_uid = sr_uids(interp)
 
@@ -392,14 +391,14 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
     groups = []
     index = 0
     for t in interp.tasks.values():
-        groups.append(_task_group(interp, t, index, by_uid, catalog))
+        groups.append(_task_group(interp, t, index, by_uid))
         index += 1
     lon = _longitudinal_group(interp, index, by_uid)
     if lon is not None:
         groups.append(lon)
     # after the groups above, so their tracking UIDs stay what they were
     from echonode.dicom.sr_summary import insert_summary, promptcam_groups
-    groups.extend(promptcam_groups(interp, index + 1, by_uid, catalog))
+    groups.extend(promptcam_groups(interp, index + 1, by_uid))
     if not groups:
         raise SRBuildError("build_sr: nothing to report (no task results and no longitudinal comparison)")
 
@@ -409,7 +408,7 @@ def build_sr(interp: Interpretation, sources: list[Dataset], *, catalog: Optiona
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
-    insert_summary(report[0], interp, by_uid, catalog)   # the key findings lead
+    insert_summary(report[0], interp, by_uid)   # the key findings lead
     # TID 1500 row 12: CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
     qe = ContainerContentItem(name=C.QUALITATIVE_EVALUATIONS, relationship_type=CONTAINS)
     items = []

@@ -1,9 +1,9 @@
 """Coded concepts for echonode's SR.
 
-Task codes come from the task catalogue (``echonode.interpret.prompts``: built-in
-``tasks.toml`` plus a site file), which is torch-free and carries each task's concept,
-site, unit, value code, level codes and private code (research/dicom-anchors.md §5.5).
-This module adds only the concepts of the SR frame itself. Where DICOM has no concept,
+Task codes come from the task catalogue in use (built-in ``tasks.toml`` plus the site's
+``model.tasks_file``) as data: the Interpreter copies each task's concept, site, unit,
+value code, level codes and private code into ``TaskResult.coding`` (research/dicom-anchors.md
+§5.5), so this module never reads the catalogue. It adds only the concepts of the SR frame itself. Where DICOM has no concept,
 echonode uses the private coding scheme ``99ECHONODE`` (declared in the SR's Coding
 Scheme Identification Sequence):
 
@@ -102,19 +102,7 @@ class TaskCodes:
 def _code(c) -> Optional[Code]:
     if c is None:
         return None
-    return Code(c.value, c.scheme, c.meaning)
-
-
-_BUILTIN: Optional[dict] = None
-
-
-def builtin_catalog() -> dict:
-    """The built-in task catalogue (``echonode.interpret.prompts``, torch-free), cached."""
-    global _BUILTIN
-    if _BUILTIN is None:
-        from echonode.interpret.prompts import load_catalog
-        _BUILTIN = load_catalog()
-    return _BUILTIN
+    return Code(c[0], c[1], c[2])
 
 
 def fallback_code(task_id: str, title: str) -> Code:
@@ -123,23 +111,21 @@ def fallback_code(task_id: str, title: str) -> Code:
     return private(f"ZST{h}", (title or task_id)[:64])
 
 
-def codes_for(task_id: str, title: str = "", unit: Optional[str] = None,
-              catalog: Optional[dict] = None) -> TaskCodes:
-    """Codes for ``task_id`` from ``catalog`` (default: the built-in catalogue); a task the
-    catalogue does not know gets :func:`fallback_code` as its concept."""
-    cat = builtin_catalog() if catalog is None else catalog
-    task = cat.get(task_id)
-    if task is None:
-        code = fallback_code(task_id, title)
-        return TaskCodes(concept=code, private=code, unit=ucum(unit) if unit else None)
+def codes_for(task) -> TaskCodes:
+    """Codes for a :class:`~echonode.interpretation.TaskResult`, from the catalogue codes it
+    carries (``task.coding``); a task without them gets :func:`fallback_code` as its concept."""
+    coding = task.coding
+    if coding is None:
+        code = fallback_code(task.task_id, task.title)
+        return TaskCodes(concept=code, private=code, unit=ucum(task.unit) if task.unit else None)
     return TaskCodes(
-        concept=_code(task.concept),
-        private=_code(task.private_code),
-        site=_code(task.site),
-        unit=_code(task.unit) or (ucum(unit) if unit else None),
-        value_code=_code(task.value_code),
-        levels={lv.value: _code(lv.code) for lv in task.levels if lv.code is not None} or None,
-        notes=task.notes,
+        concept=_code(coding.concept),
+        private=_code(coding.private),
+        site=_code(coding.site),
+        unit=_code(coding.unit) or (ucum(task.unit) if task.unit else None),
+        value_code=_code(coding.value_code),
+        levels={int(v): _code(c) for v, c in coding.levels} or None,
+        notes=coding.notes,
     )
 
 

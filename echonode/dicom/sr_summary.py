@@ -95,7 +95,7 @@ def _scoord(cam: PromptCam, by_uid: dict, relationship) -> Optional[ScoordConten
     return item
 
 
-def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[dict] = None) -> ContainerContentItem:
+def summary_container(interp: Interpretation, by_uid: dict) -> ContainerContentItem:
     """The (121111, DCM, "Summary") container of the key findings (see module doc)."""
     cams = {c.task_id: c for c in interp.promptcams}
     items: list = []
@@ -104,7 +104,7 @@ def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[di
     for section in key_findings(interp):
         for f in section.findings:
             t = f.task
-            tc = C.codes_for(t.task_id, t.title, t.unit, catalog)
+            tc = C.codes_for(t)
             if t.mode == "regression":
                 if _finite(t.value):
                     # one decimal, as read (the per-task group keeps the full value)
@@ -155,7 +155,7 @@ def summary_container(interp: Interpretation, by_uid: dict, catalog: Optional[di
     return container
 
 
-def insert_summary(root, interp: Interpretation, by_uid: dict, catalog: Optional[dict] = None) -> None:
+def insert_summary(root, interp: Interpretation, by_uid: dict) -> None:
     """Put the summary container into ``root`` (the report's root CONTAINER) before the
     Imaging Measurements container."""
     seq = root.ContentSequence
@@ -165,11 +165,20 @@ def insert_summary(root, interp: Interpretation, by_uid: dict, catalog: Optional
         if name is not None and (name.CodeValue, name.CodingSchemeDesignator) == IMAGING_MEASUREMENTS:
             at = i
             break
-    seq.insert(at, summary_container(interp, by_uid, catalog))
+    seq.insert(at, summary_container(interp, by_uid))
 
 
-def promptcam_groups(interp: Interpretation, first_index: int, by_uid: dict,
-                     catalog: Optional[dict] = None) -> list:
+def _cam_codes(interp: Interpretation, task_id: str) -> "C.TaskCodes":
+    """The task's codes as its result carries them; a map of a task without a result gets
+    the documented private fallback code."""
+    t = interp.tasks.get(task_id)
+    if t is not None:
+        return C.codes_for(t)
+    code = C.fallback_code(task_id, task_id)
+    return C.TaskCodes(concept=code, private=code, unit=None)
+
+
+def promptcam_groups(interp: Interpretation, first_index: int, by_uid: dict) -> list:
     """One TID 1410 group per PromptCAM map: the peak as an Image Region POINT on the
     source frame, the task's concept as finding type, the prompt's score."""
     from echonode.dicom.sr import _algorithm
@@ -181,7 +190,7 @@ def promptcam_groups(interp: Interpretation, first_index: int, by_uid: dict,
         if ref is None or cam.heatmap is None:
             continue
         t = interp.tasks.get(cam.task_id)
-        tc = C.codes_for(cam.task_id, t.title if t else cam.task_id, t.unit if t else None, catalog)
+        tc = _cam_codes(interp, cam.task_id)
         y, x = peak_on_source(cam)
         n = int(getattr(ref, "NumberOfFrames", 1) or 1)
         region = ImageRegion(

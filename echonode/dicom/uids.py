@@ -13,9 +13,10 @@ logs it as non-conformant; ``strict=True`` applies the full PS3.5 rule.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
-__all__ = ["UIDError", "is_valid_uid", "check_uid"]
+__all__ = ["UIDError", "is_valid_uid", "check_uid", "derived_uid"]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LENIENT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -44,3 +45,11 @@ def check_uid(value: object, name: str, strict: bool = True) -> str:
         # never echo the raw value: it may be hostile; show a safe repr, truncated
         raise UIDError(f"{name} is not a valid UID: {value[:64]!r}")
     return value
+
+
+def derived_uid(*parts: object) -> str:
+    """A deterministic UID derived from ``parts``: ``2.25.<first 128 bits of sha256("p1|p2|…")>``
+    (PS3.5 §B.2: a UUID-form UID needs no registered root). At most 44 characters.
+    The same parts always give the same UID, which is what makes re-runs idempotent."""
+    key = "|".join(str(p) for p in parts)
+    return "2.25." + str(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:16], "big"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ import torch
 from echonode import __version__
 from echonode.interpret import scoring
 from echonode.interpret.compare import PriorEmbedding, compare_with_priors, study_embedding as _study_embedding
-from echonode.interpret.prompts import Task, load_catalog
+from echonode.interpret.prompts import Task, load_catalog, task_coding
 from echonode.interpret.promptcam import ActivationCapture, head_from_activation, promptcam, promptcam_from_activation
 from echonode.model.preprocess import crop_box
 from echonode.interpretation import (
@@ -107,22 +106,13 @@ class PromptEmbeddingCache:
         path = self._path(sha, tokenizer, precision)
         if path is None or not new:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from echonode.files import atomic_write
+
         merged = {**self.load(sha, tokenizer, precision), **new}
         texts = list(merged)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, weights_sha256=np.str_(sha), tokenizer=np.str_(tokenizer),
-                         texts=np.array(texts, dtype=np.str_),
-                         embeddings=np.stack([np.asarray(merged[t], np.float32) for t in texts]))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda fh: np.savez(
+            fh, weights_sha256=np.str_(sha), tokenizer=np.str_(tokenizer), texts=np.array(texts, dtype=np.str_),
+            embeddings=np.stack([np.asarray(merged[t], np.float32) for t in texts])))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -225,6 +215,10 @@ class _Encoder:
 
 
 # ------------------------------------------------------------------------ interpreter
+
+class NoUsableClipError(ValueError):
+    """None of a study's clips could be analysed (the study fails; one bad clip alone does not)."""
+
 
 class Interpreter:
     """EchoCLIP zero-shot interpretation of one study's A4C clips.
@@ -373,7 +367,7 @@ class Interpreter:
     def _score_task(self, task: Task, pooled: torch.Tensor, per_clip: list[torch.Tensor], uids: list[str]) -> TaskResult:
         P = self._task_emb[task.id]
         _, values = self._task_texts[task.id]
-        common = dict(task_id=task.id, title=task.title, mode=task.mode, group=task.group)
+        common = dict(task_id=task.id, title=task.title, mode=task.mode, group=task.group, coding=task_coding(task))
         if task.mode == "binary":
             score = scoring.binary_score(pooled, P)
             th, src = self.threshold(task)
@@ -495,19 +489,27 @@ class Interpreter:
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if not clips:
-            raise ValueError("no clips to interpret")
-        for c in clips:
-            f = np.asarray(c.frames)
-            if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8 or f.shape[0] < 1:
-                raise ValueError(f"clip {c.ref.sop_instance_uid}: frames must be (T, H, W, 3) uint8 with T >= 1, "
-                                 f"got {f.shape} {f.dtype}")
-
+            raise NoUsableClipError("no clips to interpret")
         t = time.perf_counter()
-        scaled, xs = [], []
+        usable, scaled, xs = [], [], []
         for c in clips:
-            s, x = self.clip.preprocess(c.frames)
+            # one bad clip is one bad clip: it is left out with a warning, the others are analysed
+            try:
+                f = np.asarray(c.frames)
+                if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8 or f.shape[0] < 1:
+                    raise ValueError(f"frames must be (T, H, W, 3) uint8 with T >= 1, got {f.shape} {f.dtype}")
+                s, x = self.clip.preprocess(c.frames)
+            except Exception as exc:
+                log.warning("clip %s not analysed: preprocessing failed: %s", c.ref.sop_instance_uid, exc)
+                warnings.append(f"clip {c.ref.sop_instance_uid} not analysed: preprocessing failed "
+                                f"({type(exc).__name__}: {exc})")
+                continue
+            usable.append(c)
             scaled.append(s)
             xs.append(x)
+        if not usable:
+            raise NoUsableClipError("no clip of the study could be preprocessed (" + "; ".join(warnings) + ")")
+        clips = usable
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()

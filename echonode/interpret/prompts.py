@@ -328,3 +328,16 @@ def select_tasks(catalog: dict[str, Task], ids: Optional[list[str]] = None) -> d
 
 def with_overrides(task: Task, **changes: Any) -> Task:
     return replace(task, **changes)
+
+
+def task_coding(task: Task) -> "TaskCoding":
+    """The task's codes as plain data for the Interpretation (the SR builder reads them from
+    there: the DICOM side never reads the catalogue)."""
+    from echonode.interpretation import TaskCoding
+
+    def t(c: Optional[Code]):
+        return None if c is None else c.as_tuple()
+    return TaskCoding(concept=task.concept.as_tuple(), private=task.private_code.as_tuple(), site=t(task.site),
+                      unit=t(task.unit), value_code=t(task.value_code),
+                      levels=tuple((lv.value, lv.code.as_tuple()) for lv in task.levels if lv.code is not None),
+                      notes=task.notes)

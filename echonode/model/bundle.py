@@ -28,12 +28,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from echonode.model.configs import ARCHITECTURES, ModelConfig, get_config
+from echonode.model.configs import ARCHITECTURES, DATA_DIR, ModelConfig, get_config
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ PINNED_WEIGHTS_SHA256 = {
     "echo-clip-r": "5212c42fab82d4b2dd0a3196058d192bb91bc35c33633bf0ca01cae76d09e1cd",
 }
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 #: Where the tiny phantom-trained demo bundle ships (used when no weights are installed).
 DEMO_BUNDLE_DIR = DATA_DIR / "demo-model"
 
@@ -102,18 +100,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from echonode.files import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
 def validate_value_ranges(data: Any, where: str = MANIFEST) -> dict[str, list[int]]:
@@ -389,7 +378,8 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
             for name in WEIGHT_FILES + OPTIONAL_FILES + (MANIFEST, CONFIG_FILE, TEMPLATE_VOCAB, CALIBRATION,
                                                          VERIFY_CACHE):
                 (path / name).unlink(missing_ok=True)
-    path.mkdir(parents=True, exist_ok=True)
+    from echonode.files import ensure_dir
+    ensure_dir(path)
 
 
 def _finish(path: Path, *, name: str, architecture: str, tokenizer_kind: str, weights_name: str,
@@ -408,6 +398,8 @@ def _finish(path: Path, *, name: str, architecture: str, tokenizer_kind: str, we
     if extra:
         man.update(extra)
     _write_json_atomic(path / MANIFEST, man)
+    from echonode.files import restrict
+    restrict(path)   # weights copied or downloaded with the umask's modes: a model is the site's data
     cache.save()
     return Bundle.open(path)
 

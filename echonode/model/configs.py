@@ -9,13 +9,10 @@ GELU), embed dim 512.
 ``tiny`` is the same code with small widths (tests, the phantom-trained demo model).
 Its vocabulary (49,408 rows) and context (77) are kept so both tokenizers work. Its input
 is 128 px, not 224: the preprocessing path is the published one (crop, resize to the
-configured size), and a 10-minute CPU training run then trains at the size the model is
-used at, with 1.5 times the steps of a 128→224 progressive run (2,300 against 1,530); a
-224-px model trained mostly at lower sizes lost most of its pacer-lead signal at 224 (the
-lead stays about 2 px wide at 128). Its text transformer is 64 wide (4 heads, 2 layers):
-at width 32 it was the bottleneck of a 10-minute phantom run (same data and seed, width 64:
-MCMRR 0.061 → 0.057 x chance, severe LV dilation AUC 0.897 → 0.917, TAVR 0.79 → 0.91,
-despite 18 % fewer steps). Its trunk is a
+configured size), and a short CPU training run then trains at the size the model is used
+at (a pacer lead stays about 2 px wide at 128). Its text transformer is 64 wide (4 heads,
+2 layers), wide enough not to limit what a short phantom run learns. The measurements
+behind both choices are in the demo model's ``TRAINING.md``. Its trunk is a
 small timm ConvNeXt that :mod:`echonode.model.clip` registers with timm under
 ``echonode_convnext_micro`` (so open_clip can build the same shape in tests).
 
@@ -26,12 +23,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ARCHITECTURES = ("echo-clip", "echo-clip-r", "tiny")
+
+#: The package's data folder (tokenizer vocabularies, the shipped demo model): defined once.
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 #: The timm name under which :mod:`echonode.model.clip` registers the tiny trunk.
 TINY_TIMM_NAME = "echonode_convnext_micro"

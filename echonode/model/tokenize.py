@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from echonode.model.configs import DATA_DIR  # noqa: E402
 BPE_MERGES_PATH = DATA_DIR / "bpe_simple_vocab_16e6.txt.gz"
 TEMPLATE_VOCAB_PATH = DATA_DIR / "template_vocab.txt"
 

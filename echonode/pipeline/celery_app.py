@@ -61,8 +61,9 @@ def transport_options(settings: "Settings") -> dict:
         return {"pool_pre_ping": True}
     if kind == "filesystem":
         base = settings.data_path / "broker-fs"
+        from echonode.files import ensure_dir
         for sub in ("in", "processed", "control"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
+            ensure_dir(base / sub)
         # control_folder: kombu's default is ./control in the current directory.
         return {"data_folder_in": str(base / "in"), "data_folder_out": str(base / "in"),
                 "processed_folder": str(base / "processed"), "store_processed": False,
@@ -78,7 +79,8 @@ def make_app(settings: "Settings", *, with_tasks: bool = True) -> "Celery":
     url = settings.broker
     path = broker_sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from echonode.files import ensure_dir
+        ensure_dir(path.parent)
     app = Celery("echonode", broker=url, set_as_current=False)
     app.conf.update(
         broker_transport_options=transport_options(settings),

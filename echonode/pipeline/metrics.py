@@ -116,13 +116,13 @@ def _histogram(lines: list[str], name: str, help_text: str, samples: list[float]
 
 def sql_metrics(session_factory) -> list[str]:
     """Gauges and the job-duration histogram, read from SQL."""
-    from echonode.store import results as rs
+    from echonode.store import status as queries
 
     lines: list[str] = []
     with session_factory() as s:
-        counts = rs.job_counts(s)
-        totals = rs.ingest_totals(s)
-        durations = rs.job_durations(s)
+        counts = queries.job_counts(s)
+        totals = queries.ingest_totals(s)
+        durations = queries.job_durations(s)
         outbox = _outbox_counts(s)
     _gauge(lines, "echonode_jobs", "Analysis jobs by state", [({"state": k}, v) for k, v in sorted(counts.items())])
     _gauge(lines, "echonode_instances_stored", "Instances in the index", [({}, totals["instances"])])
@@ -136,15 +136,10 @@ def sql_metrics(session_factory) -> list[str]:
 
 
 def _outbox_counts(session) -> Optional[dict[str, int]]:
+    from echonode.store import outbox
+
     try:
-        from echonode.store import outbox
-    except ImportError:
-        return None
-    fn = getattr(outbox, "counts", None)
-    if fn is None:
-        return None
-    try:
-        return {str(k): int(v) for k, v in dict(fn(session)).items()}
+        return {str(k): int(v) for k, v in dict(outbox.counts(session)).items()}
     except Exception:  # pragma: no cover - a metrics scrape never fails on the outbox
         log.debug("outbox counts unavailable", exc_info=True)
         return None

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from echonode.config import Settings
+from echonode.model.configs import DATA_DIR
 
 log = logging.getLogger("echonode.pipeline")
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-model"  # = bundle.DEMO_BUNDLE_DIR
+DEMO_MODEL_DIR = DATA_DIR / "demo-model"
 
 
 @dataclass(frozen=True)

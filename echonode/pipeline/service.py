@@ -8,7 +8,7 @@
   back to ``queued`` once one is, and asks for deliveries of due outbox rows.
 * :class:`EmbeddedWorker` runs ``echonode worker`` as a child process (the very same
   Celery worker code as on a GPU server) and restarts it if it dies.
-* :func:`start` wires them up for ``serve``; :meth:`PipelineService.stop` stops them.
+* :func:`start_for_serve` wires them up for ``serve``; :meth:`PipelineService.stop` stops them.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ class Dispatcher:
 
     def tick(self) -> dict:
         from echonode.pipeline.celery_app import send_analyse
-        from echonode.store import results as rs
+        from echonode.store import jobs, status
 
         st = self.settings
         out = {"sent": 0, "requeued": 0, "failed": 0, "waiting_model": 0, "released": 0}
         with self.Session.begin() as s:
-            requeued, failed = rs.reap_stale_jobs(s, lease_s=st.queue.lease_s, max_attempts=st.queue.max_attempts)
+            requeued, failed = jobs.reap_stale_jobs(s, lease_s=st.queue.lease_s, max_attempts=st.queue.max_attempts)
         out["requeued"], out["failed"] = len(requeued), len(failed)
         for jid in requeued:
             log.warning("job %d: worker stopped heart-beating for %.0f s; re-queued", jid, st.queue.lease_s)
@@ -79,14 +79,14 @@ class Dispatcher:
             log.error("job %d failed: its worker stopped %d times", jid, st.queue.max_attempts)
 
         with self.Session() as s:
-            counts = rs.job_counts(s)
+            counts = status.job_counts(s)
         if counts.get("queued", 0) or counts.get("waiting_model", 0):
             available = self.model_available()
             with self.Session.begin() as s:
                 if not available:
-                    out["waiting_model"] = rs.set_waiting_model(s, self._model_msg)
+                    out["waiting_model"] = jobs.set_waiting_model(s, self._model_msg)
                 elif counts.get("waiting_model", 0):
-                    out["released"] = rs.release_waiting_model(s)
+                    out["released"] = jobs.release_waiting_model(s)
             if out["waiting_model"]:
                 log.warning("%d job(s) waiting for a model: %s", out["waiting_model"], self._model_msg)
             if out["released"]:
@@ -94,13 +94,13 @@ class Dispatcher:
             if available:
                 self._resend_lost()
                 with self.Session.begin() as s:
-                    rs.ensure_dispatch_rows(s)
+                    jobs.ensure_dispatch_rows(s)
                 with self.Session() as s:
-                    todo = rs.jobs_to_dispatch(s, redispatch_after_s=st.queue.visibility_timeout_s)
+                    todo = jobs.jobs_to_dispatch(s, redispatch_after_s=st.queue.visibility_timeout_s)
                 for job_id, seen in todo:
                     task_id = f"job-{job_id}-{seen + 1}"
                     with self.Session.begin() as s:
-                        claimed = rs.claim_dispatch(s, job_id, seen, self.who, task_id)
+                        claimed = jobs.claim_dispatch(s, job_id, seen, self.who, task_id)
                     if not claimed:
                         continue  # another node process took it
                     try:
@@ -108,7 +108,7 @@ class Dispatcher:
                     except Exception as exc:
                         log.error("job %d: could not reach the broker (%s); will retry", job_id, exc)
                         with self.Session.begin() as s:
-                            rs.reset_dispatch(s, [job_id])
+                            jobs.reset_dispatch(s, [job_id])
                         break
                     from echonode.pipeline.metrics import REGISTRY
                     REGISTRY.inc("echonode_jobs_dispatched_total")
@@ -123,14 +123,14 @@ class Dispatcher:
         has lost its message (a worker died after taking it, before starting the job): send
         it again. A duplicate is harmless — the job is claimed once."""
         from echonode.pipeline.celery_app import ANALYZE_QUEUE, queue_depths
-        from echonode.store import results as rs
+        from echonode.store import jobs
 
         with self.Session() as s:
-            stale = rs.stale_dispatches(s, self.settings.queue.lease_s)
+            stale = jobs.stale_dispatches(s, self.settings.queue.lease_s)
         if not stale or queue_depths(self.settings, self.app).get(ANALYZE_QUEUE) != 0:
             return
         with self.Session.begin() as s:
-            rs.reset_dispatch(s, stale)
+            jobs.reset_dispatch(s, stale)
         for jid in stale:
             log.warning("job %d: its message is no longer queued and the job never started; sending it again", jid)
 
@@ -139,10 +139,10 @@ class Dispatcher:
         now = time.monotonic()
         if now - self._last_deliver_kick < max(2.0, self.settings.delivery.backoff_initial_s):
             return
-        from echonode.pipeline import outbox_glue
+        from echonode.store import outbox
         try:
             with self.Session() as s:
-                due = outbox_glue.due_count(s)
+                due = outbox.due_count(s)
         except Exception:
             log.debug("outbox not readable", exc_info=True)
             return
@@ -164,7 +164,7 @@ class Dispatcher:
         if path is None or not path.exists():
             return
         from sqlalchemy import create_engine
-        from echonode.store.results import purge_consumed_broker_messages
+        from echonode.store.jobs import purge_consumed_broker_messages
         eng = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
         try:
             n = purge_consumed_broker_messages(eng)
@@ -321,18 +321,13 @@ class PipelineService:
             pass
 
 
-def start(settings: Settings, config_path: Optional[str] = None, **kw) -> PipelineService:
-    """Start the pipeline services of ``echonode serve``; call ``.stop()`` on shutdown."""
-    return PipelineService(settings, config_path=config_path, **kw).start()
-
-
-def serve_hook(ctx) -> PipelineService:
-    """``echonode serve`` start-up hook: dispatcher, embedded worker, metrics."""
+def start_for_serve(settings: Settings, scp=None, scheduler=None) -> PipelineService:
+    """The pipeline of ``echonode serve``: dispatcher, embedded worker, metrics (with the SCP's lines)."""
     extra = None
-    if ctx.scp is not None:
+    if scp is not None:
         from echonode.pipeline.metrics import scp_lines
-        extra = lambda: scp_lines(ctx.scp)  # noqa: E731
-    svc = PipelineService(ctx.settings, config_path=os.environ.get("ECHONODE_CONFIG") or None, extra_metrics=extra)
-    if ctx.scheduler is not None and getattr(ctx.scheduler, "on_job", None) is None:
-        ctx.scheduler.on_job = svc.dispatcher.wake   # dispatch new jobs at once, not at the next poll
+        extra = lambda: scp_lines(scp)  # noqa: E731
+    svc = PipelineService(settings, config_path=os.environ.get("ECHONODE_CONFIG") or None, extra_metrics=extra)
+    if scheduler is not None and getattr(scheduler, "on_job", None) is None:
+        scheduler.on_job = svc.dispatcher.wake   # dispatch new jobs at once, not at the next poll
     return svc.start()

@@ -8,14 +8,14 @@ from echonode.config import Settings
 def pipeline_status(settings: Settings, session, *, recent: int = 10) -> dict:
     """Keys added to the status dict: ``queue``, ``waiting_model``, ``recent_results``, ``failed_jobs``."""
     from echonode.pipeline.celery_app import broker_kind, queue_depths
-    from echonode.store import results as rs
+    from echonode.store import status as queries
 
     depths = queue_depths(settings)
     return {
         "queue": {"broker": broker_kind(settings.broker), **depths},
-        "waiting_model": rs.waiting_model_message(session),
-        "recent_results": rs.recent_results(session, limit=recent),
-        "failed_jobs": rs.failed_jobs(session, limit=recent),
+        "waiting_model": queries.waiting_model_message(session),
+        "recent_results": queries.recent_results(session, limit=recent),
+        "failed_jobs": queries.failed_jobs(session, limit=recent),
     }
 
 

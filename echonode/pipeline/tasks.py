@@ -4,12 +4,13 @@
     1. claim the job (``queued → running``, conditional UPDATE; a job that is done or
        running elsewhere is left alone: every re-delivery is a no-op),
     2. pick the model (waiting_model with the install instructions when there is none),
-    3. decode the study's A4C clips (``dicom.frames``), look up priors of the same patient
-       in SQL, run the Interpreter (model loaded once per worker process and kept),
-    4. build the SR and overlays (deterministic SOP Instance UIDs: a re-run replaces, never
-       duplicates), write them under ``<data_dir>/results/<study uid>/``, store the
-       Interpretation and the EchoCLIP-R study embedding, enqueue outbox rows and mark
-       the job done — in one transaction,
+    3. look up the study's clips (the SQL index rows: paths, UIDs, frame counts) and the
+       priors of the same patient, then :func:`echonode.analysis.analyse` (model loaded once
+       per worker process and kept),
+    4. :func:`echonode.analysis.publish`: SR and overlays written under
+       ``<data_dir>/results/<study uid>/`` (deterministic SOP Instance UIDs: a re-run
+       replaces, never duplicates), then Interpretation, study embedding, job done and
+       outbox rows in one transaction,
     5. queue a delivery run on the ``deliver`` queue.
    While it runs, a heartbeat thread refreshes the job's lease, so a dead worker is
    noticed by the dispatcher (``queue.lease_s``) and the job re-queued.
@@ -23,20 +24,15 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from echonode import audit
+from echonode.analysis import AnalysisError
 from echonode.config import Settings
 from echonode.store.db import describe_error
 
 log = logging.getLogger("echonode.worker")
-
-
-class AnalysisError(Exception):
-    """A study cannot be analysed (permanent: the job fails with this message)."""
 
 
 class WorkerRuntime:
@@ -60,23 +56,15 @@ class WorkerRuntime:
                str(choice.r.path) if choice.r is not None else None,
                choice.r.weights_sha256 if choice.r is not None else None, self.device)
         if key != self._interp_key:
-            from echonode.interpret.engine import Interpreter
-
+            from echonode.analysis import make_interpreter
             from echonode.model.bundle import Bundle
 
-            m = self.settings.model
             t0 = time.perf_counter()
             self._interpreter = None
             # verify the weights' sha256 once per (bundle, checksum), when it is loaded
             clip = Bundle.open(choice.clip.path, verify=True)
             r = Bundle.open(choice.r.path, verify=True) if choice.r is not None else None
-            kwargs = dict(device=self.device, precision=m.precision, channel_order=m.channel_order,
-                          promptcam_tasks=tuple(m.promptcam_tasks),
-                          cache_dir=str(self.settings.cache_path / "prompts"))
-            if m.tasks_file:
-                from echonode.interpret.prompts import load_catalog
-                kwargs["tasks"] = load_catalog(m.tasks_file)
-            self._interpreter = Interpreter(clip, r, **kwargs)
+            self._interpreter = make_interpreter(self.settings, clip, r, device=self.device)
             self._interp_key = key
             log.info("model %s loaded on %s in %.1f s%s", choice.clip.name, self.device, time.perf_counter() - t0,
                      " — DEMO MODEL — NOT FOR CLINICAL USE" if choice.demo else "")
@@ -101,13 +89,13 @@ class _Heartbeat:
         self._t = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
     def _run(self) -> None:
-        from echonode.store import results as rs
+        from echonode.store import jobs
 
         every = max(0.2, float(self.rt.settings.queue.heartbeat_s))
         while not self._stop.wait(every):
             try:
                 with self.rt.Session.begin() as s:
-                    rs.heartbeat(s, self.job_id, self.rt.worker_id)
+                    jobs.heartbeat(s, self.job_id, self.rt.worker_id)
             except Exception as exc:  # the next beat retries
                 log.warning("job %d: heartbeat failed: %s", self.job_id, exc)
 
@@ -122,59 +110,13 @@ class _Heartbeat:
 
 # --------------------------------------------------------------------------- analysis
 
-def _safe_path(settings: Settings, rel: str) -> Path:
-    """An instance path from SQL, resolved and checked to lie under data_dir."""
-    base = settings.data_path
-    p = Path(rel)
-    p = (p if p.is_absolute() else base / p).resolve()
-    if base != p and base not in p.parents:
-        raise AnalysisError(f"instance path outside the data directory refused: {rel}")
-    return p
-
-
-def _load_inputs(rt: WorkerRuntime, ctx) -> tuple[list, list, list[str]]:
-    """Decode the study's clips: ``(clip_inputs, source_datasets, warnings)``."""
-    import pydicom
-
-    from echonode.dicom.frames import FrameDecodeError, load_clip
-    from echonode.interpret.engine import ClipInput
-    from echonode.interpretation import ClipRef
-    from echonode.model.preprocess import sample_indices
-
-    m = rt.settings.model
-    inputs, sources, warnings = [], [], []
-    for c in ctx.clips:
-        path = _safe_path(rt.settings, c.path)
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            n = int(c.number_of_frames or getattr(ds, "NumberOfFrames", 1) or 1)
-            idx = sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride)
-            clip = load_clip(path, indices=idx, sector_mask=m.sector_mask)
-        except FrameDecodeError as exc:
-            warnings.append(f"clip {c.sop_instance_uid} not analysed: {exc.reason}")
-            log.warning("job %d: clip %s not analysed: %s", ctx.job_id, c.sop_instance_uid, exc.reason)
-            continue
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            warnings.append(f"clip {c.sop_instance_uid} unreadable: {type(exc).__name__}")
-            log.warning("job %d: clip %s unreadable: %s", ctx.job_id, c.sop_instance_uid, exc)
-            continue
-        ref = ClipRef(sop_instance_uid=c.sop_instance_uid, series_instance_uid=c.series_instance_uid,
-                      sop_class_uid=c.sop_class_uid, path=c.path, n_frames=clip.n_frames,
-                      frames_used=tuple(int(i) for i in clip.indices))
-        inputs.append(ClipInput(ref=ref, frames=clip.frames))
-        sources.append(ds)
-    if not inputs:
-        raise AnalysisError("no clip of the study could be decoded" + (f" ({'; '.join(warnings)})" if warnings else ""))
-    return inputs, sources, warnings
-
-
 def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     """The body of ``echonode.analyse_study``. Returns a short outcome word."""
     from echonode.pipeline.modelsel import choose_models
-    from echonode.store import results as rs
+    from echonode.store import jobs
 
     with rt.Session() as s:
-        ctx = rs.job_context(s, job_id)
+        ctx = jobs.job_context(s, job_id)
     if ctx is None:
         log.warning("job %d: no such job (message ignored)", job_id)
         return "missing"
@@ -184,100 +126,91 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     choice = choose_models(rt.settings, verify=False)   # presence; weights verified when loaded
     if not choice.available:
         with rt.Session.begin() as s:
-            rs.set_waiting_model(s, choice.message, [job_id])
+            jobs.set_waiting_model(s, choice.message, [job_id])
         log.warning("job %d waits for a model: %s", job_id, choice.message)
         return "waiting_model"
     with rt.Session.begin() as s:
-        if not rs.start_job(s, job_id, rt.worker_id):
+        if not jobs.start_job(s, job_id, rt.worker_id):
             return "skipped-claimed"
     log.info("job %d: analysing %d clip(s)%s", job_id, len(ctx.clips),
              " with the DEMO MODEL — NOT FOR CLINICAL USE" if choice.demo else "")
     t0 = time.perf_counter()
     try:
         with _Heartbeat(rt, job_id):
-            interp, sources, embedding = _analyse(rt, ctx, choice)
-            n_objects, outbox_ids = _store(rt, ctx, interp, sources, embedding, choice)
-    except AnalysisError as exc:
-        with rt.Session.begin() as s:
-            rs.fail_job(s, job_id, str(exc), rt.worker_id)
-        log.error("job %d failed: %s", job_id, exc)
-        return "failed"
-    except SQLAlchemyError as exc:
-        # PostgreSQL messages quote statement values (e.g. the PatientID of the priors
-        # query): keep only the error class and SQLSTATE, in the job row and the log.
-        reason = describe_error(exc)
-        with rt.Session.begin() as s:
-            rs.fail_job(s, job_id, reason, rt.worker_id)
-        log.error("job %d failed: %s", job_id, reason)
-        return "failed"
+            published = _analyse_and_publish(rt, ctx, choice)
     except Exception as exc:
-        with rt.Session.begin() as s:
-            rs.fail_job(s, job_id, f"{type(exc).__name__}: {exc}", rt.worker_id)
-        log.exception("job %d failed", job_id)
+        _fail(rt, job_id, exc)
         return "failed"
     rt.analyses += 1
     log.info("job %d done in %.1f s: SR + %d overlay(s) written, %d outbox row(s)%s", job_id,
-             time.perf_counter() - t0, n_objects - 1, len(outbox_ids),
+             time.perf_counter() - t0, len(published.objects) - 1, len(published.outbox_ids),
              "" if rt.settings.delivery.destinations else " (no delivery.destinations configured)")
-    if outbox_ids and app is not None:
+    if published.outbox_ids and app is not None:
         try:
             from echonode.pipeline.celery_app import send_deliver
-            send_deliver(app, outbox_ids)
+            send_deliver(app, published.outbox_ids)
         except Exception as exc:  # the dispatcher kicks deliveries of due rows anyway
             log.warning("job %d: could not queue delivery: %s", job_id, exc)
     return "done"
 
 
-def _analyse(rt: WorkerRuntime, ctx, choice):
+def _fail(rt: WorkerRuntime, job_id: int, exc: Exception) -> None:
+    """Record the job as failed with a reason that carries no patient data."""
+    from echonode.store import jobs
+
+    if isinstance(exc, AnalysisError):
+        reason = str(exc)
+        log.error("job %d failed: %s", job_id, exc.log_message)
+    elif isinstance(exc, SQLAlchemyError):
+        # PostgreSQL messages quote statement values (e.g. the PatientID of the priors
+        # query): keep only the error class and SQLSTATE, in the job row and the log.
+        reason = describe_error(exc)
+        log.error("job %d failed: %s", job_id, reason)
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.exception("job %d failed", job_id)
+    with rt.Session.begin() as s:
+        jobs.fail_job(s, job_id, reason, rt.worker_id)
+
+
+def _analyse_and_publish(rt: WorkerRuntime, ctx, choice):
+    """The study's clips as the SQL index knows them -> :mod:`echonode.analysis`."""
+    from echonode import analysis
     from echonode.interpret.engine import PriorEmbedding
-    from echonode.store import results as rs
+    from echonode.store import interpretations
 
     interpreter = rt.interpreter(choice)
-    inputs, sources, warnings = _load_inputs(rt, ctx)
+    clips = [analysis.ClipSource(path=analysis.instance_path(rt.settings, c.path),
+                                 sop_instance_uid=c.sop_instance_uid, series_instance_uid=c.series_instance_uid,
+                                 sop_class_uid=c.sop_class_uid, number_of_frames=c.number_of_frames)
+             for c in ctx.clips]
     priors = []
     if choice.r is not None:
         with rt.Session() as s:
-            rows = rs.prior_embeddings(s, ctx.patient_key, ctx.study_instance_uid, ctx.study_date,
-                                       choice.r.weights_sha256)
+            rows = interpretations.prior_embeddings(s, ctx.patient_key, ctx.study_instance_uid, ctx.study_date,
+                                                    choice.r.weights_sha256)
         priors = [PriorEmbedding(study_instance_uid=r.study_instance_uid, study_date=r.study_date,
                                  embedding=r.embedding, weights_sha256=r.model_sha256) for r in rows]
-    interp, embedding = interpreter.interpret_with_embedding(ctx.study_instance_uid, inputs, priors)
-    if warnings:
-        import dataclasses
-        interp = dataclasses.replace(interp, warnings=tuple(interp.warnings) + tuple(warnings))
-    return interp, sources, embedding
+    result = analysis.analyse(rt.settings, interpreter, ctx.study_instance_uid, clips, priors)
+    with rt.Session() as s:
+        return analysis.publish(rt.settings, s, result, job_id=ctx.job_id, worker=rt.worker_id,
+                                patient_key=ctx.patient_key, study_date=ctx.study_date)
 
 
-def _store(rt: WorkerRuntime, ctx, interp, sources, embedding, choice) -> tuple[int, list[int]]:
-    """SR + overlays to files, then ONE transaction: interpretation, embedding, job done, outbox rows.
+def deliver_due(settings: Settings, session_factory):
+    """Send every due outbox row (the ``deliver`` task; the message's ids only say which rows
+    prompted the run) and count the outcomes for the metrics endpoint."""
+    from echonode.dicom.scu import deliver_pending
+    from echonode.pipeline.metrics import REGISTRY
 
-    Returns (objects written, outbox row ids)."""
-    from echonode.dicom.overlays import build_overlays
-    from echonode.dicom.sr import build_sr
-    from echonode.pipeline import outbox_glue
-    from echonode.store import results as rs
-
-    sr = build_sr(interp, sources)
-    overlays = build_overlays(interp, sources) if interp.promptcams else []
-    datasets = [sr, *overlays]
-    objects = outbox_glue.write_objects(rt.settings, datasets)
-    s = rt.Session()
-    try:
-        rs.save_interpretation(s, ctx.job_id, interp)
-        if embedding is not None and choice.r is not None:
-            rs.save_study_embedding(s, ctx.study_instance_uid, ctx.patient_key, ctx.study_date,
-                                    choice.r.weights_sha256, embedding)
-        if not rs.finish_job(s, ctx.job_id, rt.worker_id):
-            # the lease expired and another worker took the job over: leave it to that one
-            raise RuntimeError("job was taken over by another worker (lease expired); results left to it")
-        audit.record(s, audit.analysis(interp, objects, sources))  # study analysed + result created
-        ids = outbox_glue.enqueue(s, rt.settings, objects)  # commits all of the above
-    except BaseException:
-        s.rollback()
-        raise
-    finally:
-        s.close()
-    return len(datasets), ids
+    summary = deliver_pending(settings, session_factory)
+    for outcome in ("delivered", "committing", "warnings", "retrying", "dead"):
+        n = getattr(summary, outcome, 0)
+        if n:
+            REGISTRY.inc("echonode_deliveries_total", n, outcome=outcome)
+    if summary.claimed:
+        log.info("delivery: %s", {k: v for k, v in summary.as_dict().items() if v})
+    return summary
 
 
 # --------------------------------------------------------------------------- registration
@@ -303,7 +236,5 @@ def register(app) -> None:
 
     @app.task(name=TASK_DELIVER, bind=True, acks_late=True, ignore_result=True)
     def deliver(self, outbox_ids: Optional[list] = None) -> str:
-        from echonode.pipeline import outbox_glue
         rt = runtime(app)
-        summary = outbox_glue.deliver(rt.settings, rt.Session, [int(i) for i in (outbox_ids or [])])
-        return str(summary)
+        return str(deliver_due(rt.settings, rt.Session))

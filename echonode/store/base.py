@@ -2,8 +2,13 @@
 
 ``store/`` is the only package that writes SQL. Table modules:
 
-* ``store/models.py``   patients, studies, series, instances, stable-study state, jobs (ingest)
-* ``store/results.py``  interpretations, study embeddings, outbox (results, delivery)
+* ``store/models.py``           patients, studies, series, instances, stable-study state, jobs
+* ``store/index.py``            the ingest index: recording instances, stable studies → jobs
+* ``store/jobs.py``             the job state machine and its dispatch bookkeeping
+* ``store/interpretations.py``  interpretations and EchoCLIP-R study embeddings
+* ``store/outbox.py``           the outbox (results waiting for delivery)
+* ``store/status.py``           read-only queries for status, metrics and the demo
+* ``store/audit.py``            audit events (where present)
 
 All tables hang off this one ``Base.metadata`` so Alembic sees one schema.
 """

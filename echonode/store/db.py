@@ -7,13 +7,14 @@
 * :func:`migrate` — ``alembic upgrade head``, configured in code so it works from an
   installed package (no ``alembic.ini`` needed); call it at start-up.
 
-Importing this module imports every table module that exists (``models``, ``outbox``,
+Importing this module imports every table module (``models``, ``outbox``,
 ``results``), so ``Base.metadata`` is complete wherever the store is used.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from pathlib import Path
 
@@ -23,12 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from echonode.store.base import Base
 
-for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.results", "echonode.store.audit"):
-    try:
-        importlib.import_module(_mod)
-    except ModuleNotFoundError as _exc:  # a table module not written yet
-        if _exc.name != _mod:
-            raise
+for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.interpretations",
+             "echonode.store.jobs", "echonode.store.audit"):
+    importlib.import_module(_mod)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _engines: dict[str, Engine] = {}
@@ -46,11 +44,12 @@ def make_engine(url: str, **kwargs) -> Engine:
 
     Statement parameters are hidden from SQLAlchemy's exception messages (``hide_parameters``):
     they hold patient IDs and birth dates, and those messages reach the logs."""
+    create = kwargs.pop("create", True)     # False: never create the SQLite file (read-only commands)
     kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         u = make_url(url)
-        if u.database and u.database != ":memory:":
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if u.database and u.database != ":memory:" and create:
+            _create_private_file(Path(u.database).expanduser())
         connect_args = {"timeout": 60, "check_same_thread": False}
         connect_args.update(kwargs.pop("connect_args", {}))
         engine = create_engine(url, connect_args=connect_args, **kwargs)
@@ -72,6 +71,38 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def _create_private_file(path: Path) -> None:
+    """The SQLite file holds patient data: created 0640 in a 0750 directory, before SQLite
+    would create it with the umask's permissions."""
+    from echonode.files import FILE_MODE, ensure_dir
+
+    ensure_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+        os.chmod(path, FILE_MODE)
+
+
+class NotMigrated(RuntimeError):
+    """The database does not exist yet or is not at this echonode's schema revision."""
+
+
+def require_migrated(url: str) -> None:
+    """For read-only commands, which never migrate: raise :class:`NotMigrated` with what to do
+    when the database is missing or behind. Creates nothing."""
+    from alembic.script import ScriptDirectory
+
+    if is_sqlite(url):
+        u = make_url(url)
+        if u.database and u.database != ":memory:" and not Path(u.database).expanduser().is_file():
+            raise NotMigrated(f"no database yet ({Path(u.database).expanduser()}): `echonode serve` creates "
+                              "and migrates it on start")
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    current = current_revision(url)
+    if current != head:
+        raise NotMigrated(f"the database is not migrated yet (schema revision {current or 'none'}, this "
+                          f"echonode needs {head}): `echonode serve` or `echonode worker` migrates it on start")
 
 
 def ping(session_factory) -> None:
@@ -141,7 +172,7 @@ def migrate(url: str, revision: str = "head") -> None:
 def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    engine = make_engine(url)
+    engine = make_engine(url, create=False)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()

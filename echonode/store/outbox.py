@@ -26,7 +26,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, delete, or_, select, update
+from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode import audit
@@ -302,3 +302,14 @@ def purge(session: Session, states: Sequence[str] = (DELIVERED,), older_than_s: 
     audit.record(session, audit.outbox_admin("purge", count=res.rowcount or 0, ids=ids or (), states=states, detail=f"older than {older_than_s:g} s"))
     session.commit()
     return res.rowcount or 0
+
+
+def due_count(session: Session) -> int:
+    """Outbox rows a delivery run would act on now (pending past backoff, expired leases,
+    commitments past their time): 0 means no delivery run is needed."""
+    now = utcnow()
+    return int(session.execute(select(func.count()).select_from(OutboxRow).where(or_(
+        and_(OutboxRow.state == PENDING, OutboxRow.next_attempt_at <= now),
+        and_(OutboxRow.state == SENDING, OutboxRow.lease_until < now),
+        OutboxRow.state == COMMITTING,
+    ))).scalar() or 0)

@@ -1,70 +1,30 @@
-"""Pipeline tables and the pipeline's SQL: interpretations, study embeddings, job dispatch.
+"""Analysis jobs: the state machine and the dispatch bookkeeping.
 
-Schema revision ``0003_results`` (``store/migrations/versions/0003_results.py``)
-creates exactly these tables; change both together.
+``analysis_jobs`` rows are created by the stable-study scheduler (``store/index.py``).
+Their transitions (``queued → running → done|failed``, ``queued ⇄ waiting_model``) are
+conditional UPDATEs: a task that finds its job already running elsewhere or done does
+nothing, which makes every task idempotent.
 
-* ``interpretations``   one row per analysis job: the Interpretation as JSON (the
-  contract of ``echonode.interpretation``), the model checksum and when it was made.
-* ``study_embeddings``  EchoCLIP-R study embeddings (float32 bytes) keyed by study and
-  model checksum, with a *patient key* (sha256 of issuer + PatientID, so no patient
-  identifier is copied into this table) and the study date: the priors of a later study
-  of the same patient come from here.
-* ``job_dispatch``      the pipeline's bookkeeping for ``analysis_jobs`` rows (table of the
-  ingest area): when a job was turned into a Celery message, by which process, and the
-  running worker's heartbeat. A row is *claimed* with a conditional UPDATE, so several
-  node processes never send the same job twice, and a worker that died (heartbeat
-  older than the lease) is detected from SQL alone, whatever the broker.
-
-Job state transitions of the pipeline (``queued → running → done|failed``,
-``queued ⇄ waiting_model``) are conditional UPDATEs here too: a task that finds its job
-already running elsewhere or done does nothing, which makes every task idempotent.
+``job_dispatch`` (schema revision ``0003_results``) is the pipeline's bookkeeping for a
+job: when it was turned into a Celery message, by which process, and the running
+worker's heartbeat. A row is *claimed* with a conditional UPDATE, so several node
+processes never send the same job twice, and a worker that died (heartbeat older than
+the lease) is detected from SQL alone, whatever the broker.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-import numpy as np
-from sqlalchemy import (DateTime, ForeignKey, Integer, LargeBinary, String, Text, Boolean,
-                        UniqueConstraint, and_, func, or_, select, update)
+from sqlalchemy import DateTime, ForeignKey, Integer, String, and_, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
-from echonode.store.models import (JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_STATES,
-                                   JOB_WAITING_MODEL, DECISION_ANALYSE, AnalysisJob, Instance,
-                                   Patient, Series, Study, utcnow)
-
-
-class InterpretationRow(Base):
-    __tablename__ = "interpretations"
-    __table_args__ = (UniqueConstraint("job_id", name="uq_interpretations_job_id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("analysis_jobs.id"), nullable=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
-    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    demo: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    interpretation: Mapped[str] = mapped_column(Text, nullable=False)   # Interpretation.to_json()
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
-
-
-class StudyEmbedding(Base):
-    __tablename__ = "study_embeddings"
-    __table_args__ = (UniqueConstraint("study_instance_uid", "model_sha256",
-                                       name="uq_study_embeddings_study_model"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
-    patient_key: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
-    study_date: Mapped[str] = mapped_column(String(8), nullable=False, default="")
-    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    dim: Mapped[int] = mapped_column(Integer, nullable=False)
-    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)   # float32, little endian
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+from echonode.store.interpretations import patient_key
+from echonode.store.models import (JOB_DONE, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_WAITING_MODEL,
+                                   DECISION_ANALYSE, AnalysisJob, Instance, Patient, Series, Study, utcnow)
 
 
 class JobDispatch(Base):
@@ -77,25 +37,6 @@ class JobDispatch(Base):
     task_id: Mapped[Optional[str]] = mapped_column(String(64))
     worker: Mapped[Optional[str]] = mapped_column(String(128))
     heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
-
-
-# --------------------------------------------------------------------------- helpers
-
-def patient_key(patient_id: Optional[str], issuer: Optional[str]) -> str:
-    """A stable key for (PatientID, IssuerOfPatientID) that is not the identifier itself."""
-    raw = f"{issuer or ''}\x00{patient_id or ''}".encode("utf-8")
-    return hashlib.sha256(raw).hexdigest()
-
-
-def _vec_to_bytes(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(np.asarray(v, dtype="<f4").reshape(-1)).tobytes()
-
-
-def _bytes_to_vec(b: bytes, dim: int) -> np.ndarray:
-    v = np.frombuffer(b, dtype="<f4")
-    if v.size != dim:
-        raise ValueError(f"stored embedding has {v.size} values, expected {dim}")
-    return v.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- study context
@@ -338,142 +279,6 @@ def retry_failed(session: Session, job_ids: Optional[Sequence[int]] = None) -> i
         state=JOB_QUEUED, attempts=0, error=None, updated_at=utcnow()))
     reset_dispatch(session, ids)
     return res.rowcount
-
-
-# --------------------------------------------------------------------------- results
-
-def save_interpretation(session: Session, job_id: Optional[int], interp: Any) -> int:
-    """Insert or replace the Interpretation of ``job_id`` (idempotent on re-runs)."""
-    payload = interp.to_json()
-    row = None
-    if job_id is not None:
-        row = session.execute(select(InterpretationRow).where(InterpretationRow.job_id == job_id)).scalar_one_or_none()
-    if row is None:
-        row = InterpretationRow(job_id=job_id, study_instance_uid=interp.study_instance_uid,
-                                model_sha256=interp.model.weights_sha256, demo=bool(interp.model.demo),
-                                interpretation=payload)
-        session.add(row)
-    else:
-        row.study_instance_uid = interp.study_instance_uid
-        row.model_sha256 = interp.model.weights_sha256
-        row.demo = bool(interp.model.demo)
-        row.interpretation = payload
-        row.created_at = utcnow()
-    session.flush()
-    return row.id
-
-
-def latest_interpretation(session: Session, study_uid: str) -> Optional[dict]:
-    row = session.execute(select(InterpretationRow).where(InterpretationRow.study_instance_uid == study_uid)
-                          .order_by(InterpretationRow.created_at.desc(), InterpretationRow.id.desc())
-                          .limit(1)).scalar_one_or_none()
-    return None if row is None else json.loads(row.interpretation)
-
-
-def recent_results(session: Session, limit: int = 10) -> list[dict]:
-    """Newest interpretations, summarised for ``echonode status`` (no patient data)."""
-    rows = session.execute(select(InterpretationRow).order_by(InterpretationRow.created_at.desc(),
-                                                              InterpretationRow.id.desc()).limit(limit)).scalars().all()
-    out = []
-    for r in rows:
-        d = json.loads(r.interpretation)
-        tasks = d.get("tasks", {})
-        ef = tasks.get("ejection_fraction") or tasks.get("lvef")
-        lvef = ef.get("value") if isinstance(ef, dict) else None
-        lon = d.get("longitudinal") or {}
-        out.append({
-            "job_id": r.job_id, "study_instance_uid": r.study_instance_uid,
-            "created_at": r.created_at.isoformat(timespec="seconds") + "Z",
-            "model": (d.get("model") or {}).get("name", ""), "model_sha256": r.model_sha256[:12],
-            "demo": bool(r.demo), "clips": len(d.get("clips", ())), "lvef": lvef,
-            "priors": len(lon.get("priors", ()) or ()),
-        })
-    return out
-
-
-def save_study_embedding(session: Session, study_uid: str, pkey: str, study_date: str, model_sha256: str,
-                         vector: np.ndarray) -> None:
-    vec = np.asarray(vector, dtype=np.float32).reshape(-1)
-    row = session.execute(select(StudyEmbedding).where(StudyEmbedding.study_instance_uid == study_uid,
-                                                       StudyEmbedding.model_sha256 == model_sha256)).scalar_one_or_none()
-    if row is None:
-        session.add(StudyEmbedding(study_instance_uid=study_uid, patient_key=pkey, study_date=study_date or "",
-                                   model_sha256=model_sha256, dim=int(vec.size), vector=_vec_to_bytes(vec)))
-    else:
-        row.patient_key, row.study_date, row.dim, row.vector = pkey, study_date or "", int(vec.size), _vec_to_bytes(vec)
-    session.flush()
-
-
-@dataclass(frozen=True)
-class PriorRow:
-    study_instance_uid: str
-    study_date: str
-    model_sha256: str
-    embedding: np.ndarray
-
-
-def prior_embeddings(session: Session, pkey: str, study_uid: str, study_date: str, model_sha256: str,
-                     limit: int = 20) -> list[PriorRow]:
-    """Earlier studies of the same patient (same PatientID + issuer) embedded with the same
-    EchoCLIP-R weights. "Earlier" is an earlier StudyDate; when either date is missing, a
-    study embedded before this one counts as earlier. Newest first."""
-    q = select(StudyEmbedding).where(StudyEmbedding.patient_key == pkey,
-                                     StudyEmbedding.model_sha256 == model_sha256,
-                                     StudyEmbedding.study_instance_uid != study_uid)
-    if study_date:
-        q = q.where(or_(and_(StudyEmbedding.study_date != "", StudyEmbedding.study_date < study_date),
-                        StudyEmbedding.study_date == ""))
-    rows = session.execute(q.order_by(StudyEmbedding.study_date.desc(), StudyEmbedding.created_at.desc())
-                           .limit(limit)).scalars().all()
-    return [PriorRow(r.study_instance_uid, r.study_date, r.model_sha256, _bytes_to_vec(r.vector, r.dim)) for r in rows]
-
-
-# --------------------------------------------------------------------------- status / metrics
-
-def job_counts(session: Session) -> dict[str, int]:
-    counts = {s: 0 for s in JOB_STATES}
-    for state, n in session.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all():
-        counts[state] = int(n)
-    return counts
-
-
-def waiting_model_message(session: Session) -> Optional[str]:
-    return session.execute(select(AnalysisJob.error).where(AnalysisJob.state == JOB_WAITING_MODEL)
-                           .order_by(AnalysisJob.id.desc()).limit(1)).scalar_one_or_none()
-
-
-def job_durations(session: Session, limit: int = 1000) -> list[float]:
-    """Seconds from start to finish of the most recent finished jobs."""
-    rows = session.execute(select(AnalysisJob.started_at, AnalysisJob.finished_at)
-                           .where(AnalysisJob.state == JOB_DONE, AnalysisJob.started_at.is_not(None),
-                                  AnalysisJob.finished_at.is_not(None))
-                           .order_by(AnalysisJob.id.desc()).limit(limit)).all()
-    return [max(0.0, (f - s).total_seconds()) for s, f in rows]
-
-
-def failed_jobs(session: Session, limit: int = 10) -> list[dict]:
-    rows = session.execute(select(AnalysisJob).where(AnalysisJob.state == JOB_FAILED)
-                           .order_by(AnalysisJob.id.desc()).limit(limit)).scalars().all()
-    return [{"job_id": j.id, "study_instance_uid": j.study_instance_uid, "attempts": j.attempts,
-             "error": j.error or ""} for j in rows]
-
-
-def ingest_totals(session: Session) -> dict[str, int]:
-    n, size = session.execute(select(func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))).one()
-    return {"instances": int(n), "bytes": int(size)}
-
-
-def outbox_due_count(session: Session) -> int:
-    """Outbox rows a delivery run would act on now (pending past backoff, expired leases,
-    commitments past their time): 0 means no delivery run is needed."""
-    from echonode.store.outbox import COMMITTING, PENDING, SENDING, OutboxRow
-
-    now = utcnow()
-    return int(session.execute(select(func.count()).select_from(OutboxRow).where(or_(
-        and_(OutboxRow.state == PENDING, OutboxRow.next_attempt_at <= now),
-        and_(OutboxRow.state == SENDING, OutboxRow.lease_until < now),
-        OutboxRow.state == COMMITTING,
-    ))).scalar() or 0)
 
 
 # --------------------------------------------------------------------------- embedded broker upkeep

@@ -1,0 +1,89 @@
+"""Where echonode's own files go and how they are written: private directories, atomic writes.
+
+Everything under the data directory (results, the SQLite database, models, caches) holds
+patient data or what was derived from it, so directories are created ``0750`` and files
+``0640``: the service account and its group, nobody else. The spool's received
+instances and quarantine have their own writer (``echonode.dicom.spool``).
+
+An atomic write is temp file in the same directory, fsync, rename, fsync of the
+directory: a reader (the delivery, a PACS fetching a file, a restarted worker) sees the
+old file or the new one, never half of one, and a power cut keeps one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+__all__ = ["DIR_MODE", "FILE_MODE", "ensure_dir", "fsync_dir", "atomic_write", "atomic_write_bytes", "restrict"]
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+
+def ensure_dir(path: Union[str, Path]) -> Path:
+    """``path`` and its missing parents, created ``0750``; an existing directory is left as it is
+    (an operator may have opened it up on purpose)."""
+    p = Path(path)
+    if not p.is_dir():
+        # mkdir's mode is masked by the umask; chmod what we created so 0750 holds either way
+        missing = [q for q in (p, *p.parents) if not q.exists()]
+        p.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        for q in missing:
+            try:
+                os.chmod(q, DIR_MODE)
+            except OSError:
+                pass
+    return p
+
+
+def fsync_dir(path: Union[str, Path]) -> None:
+    """Make a rename or a new file in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` atomically (mode ``0640``): ``write(fh)`` fills a temp file in the same
+    directory, which is fsynced and renamed over ``path``. The directory is created ``0750``."""
+    final = Path(path)
+    folder = ensure_dir(final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=final.suffix, dir=folder)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+    return final
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def restrict(folder: Union[str, Path]) -> None:
+    """``folder`` 0750 and the regular files directly in it 0640 (files another library wrote)."""
+    folder = Path(folder)
+    os.chmod(folder, DIR_MODE)
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, FILE_MODE)

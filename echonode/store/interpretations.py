@@ -1,0 +1,138 @@
+"""Interpretations and study embeddings (schema revision ``0003_results``).
+
+* ``interpretations``   one row per analysis job: the Interpretation as JSON (the
+  contract of ``echonode.interpretation``), the model checksum and when it was made.
+* ``study_embeddings``  EchoCLIP-R study embeddings (float32 bytes) keyed by study and
+  model checksum, with a *patient key* (sha256 of issuer + PatientID, so no patient
+  identifier is copied into this table) and the study date: the priors of a later study
+  of the same patient come from here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, and_, or_, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from echonode.store.base import Base
+from echonode.store.models import utcnow
+
+
+class InterpretationRow(Base):
+    __tablename__ = "interpretations"
+    __table_args__ = (UniqueConstraint("job_id", name="uq_interpretations_job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("analysis_jobs.id"), nullable=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    demo: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    interpretation: Mapped[str] = mapped_column(Text, nullable=False)   # Interpretation.to_json()
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
+
+
+class StudyEmbedding(Base):
+    __tablename__ = "study_embeddings"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "model_sha256",
+                                       name="uq_study_embeddings_study_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    patient_key: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    study_date: Mapped[str] = mapped_column(String(8), nullable=False, default="")
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)   # float32, little endian
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def patient_key(patient_id: Optional[str], issuer: Optional[str]) -> str:
+    """A stable key for (PatientID, IssuerOfPatientID) that is not the identifier itself."""
+    raw = f"{issuer or ''}\x00{patient_id or ''}".encode("utf-8")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _vec_to_bytes(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(np.asarray(v, dtype="<f4").reshape(-1)).tobytes()
+
+
+def _bytes_to_vec(b: bytes, dim: int) -> np.ndarray:
+    v = np.frombuffer(b, dtype="<f4")
+    if v.size != dim:
+        raise ValueError(f"stored embedding has {v.size} values, expected {dim}")
+    return v.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- results
+
+def save_interpretation(session: Session, job_id: Optional[int], interp: Any) -> int:
+    """Insert or replace the Interpretation of ``job_id`` (idempotent on re-runs)."""
+    payload = interp.to_json()
+    row = None
+    if job_id is not None:
+        row = session.execute(select(InterpretationRow).where(InterpretationRow.job_id == job_id)).scalar_one_or_none()
+    if row is None:
+        row = InterpretationRow(job_id=job_id, study_instance_uid=interp.study_instance_uid,
+                                model_sha256=interp.model.weights_sha256, demo=bool(interp.model.demo),
+                                interpretation=payload)
+        session.add(row)
+    else:
+        row.study_instance_uid = interp.study_instance_uid
+        row.model_sha256 = interp.model.weights_sha256
+        row.demo = bool(interp.model.demo)
+        row.interpretation = payload
+        row.created_at = utcnow()
+    session.flush()
+    return row.id
+
+
+def latest_interpretation(session: Session, study_uid: str) -> Optional[dict]:
+    row = session.execute(select(InterpretationRow).where(InterpretationRow.study_instance_uid == study_uid)
+                          .order_by(InterpretationRow.created_at.desc(), InterpretationRow.id.desc())
+                          .limit(1)).scalar_one_or_none()
+    return None if row is None else json.loads(row.interpretation)
+
+
+def save_study_embedding(session: Session, study_uid: str, pkey: str, study_date: str, model_sha256: str,
+                         vector: np.ndarray) -> None:
+    vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+    row = session.execute(select(StudyEmbedding).where(StudyEmbedding.study_instance_uid == study_uid,
+                                                       StudyEmbedding.model_sha256 == model_sha256)).scalar_one_or_none()
+    if row is None:
+        session.add(StudyEmbedding(study_instance_uid=study_uid, patient_key=pkey, study_date=study_date or "",
+                                   model_sha256=model_sha256, dim=int(vec.size), vector=_vec_to_bytes(vec)))
+    else:
+        row.patient_key, row.study_date, row.dim, row.vector = pkey, study_date or "", int(vec.size), _vec_to_bytes(vec)
+    session.flush()
+
+
+@dataclass(frozen=True)
+class PriorRow:
+    study_instance_uid: str
+    study_date: str
+    model_sha256: str
+    embedding: np.ndarray
+
+
+def prior_embeddings(session: Session, pkey: str, study_uid: str, study_date: str, model_sha256: str,
+                     limit: int = 20) -> list[PriorRow]:
+    """Earlier studies of the same patient (same PatientID + issuer) embedded with the same
+    EchoCLIP-R weights. "Earlier" is an earlier StudyDate; when either date is missing, a
+    study embedded before this one counts as earlier. Newest first."""
+    q = select(StudyEmbedding).where(StudyEmbedding.patient_key == pkey,
+                                     StudyEmbedding.model_sha256 == model_sha256,
+                                     StudyEmbedding.study_instance_uid != study_uid)
+    if study_date:
+        q = q.where(or_(and_(StudyEmbedding.study_date != "", StudyEmbedding.study_date < study_date),
+                        StudyEmbedding.study_date == ""))
+    rows = session.execute(q.order_by(StudyEmbedding.study_date.desc(), StudyEmbedding.created_at.desc())
+                           .limit(limit)).scalars().all()
+    return [PriorRow(r.study_instance_uid, r.study_date, r.model_sha256, _bytes_to_vec(r.vector, r.dim)) for r in rows]
