@@ -61,7 +61,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     from echonode.pipeline.stable import StableScheduler
     from echonode.store import db
 
-    settings.data_path.mkdir(parents=True, exist_ok=True)
+    settings.data_path.mkdir(mode=0o750, parents=True, exist_ok=True)
     db.migrate(settings.db_url)
     engine = db.get_engine(settings.db_url)
     sessions = db.session_factory(engine)
@@ -133,6 +133,9 @@ def run(args) -> int:
     except OSError as exc:
         LOG.error("cannot start: %s", exc)
         return 1
+    if settings.node.is_open:
+        from echonode.config import OPEN_NODE_WARNING
+        LOG.warning(OPEN_NODE_WARNING)
     LOG.info("echonode ready: AE %s port %d, data in %s", settings.node.ae_title, ctx.scp.port, settings.data_path)
     while not stop.wait(0.5):
         pass
