@@ -74,6 +74,22 @@ FILE_MODE = 0o640
 _EARLY_SYNC = 32 << 20
 
 
+def _mkdirs(path: Path, base: Path) -> None:
+    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask)."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while p != base and not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -543,7 +559,7 @@ class Spool:
             # A committed row therefore never points at a file that is not durably in place.
             synced.result()
             if tmp.exists():
-                final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                _mkdirs(final.parent, self.storage)
                 os.replace(tmp, final)
                 dir_synced.append(self._io.submit(_fsync_dir, final.parent))
             return wait_dir
