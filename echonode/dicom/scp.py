@@ -397,10 +397,12 @@ class EchoSCP:
             return "?"
 
     def _on_conn_open(self, event) -> None:
-        # until the A-ASSOCIATE-RQ arrives the ARTIM timer is the only clock: keep it short
-        # (ARTIM also bounds the wait for the peer to close after an abort or release)
+        # Until the A-ASSOCIATE-RQ arrives, the acceptor's ACSE wait and the ARTIM timer are
+        # the only clocks: both get node.request_timeout_s, so a connection that never asks
+        # is closed (and its threads end) quickly. ARTIM also bounds the wait for the peer
+        # to close after we abort or reject.
         try:
-            event.assoc.dul.artim_timer.timeout = float(self.node.request_timeout_s)
+            event.assoc.acse_timeout = min(float(self.node.request_timeout_s), float(self.node.acse_timeout_s))
         except Exception:  # pragma: no cover - pynetdicom internals
             LOG.exception("cannot set the request timeout")
 
@@ -568,6 +570,9 @@ class EchoSCP:
 
         server.process_request_thread = process_request_thread
         server.daemon_threads = True
+        # socketserver listens with a backlog of 5: a burst of connections (a port scan,
+        # 200 idle peers) would make a cart's SYN wait for retransmission (1 s, 3 s, 7 s...)
+        server.socket.listen(max(128, 8 * self.max_associations))
 
     @property
     def port(self) -> int:
