@@ -165,9 +165,35 @@ def deflate_bomb(path: Path, inflated_mb: int = 1024) -> Path:
     return path
 
 
+def tiny_element_header(path: Path, mb: int = 10) -> Path:
+    """Valid UIDs followed by ``mb`` MiB of empty private elements (8 bytes each): only
+    the size of the header is hostile."""
+    from echonode.dicom.spool import file_meta_bytes
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = US_MF, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "US", "WIDE"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    n = (mb << 20) // 8
+    body = bytearray()
+    group = 0x0021
+    while n > 0:  # private groups after (0020,000E): the dataset stays in tag order
+        k = min(n, 0xFF00)
+        body += b"".join(struct.pack("<HH2sH", group, e, b"LO", 0) for e in range(0x0100, 0x0100 + k))
+        n -= k
+        group += 2
+    path.write_bytes(file_meta_bytes(US_MF, str(ds.SOPInstanceUID), ExplicitVRLittleEndian)
+                     + buf.getvalue() + bytes(body))
+    return path
+
+
 def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
-    """max_instance_mb answers 0xA700; a 1 MB Deflated dataset that inflates to 1 GiB is
-    answered 0xC210 within 30 s; a 40 MB clip streams in without its size in memory."""
+    """max_instance_mb answers 0xA700; a 1 MB Deflated dataset that inflates to 1 GiB and a
+    10 MiB header of empty elements are answered 0xC210 within 30 s; a 40 MB clip streams
+    in without its size in memory."""
     n = node_factory({"node": {"max_instance_mb": 32}}).start()
     w = Watch(n, tmp_path)
     big = small_clip(tmp_path / "big.dcm", frames=40, size=1024)           # ~40 MB
@@ -183,6 +209,12 @@ def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
     assert send_raw(n.port, [bomb], timeout=30) == [0xC210]
     assert time.monotonic() - t0 < 30
     assert "inflates beyond" in n.log_text()
+
+    wide = tiny_element_header(tmp_path / "wide.dcm")                  # 10 MiB of empty elements
+    t0 = time.monotonic()
+    assert send_raw(n.port, [wide], timeout=30) == [0xC210]
+    assert time.monotonic() - t0 < 30
+    assert "dataset header above" in n.log_text()
     w.legit()
 
     n2 = node_factory({"node": {"max_instance_mb": 100}}).start()

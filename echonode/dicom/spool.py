@@ -74,6 +74,50 @@ FILE_MODE = 0o640
 _EARLY_SYNC = 32 << 20
 
 
+#: at most this many bytes are read while parsing a header (values above 4 KiB are skipped,
+#: not read): a "header" of millions of tiny elements costs ~40x its size in Python objects
+MAX_HEADER_BYTES = 2 * 1024 * 1024
+
+
+class _BoundedReader(io.RawIOBase):
+    """A read-only file whose reads stop the parse beyond ``limit`` bytes in total."""
+
+    def __init__(self, fh, limit: int):
+        self._fh, self._left = fh, limit
+        self.name = fh.name  # deferred values are read later from the file by name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise ValueError(f"dataset header above {MAX_HEADER_BYTES} bytes")
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+
+def read_header(path: Path):
+    """The dataset header (no pixel data; large values deferred), reading at most
+    :data:`MAX_HEADER_BYTES`."""
+    with open(path, "rb") as fh:
+        return dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True, defer_size=4096)
+
+
 def _mkdirs(path: Path, base: Path) -> None:
     """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask)."""
     if path.is_dir():
@@ -117,6 +161,7 @@ class Incoming(io.BytesIO):
         self.size = 0
         self.overflow = False
         self.finished = False
+        self.write_error: Optional[OSError] = None
         self._sha = hashlib.sha256()
         self._early_sync = early_sync
         self._next_sync = _EARLY_SYNC
@@ -140,8 +185,15 @@ class Incoming(io.BytesIO):
             return n
         view = memoryview(data)
         self._sha.update(view)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:  # disk full, I/O error: answered when the dataset is complete
+            self.write_error = exc
+            os.close(self.fd)
+            self.fd = None
+            self.size += n
+            return n
         self.size += n
         if self._early_sync is not None and self.size >= self._next_sync:
             self._next_sync = self.size + _EARLY_SYNC
@@ -384,7 +436,16 @@ class Spool:
 
     def _early_sync(self, fd: int) -> None:
         # start writeback of what has arrived so far while the rest is still on the wire
-        self._io.submit(os.fdatasync, fd)
+        # (on a duplicate descriptor: the Incoming may close its own before this runs)
+        dup = os.dup(fd)
+
+        def sync() -> None:
+            try:
+                os.fdatasync(dup)
+            finally:
+                os.close(dup)
+
+        self._io.submit(sync)
 
     def begin(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Incoming:
         """A new :class:`Incoming` for a C-STORE whose command set just arrived."""
@@ -462,10 +523,10 @@ class Spool:
         """Store a fully received :class:`Incoming` (its fd is closed here, whatever happens)."""
         tmp = inc.path
         sop_instance_uid = str(sop_instance_uid).strip()
-        try:
-            fd = inc.release_fd()
-        except Exception:
-            fd = None
+        fd = inc.release_fd()
+        if inc.write_error is not None:
+            tmp.unlink(missing_ok=True)
+            return self._write_failed(inc.write_error, sop_instance_uid)
         if fd is None:
             tmp.unlink(missing_ok=True)
             return StoreResult(PROCESSING_FAILURE, "incoming file already closed", sop_instance_uid)
@@ -492,7 +553,7 @@ class Spool:
                     _wait_quietly(synced)
                     inflated = parse_path = self._inflated_copy(tmp, inc.meta_len, size)
                 try:
-                    ds = dcmread(parse_path, stop_before_pixels=True, defer_size=4096)
+                    ds = read_header(parse_path)
                     study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
                     series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
                     ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
