@@ -252,12 +252,13 @@ def run_pdu_case(port: int, chunks: list[bytes], assoc_first: bool, timeout: flo
         for c in chunks:
             s.sendall(c)
         head = b""
-        if assoc_first:  # inside an association: give the receiver time to answer first
-            s.settimeout(max(0.01, (t_end - time.monotonic()) / 2))
-            try:
-                head = _recv_exact(s, 6) or b"\x07"
-            except socket.timeout:
-                head = b""
+        # give the receiver time to answer before the stream ends (an EOF right after a
+        # complete request may otherwise close the connection before the answer is out)
+        s.settimeout(max(0.01, min(1.0, (t_end - time.monotonic()) / 2)))
+        try:
+            head = _recv_exact(s, 6) or b"\x07"  # closed without a word: aborted
+        except socket.timeout:
+            head = b""
         if not head:
             try:
                 s.shutdown(socket.SHUT_WR)  # a truncated stream ends: the peer sees EOF
@@ -414,6 +415,7 @@ def main() -> int:
             if i % 50 == 0:
                 for r in receivers:
                     r.sample()
+                print(f"fuzz: {i}/{args.n} cases, {time.monotonic() - t_start:.0f} s", file=sys.stderr, flush=True)
         for s in senders.values():
             s.close()
         for r in receivers:
