@@ -69,9 +69,27 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DIR_MODE = 0o750
 FILE_MODE = 0o640
-# while a dataset streams in, fdatasync every this many bytes in the background so
-# that the final fsync (before Success) has little left to write
-_EARLY_SYNC = 32 << 20
+# while a dataset streams in, start writeback every this many bytes (sync_file_range,
+# asynchronous) so that the final fsync before Success has little left to write
+_EARLY_SYNC = 1 << 20
+
+
+def _load_sync_file_range():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 #: at most this many bytes are read while parsing a header (values above 4 KiB are skipped,
@@ -197,7 +215,10 @@ class Incoming(io.BytesIO):
         self.size += n
         if self._early_sync is not None and self.size >= self._next_sync:
             self._next_sync = self.size + _EARLY_SYNC
-            self._early_sync(self.fd)
+            if _SYNC_FILE_RANGE is not None:  # start writeback of everything so far; returns at once
+                _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            else:
+                self._early_sync(self.fd)
         return n
 
     def getvalue(self) -> bytes:  # never the data: it is on disk
