@@ -222,6 +222,21 @@ def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
     assert send_raw(n2.port, [big], timeout=60) == [0]
     stored = list((n2.data_dir / "instances").rglob("*.dcm"))
     assert len(stored) == 1 and stored[0].stat().st_size > 40 << 20
+    # a sender killed in the middle of a dataset: its partial temp file goes with the association
+    big2 = small_clip(tmp_path / "big2.dcm", frames=40, size=1024, seed=9)
+    incoming = n2.data_dir / "instances" / ".incoming"
+    proc = subprocess.Popen([dcmtk("storescu"), "-xe", "-aec", "ECHONODE", "127.0.0.1", str(n2.port), str(big2)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not list(incoming.glob("*.part")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert list(incoming.glob("*.part")), "the dataset never streamed into a temp file"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while list(incoming.glob("*.part")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(incoming.glob("*.part")), "partial temp file left behind after the sender died"
     w2.legit()
 
 
