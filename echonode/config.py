@@ -45,6 +45,9 @@ class TLSSettings:
     key: str = ""
     ca: str = ""  # trusted CA bundle for peer certificates; required for mutual TLS
     require_client_cert: bool = True
+    # inbound only: the TLS handshake runs in the connection's own thread and must finish
+    # within this many seconds (an idle or slow TLS peer never holds the listener)
+    handshake_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,24 @@ class NodeSettings:
     network_timeout_s: float = 30.0
     acse_timeout_s: float = 30.0
     max_pdu: int = 1048576  # our maximum receive PDU (bytes); 0 = unlimited (most SCUs then fall back to 16 KiB)
+    # a TCP connection that sends no A-ASSOCIATE-RQ within this many seconds is closed
+    request_timeout_s: float = 5.0
+    # one received instance (file meta + dataset) larger than this is answered 0xA700;
+    # sized for long uncompressed echo clips (e.g. 800x600 RGB x 600 frames = 864 MB)
+    max_instance_mb: int = 2048
+    # Deflated Explicit VR Little Endian input: inflated size may be at most this many
+    # times the compressed size (and at most max_instance_mb); beyond it 0xC210
+    max_inflate_ratio: int = 200
     tls: TLSSettings = field(default_factory=TLSSettings)
+
+    @property
+    def is_open(self) -> bool:
+        """Any calling AE from anywhere, without TLS (the laptop default, like storescp)."""
+        return self.allow_any_calling_ae and not self.allowed and not self.tls.enabled
+
+
+OPEN_NODE_WARNING = ("open node: any calling AE from any host may store here, without TLS; "
+                     "configure node.allowed (AE titles, hosts) or node.tls before connecting to a hospital network")
 
 
 @dataclass(frozen=True)
@@ -381,4 +401,50 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
     data = _merge(data, _env_tree(env))
     if overrides:
         data = _merge(data, overrides)
-    return _build(Settings, data, "")
+    settings = _build(Settings, data, "")
+    validate_node(settings.node)
+    return settings
+
+
+_AE_BAD = set("\\") | {chr(c) for c in range(32)} | {chr(127)}
+
+
+def _valid_hostname(name: str) -> bool:
+    """RFC 1123 host name syntax (resolution happens per association and fails closed)."""
+    if not name or len(name) > 253:
+        return False
+    labels = name.rstrip(".").split(".")
+    return all(0 < len(lab) <= 63 and lab[0] != "-" and lab[-1] != "-"
+               and all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in lab) for lab in labels)
+
+
+def validate_node(node: NodeSettings) -> None:
+    """Checks of ``[node]`` that typing alone cannot express (ConfigError naming the key)."""
+    import ipaddress
+
+    for i, peer in enumerate(node.allowed):
+        where = f"node.allowed[{i}]"
+        ae = peer.ae_title.strip()
+        if not ae or len(ae) > 16 or any(ch in _AE_BAD or not ch.isascii() for ch in peer.ae_title):
+            raise ConfigError(f"{where}.ae_title: {peer.ae_title!r} is not a valid AE title (1-16 ASCII characters, no backslash or control characters)")
+        for j, host in enumerate(peer.hosts):
+            h = host.strip()
+            ok = False
+            try:
+                ipaddress.ip_network(h, strict=False)
+                ok = True
+            except ValueError:
+                ok = _valid_hostname(h) and not h.replace(".", "").isdigit()
+            if not ok or h != host:
+                raise ConfigError(f"{where}.hosts[{j}]: {host!r} is neither an IP address, a network (CIDR) nor a host name")
+    for key in ("max_associations", "max_instance_mb", "max_inflate_ratio"):
+        if getattr(node, key) < 1:
+            raise ConfigError(f"node.{key}: must be at least 1, got {getattr(node, key)!r}")
+    if node.max_pdu < 0 or (0 < node.max_pdu < 4096) or node.max_pdu > 64 * 1024 * 1024:
+        raise ConfigError(f"node.max_pdu: must be 0 (unlimited) or 4096..67108864, got {node.max_pdu!r}")
+    for key in ("request_timeout_s", "dimse_timeout_s", "network_timeout_s", "acse_timeout_s"):
+        if not getattr(node, key) > 0:
+            raise ConfigError(f"node.{key}: must be a positive number of seconds, got {getattr(node, key)!r}")
+    if not node.tls.handshake_timeout_s > 0:
+        raise ConfigError(f"node.tls.handshake_timeout_s: must be positive, got {node.tls.handshake_timeout_s!r}")
+

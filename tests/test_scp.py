@@ -492,13 +492,12 @@ def test_realworld_storescu_postgres(node_factory, pg_url, realworld_dir, tmp_pa
     assert n.status()["instances"] == 20
 
 
-def test_tls_mutual(node_factory, tmp_path, realworld_dir):
-    """Mutual DICOM TLS: a client with a certificate from the trusted CA succeeds; a client
-    with a certificate from another CA, or without TLS, is refused."""
+def make_pki(d: Path) -> Path:
+    """Test PKI with the openssl CLI: ``ca`` and ``rogue-ca``; leaves ``server`` and ``cart``
+    signed by ``ca``, ``rogue`` by ``rogue-ca`` (SAN IP:127.0.0.1, DNS:localhost)."""
     if not shutil.which("openssl"):  # a skip would hide untested TLS; .ci/run installs it
         pytest.fail("openssl CLI not installed (apt-get install openssl)")
-    d = tmp_path / "pki"
-    d.mkdir()
+    d.mkdir(parents=True, exist_ok=True)
 
     def ossl(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
@@ -520,10 +519,26 @@ def test_tls_mutual(node_factory, tmp_path, realworld_dir):
     leaf("server", "ca")
     leaf("cart", "ca")
     leaf("rogue", "rogue-ca")
-    n = node_factory({"node": {"tls": {"enabled": True, "cert": str(d / "server.crt"), "key": str(d / "server.key"),
-                                       "ca": str(d / "ca.crt"), "require_client_cert": True}}})
-    trusted = ["+tls", str(d / "cart.key"), str(d / "cart.crt"), "+cf", str(d / "ca.crt")]
-    untrusted = ["+tls", str(d / "rogue.key"), str(d / "rogue.crt"), "+cf", str(d / "ca.crt")]
+    return d
+
+
+def tls_node_config(d: Path, **extra) -> dict:
+    return {"node": {"tls": {"enabled": True, "cert": str(d / "server.crt"), "key": str(d / "server.key"),
+                             "ca": str(d / "ca.crt"), "require_client_cert": True, **extra}}}
+
+
+def tls_args(d: Path, who: str = "cart") -> list[str]:
+    """DCMTK options for a TLS client with ``who``'s certificate, trusting ``ca``."""
+    return ["+tls", str(d / f"{who}.key"), str(d / f"{who}.crt"), "+cf", str(d / "ca.crt")]
+
+
+def test_tls_mutual(node_factory, tmp_path, realworld_dir):
+    """Mutual DICOM TLS: a client with a certificate from the trusted CA succeeds; a client
+    with a certificate from another CA, or without TLS, is refused."""
+    d = make_pki(tmp_path / "pki")
+    n = node_factory(tls_node_config(d))
+    trusted = tls_args(d, "cart")
+    untrusted = tls_args(d, "rogue")
     n.start(echo_extra=trusted)
     assert n.echo(extra=untrusted) != 0
     assert n.echo() != 0  # plain TCP to a TLS port

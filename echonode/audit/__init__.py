@@ -144,25 +144,3 @@ def flush_at_exit() -> int:
         engine.dispose()
 
 
-def watch_tls_handshakes(server: Any, session_factory: Any) -> None:
-    """Audit failed TLS handshakes on a pynetdicom ``AssociationServer`` (a peer without a
-    trusted certificate never reaches an association event): each failure is recorded as a
-    Security Alert / Node Authentication with the TLS error as the reason, then the
-    connection is dropped exactly as before. A no-op for a server without TLS."""
-    if server is None or not getattr(server, "ssl_context", None):
-        return
-
-    def get_request():
-        sock, addr = server.socket.accept()
-        try:
-            return server.ssl_context.wrap_socket(sock, server_side=True), addr
-        except OSError as exc:  # ssl.SSLError, or a peer that went away mid-handshake
-            reason = (getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
-            record(session_factory, node_authentication_failed(str(addr[0]), f"TLS handshake failed: {reason}"))  # noqa: F405
-            try:
-                sock.close()
-            except OSError:
-                pass
-            raise
-
-    server.get_request = get_request

@@ -125,6 +125,9 @@ def run(args) -> int:
     except OSError as exc:
         LOG.error("cannot start: %s", exc)
         return 1
+    if settings.node.is_open:
+        from echonode.config import OPEN_NODE_WARNING
+        LOG.warning(OPEN_NODE_WARNING)
     LOG.info("echonode ready: AE %s port %d, data in %s", settings.node.ae_title, ctx.scp.port, settings.data_path)
     while not stop.wait(0.5):
         pass

@@ -30,6 +30,7 @@ def collect_status(settings, *, study_limit: int = 200) -> dict:
     finally:
         engine.dispose()
     out["data_dir"] = str(settings.data_path)
+    out["open_node"] = settings.node.is_open
     return out
 
 
@@ -50,6 +51,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(status, indent=None, sort_keys=True))
         return 0
+    if status.get("open_node"):
+        from echonode.config import OPEN_NODE_WARNING
+        print(OPEN_NODE_WARNING)
     print(f"patients {status['patients']}  studies {status['study_count']}  series {status['series']}  "
           f"instances {status['instances']}")
     print("jobs: " + "  ".join(f"{k} {v}" for k, v in status["jobs"].items()))

@@ -12,10 +12,15 @@ Layout::
     <data_dir>/instances/.incoming/<random>.part       (in-flight, same file system)
     <data_dir>/quarantine/<UTC timestamp>-<random>.dcm (rejected input, never DICOM-derived)
 
+Received datasets are streamed: the SCP hands each P-DATA fragment to an
+:class:`Incoming` file (file meta first, then the dataset bytes, hashed as they
+arrive), so an instance is never held whole in memory and the write overlaps the
+receive. ``Spool.store`` (bytes already in memory) goes through the same path.
+
 Statuses (PS3.4 Annex B.2.3 and GG.4): 0x0000 Success; 0xA700 Out of Resources
-(free-space floor, disk full); 0xA900 Data Set does not match SOP Class (missing or
+(free-space floor, disk full, instance above ``node.max_instance_mb``); 0xA900 Data Set does not match SOP Class (missing or
 invalid UIDs, UIDs that disagree with the command); 0xC210 Cannot understand
-(unparseable dataset); 0xC211 processing failure (I/O or database error).
+(unparseable dataset, Deflated data inflating beyond its bound); 0xC211 processing failure (I/O or database error).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import secrets
 import shutil
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +65,193 @@ IMPLEMENTATION_CLASS_UID = "2.25.195367744316419330117389218264546237731"
 IMPLEMENTATION_VERSION = ("ECHONODE_" + __version__.replace(".", ""))[:16]
 
 _CHUNK = 1 << 20
+DEFLATED = "1.2.840.10008.1.2.1.99"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+# while a dataset streams in, start writeback every this many bytes (sync_file_range,
+# asynchronous) so that the final fsync before Success has little left to write
+_EARLY_SYNC = 1 << 20
+
+
+def _load_sync_file_range():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+#: at most this many bytes are read while parsing a header (values above 4 KiB are skipped,
+#: not read): a "header" of millions of tiny elements costs ~40x its size in Python objects
+MAX_HEADER_BYTES = 2 * 1024 * 1024
+
+
+class _BoundedReader(io.RawIOBase):
+    """A read-only file whose reads stop the parse beyond ``limit`` bytes in total."""
+
+    def __init__(self, fh, limit: int):
+        self._fh, self._left = fh, limit
+        self.name = fh.name  # deferred values are read later from the file by name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise ValueError(f"dataset header above {MAX_HEADER_BYTES} bytes")
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+
+def read_header(path: Path):
+    """The dataset header (no pixel data; large values deferred), reading at most
+    :data:`MAX_HEADER_BYTES`."""
+    with open(path, "rb") as fh:
+        return dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True, defer_size=4096)
+
+
+def _mkdirs(path: Path, base: Path) -> None:
+    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask)."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while p != base and not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+class Incoming(io.BytesIO):
+    """One instance being received, written straight to a temp file under
+    ``instances/.incoming`` (same file system as its final place).
+
+    A ``BytesIO`` subclass only because pynetdicom's C-STORE primitive expects one for
+    its DataSet; nothing is kept in memory: ``write`` appends to the file and the
+    sha256. Beyond ``max_bytes`` the rest is counted and dropped (answered 0xA700).
+    ``uid_error``: the command's UIDs cannot name a file; the dataset is still taken
+    (for quarantine) but without file meta.
+    """
+
+    def __init__(self, directory: Path, meta: bytes, max_bytes: int, *, uid_error: str = "",
+                 early_sync: Optional[Callable[[int], None]] = None):
+        super().__init__()
+        self.path = directory / f"{secrets.token_hex(12)}.part"
+        self.meta_len = len(meta)
+        self.uid_error = uid_error
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.overflow = False
+        self.finished = False
+        self.write_error: Optional[OSError] = None
+        self._sha = hashlib.sha256()
+        self._early_sync = early_sync
+        self._next_sync = _EARLY_SYNC
+        self.fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            self.write(meta)
+        except BaseException:
+            self.abandon()
+            raise
+
+    # -- the file-like part pynetdicom uses
+    def write(self, data) -> int:  # type: ignore[override]
+        n = len(data)
+        if self.fd is None or self.overflow:
+            self.size += n
+            return n
+        if self.size + n > self.max_bytes:
+            self.overflow = True
+            self.size += n
+            os.ftruncate(self.fd, 0)  # nothing of it will be kept: free the disk now
+            return n
+        view = memoryview(data)
+        self._sha.update(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:  # disk full, I/O error: answered when the dataset is complete
+            self.write_error = exc
+            os.close(self.fd)
+            self.fd = None
+            self.size += n
+            return n
+        self.size += n
+        if self._early_sync is not None and self.size >= self._next_sync:
+            self._next_sync = self.size + _EARLY_SYNC
+            if _SYNC_FILE_RANGE is not None:  # start writeback of everything so far; returns at once
+                _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            else:
+                self._early_sync(self.fd)
+        return n
+
+    def getvalue(self) -> bytes:  # never the data: it is on disk
+        return b""
+
+    def getbuffer(self):
+        return memoryview(b"")
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def release_fd(self) -> int:
+        fd, self.fd = self.fd, None
+        self.finished = True
+        return fd  # type: ignore[return-value]
+
+    def abandon(self) -> None:
+        """Association ended before the dataset was stored: drop the partial file."""
+        self.finished = True
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -105,6 +298,15 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     return buf.getvalue()
+
+
+def _explicit_meta(meta: bytes) -> bytes:
+    """The same file meta with Explicit VR Little Endian as its transfer syntax (for the
+    inflated copy that is parsed; the stored file keeps the Deflated one)."""
+    from pydicom import dcmread as _read
+
+    fm = _read(io.BytesIO(meta), stop_before_pixels=True).file_meta
+    return file_meta_bytes(str(fm.MediaStorageSOPClassUID), str(fm.MediaStorageSOPInstanceUID), EXPLICIT_LE)
 
 
 def _text(ds: Any, keyword: str, limit: int = 64) -> Optional[str]:
@@ -202,8 +404,11 @@ class Spool:
         # temp fsync → rename → dir fsync → SQL COMMIT is kept (see _commit)
         self._io = ThreadPoolExecutor(max_workers=max(4, 2 * int(settings.node.max_associations)),
                                       thread_name_prefix="spool-fsync")
+        self.max_instance = int(settings.node.max_instance_mb) * 1024 * 1024
+        self.max_ratio = int(settings.node.max_inflate_ratio)
         for d in (self.storage, self.incoming, self.quarantine_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(d, DIR_MODE)  # also tightens directories made by older versions
         self._clean_incoming()
 
     def close(self) -> None:
@@ -232,12 +437,12 @@ class Spool:
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
         target = self.quarantine_dir / f"{name}.dcm"
         try:
-            with open(target, "wb") as fh:
+            with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
                 fh.write(meta)
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            (self.quarantine_dir / f"{name}.txt").write_text(reason + "\n", encoding="utf-8")
+            _write_private(self.quarantine_dir / f"{name}.txt", reason + "\n")
             return target
         except OSError as exc:
             LOG.error("could not write quarantine copy: %s", exc)
@@ -250,74 +455,147 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _write_temp(self, meta: bytes, data) -> tuple[Path, str, int, Future]:
-        """Write meta + data to a new temp file; its fsync runs in the background (a Future)."""
-        tmp = self.incoming / f"{secrets.token_hex(12)}.part"
-        h = hashlib.sha256()
-        h.update(meta)
-        h.update(data)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(meta)
-            while view:
-                view = view[os.write(fd, view):]
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view[:64 * _CHUNK])
-                view = view[n:]
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp, h.hexdigest(), len(meta) + len(data), self._io.submit(self._fsync_close, fd)
+    def _early_sync(self, fd: int) -> None:
+        # start writeback of what has arrived so far while the rest is still on the wire
+        # (on a duplicate descriptor: the Incoming may close its own before this runs)
+        dup = os.dup(fd)
 
-    # ------------------------------------------------------------------ main entry
-    def store(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-              data, calling_ae: str = "", peer: str = "") -> StoreResult:
-        """Store one received dataset (``data``: the encoded dataset bytes, no file meta)."""
+        def sync() -> None:
+            try:
+                os.fdatasync(dup)
+            finally:
+                os.close(dup)
+
+        self._io.submit(sync)
+
+    def begin(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> Incoming:
+        """A new :class:`Incoming` for a C-STORE whose command set just arrived."""
         try:
             check_uid(str(sop_class_uid).strip(), "Affected SOP Class UID", strict=False)
             sop_instance_uid = check_uid(str(sop_instance_uid).strip(), "Affected SOP Instance UID", strict=False)
             check_uid(str(transfer_syntax_uid).strip(), "Transfer Syntax UID", strict=False)
-        except UIDError as exc:
-            return self._reject(DATASET_MISMATCH, str(exc), b"", data)
-        if not self.has_space():
-            reason = f"free space below node.min_free_mb={self.settings.node.min_free_mb}"
-            LOG.error("refusing instance: %s", reason)
-            return StoreResult(OUT_OF_RESOURCES, reason, sop_instance_uid)
+            meta = file_meta_bytes(str(sop_class_uid).strip(), sop_instance_uid, str(transfer_syntax_uid).strip())
+            err = ""
+        except (UIDError, ValueError, TypeError) as exc:
+            meta, err = b"", str(exc)[:200]
+        return Incoming(self.incoming, meta, self.max_instance, uid_error=err, early_sync=self._early_sync)
 
-        if not is_valid_uid(sop_instance_uid, strict=True):
-            LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
-        meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+    # ------------------------------------------------------------------ main entry
+    def store(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+              data, calling_ae: str = "", peer: str = "") -> StoreResult:
+        """Store one dataset already in memory (``data``: encoded dataset, no file meta)."""
         try:
-            tmp, sha, size, synced = self._write_temp(meta, data)
+            inc = self.begin(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         except OSError as exc:
-            status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
-            LOG.error("could not write instance: %s", exc.strerror or exc)
-            return StoreResult(status, f"write failed: {exc.strerror or exc}", sop_instance_uid)
-
+            return self._write_failed(exc, str(sop_instance_uid))
         try:
+            view = memoryview(data)
+            for i in range(0, len(view), 64 * _CHUNK):
+                inc.write(view[i:i + 64 * _CHUNK])
+        except OSError as exc:
+            inc.abandon()
+            return self._write_failed(exc, str(sop_instance_uid))
+        return self.store_incoming(inc, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                                   transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae, peer=peer)
+
+    def _write_failed(self, exc: OSError, sop: str) -> StoreResult:
+        status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
+        LOG.error("could not write instance: %s", exc.strerror or exc)
+        return StoreResult(status, f"write failed: {exc.strerror or exc}", sop)
+
+    def _inflated_copy(self, tmp: Path, meta_len: int, size: int) -> Path:
+        """Deflated input: inflate into a second temp file (Explicit VR LE meta) with a
+        bound on the inflated size, so parsing never holds the inflated dataset in memory.
+        Raises ValueError beyond min(max_inflate_ratio x compressed, max_instance_mb)."""
+        limit = min(self.max_instance, self.max_ratio * max(size - meta_len, 1))
+        out = self.incoming / f"{secrets.token_hex(12)}.part"
+        d = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        with open(tmp, "rb") as src:
+            meta = src.read(meta_len)
+            with os.fdopen(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as dst:
+                try:
+                    dst.write(_explicit_meta(meta))
+                    while True:
+                        chunk = src.read(_CHUNK)
+                        if not chunk:
+                            break
+                        while chunk:
+                            piece = d.decompress(chunk, _CHUNK)
+                            total += len(piece)
+                            if total > limit:
+                                raise ValueError(f"Deflated dataset inflates beyond {limit} bytes "
+                                                 f"(node.max_inflate_ratio={self.max_ratio}, node.max_instance_mb)")
+                            dst.write(piece)
+                            chunk = d.unconsumed_tail
+                    rest = d.flush()
+                    total += len(rest)
+                    if total > limit:
+                        raise ValueError(f"Deflated dataset inflates beyond {limit} bytes")
+                    dst.write(rest)
+                except BaseException:
+                    dst.close()
+                    out.unlink(missing_ok=True)
+                    raise
+        return out
+
+    def store_incoming(self, inc: Incoming, *, sop_class_uid: str, sop_instance_uid: str,
+                       transfer_syntax_uid: str, calling_ae: str = "", peer: str = "") -> StoreResult:
+        """Store a fully received :class:`Incoming` (its fd is closed here, whatever happens)."""
+        tmp = inc.path
+        sop_instance_uid = str(sop_instance_uid).strip()
+        fd = inc.release_fd()
+        if inc.write_error is not None:
+            tmp.unlink(missing_ok=True)
+            return self._write_failed(inc.write_error, sop_instance_uid)
+        if fd is None:
+            tmp.unlink(missing_ok=True)
+            return StoreResult(PROCESSING_FAILURE, "incoming file already closed", sop_instance_uid)
+        synced: Future = self._io.submit(self._fsync_close, fd)
+        try:
+            if inc.uid_error:
+                _wait_quietly(synced)
+                return self._reject(DATASET_MISMATCH, inc.uid_error, b"", b"", tmp)
+            if inc.overflow:
+                reason = f"instance of {inc.size} bytes above node.max_instance_mb={self.settings.node.max_instance_mb}"
+                LOG.error("refusing instance: %s", reason)
+                return StoreResult(OUT_OF_RESOURCES, reason, sop_instance_uid)
+            if not self.has_space():
+                reason = f"free space below node.min_free_mb={self.settings.node.min_free_mb}"
+                LOG.error("refusing instance: %s", reason)
+                return StoreResult(OUT_OF_RESOURCES, reason, sop_instance_uid)
+            if not is_valid_uid(sop_instance_uid, strict=True):
+                LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
+            sha, size = inc.sha256, inc.size
+            parse_path, inflated = tmp, None
             # ---- parse the stored bytes (header only) and validate
             try:
-                ds = dcmread(tmp, stop_before_pixels=True, defer_size=4096)
-                study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
-                series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
-                ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
-                ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID", strict=False)
-                if ds_sop != sop_instance_uid:
-                    raise UIDError("SOP Instance UID in the dataset differs from the C-STORE request")
-                if ds_class != str(sop_class_uid).strip():
-                    raise UIDError("SOP Class UID in the dataset differs from the C-STORE request")
-                attrs = index_attributes(ds)
-                decision = selection.decide(ds, self.settings.select)
+                if str(transfer_syntax_uid).strip() == DEFLATED:
+                    _wait_quietly(synced)
+                    inflated = parse_path = self._inflated_copy(tmp, inc.meta_len, size)
+                try:
+                    ds = read_header(parse_path)
+                    study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
+                    series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
+                    ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
+                    ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID", strict=False)
+                    if ds_sop != sop_instance_uid:
+                        raise UIDError("SOP Instance UID in the dataset differs from the C-STORE request")
+                    if ds_class != str(sop_class_uid).strip():
+                        raise UIDError("SOP Class UID in the dataset differs from the C-STORE request")
+                    attrs = index_attributes(ds)
+                    decision = selection.decide(ds, self.settings.select)
+                finally:
+                    if inflated is not None:
+                        inflated.unlink(missing_ok=True)
             except UIDError as exc:
                 _wait_quietly(synced)
-                return self._reject(DATASET_MISMATCH, str(exc), meta, data, tmp)
+                return self._reject(DATASET_MISMATCH, str(exc), b"", b"", tmp)
             except Exception as exc:  # pydicom raises many types on malformed input
                 _wait_quietly(synced)
                 return self._reject(CANNOT_UNDERSTAND,
                                     f"dataset cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}",
-                                    meta, data, tmp)
+                                    b"", b"", tmp)
 
             rel = self.relpath(study_uid, series_uid, sop_instance_uid)
             lock = self._locks[hash(sop_instance_uid) % len(self._locks)]
@@ -325,6 +603,8 @@ class Spool:
                 return self._commit(tmp, synced, rel, sha, size, attrs, decision, study_uid, series_uid,
                                     sop_instance_uid, str(sop_class_uid).strip(),
                                     str(transfer_syntax_uid).strip(), calling_ae)
+        except OSError as exc:
+            return self._write_failed(exc, sop_instance_uid)
         finally:
             _wait_quietly(synced)
             tmp.unlink(missing_ok=True)
@@ -336,7 +616,7 @@ class Spool:
             q = self.quarantine_dir / f"{name}.dcm"
             try:
                 os.replace(tmp, q)
-                (self.quarantine_dir / f"{name}.txt").write_text(reason + "\n", encoding="utf-8")
+                _write_private(self.quarantine_dir / f"{name}.txt", reason + "\n")
             except OSError:
                 q = None
         else:
@@ -361,7 +641,7 @@ class Spool:
             # A committed row therefore never points at a file that is not durably in place.
             synced.result()
             if tmp.exists():
-                final.parent.mkdir(parents=True, exist_ok=True)
+                _mkdirs(final.parent, self.storage)
                 os.replace(tmp, final)
                 dir_synced.append(self._io.submit(_fsync_dir, final.parent))
             return wait_dir

@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Fuzz the receive path: echonode vs DCMTK storescp, same cases, same run.
+
+Half of the ``--n`` cases are mutated datasets of the real clips (byte flips, truncation,
+huge or odd length fields, inserted garbage, removed chunks), sent as C-STORE with the
+bytes exactly as mutated; the other half are mutated PDUs on raw sockets (unknown PDU
+types, lengths claiming up to 4 GiB, A-ASSOCIATE-RQ with mutated items, truncated
+streams, P-DATA with broken PDVs inside an association). Every case gets the same bytes
+at both receivers.
+
+A dataset whose SOP class / transfer syntax a receiver did not accept at negotiation
+(storescp knows fewer) counts as *not_negotiated* for it. A case is *answered* (a DIMSE response, an A-ASSOCIATE-AC/RJ) or *aborted* (A-ABORT, or
+the connection closed) within ``--case-timeout`` seconds (default 5), else it counts as
+*unanswered*. ``bad_success``: Success for a dataset whose header pydicom cannot parse
+(it must never happen). At the end: peak RSS (VmHWM) and whether the receiver still
+answers a C-ECHO (``alive``). One JSON line per receiver and a summary.
+
+    python3 bench/fuzz.py [--n 10000] [--clips DIR] [--seed 1] [--max-mb 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
+VERIFICATION = "1.2.840.10008.1.1"
+APP_CONTEXT = "1.2.840.10008.3.1.1.1"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+def default_clips() -> Path:
+    local = ROOT / "tests" / "data" / "realworld"
+    return local if local.is_dir() else (ROOT.parent / "shared" / "data" / "realworld")
+
+
+def dcmtk(tool: str) -> str:
+    for cand in (f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
+        if os.access(cand, os.X_OK):
+            return cand
+    raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vm_hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def echo_ok(port: int, aet: str) -> bool:
+    return subprocess.run([dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aec", aet, "127.0.0.1", str(port)],
+                          capture_output=True, timeout=30).returncode == 0
+
+
+# --------------------------------------------------------------------------- receivers
+
+class Receiver:
+    def __init__(self, name: str, aet: str, work: Path):
+        self.name, self.aet, self.work = name, aet, work
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.peak_mb = 0.0
+
+    def cmd(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return dict(os.environ)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd(), cwd=str(ROOT), env=self.env(), stdout=subprocess.DEVNULL,
+                                     stderr=open(self.work / f"{self.name}.log", "ab"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited at start ({self.proc.returncode})")
+            if echo_ok(self.port, self.aet):
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} did not answer C-ECHO")
+
+    def ensure_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.restarts += 1
+            self.start()
+
+    def sample(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.peak_mb = max(self.peak_mb, vm_hwm_mb(self.proc.pid))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class StoreSCP(Receiver):
+    def cmd(self) -> list[str]:
+        out = self.work / "storescp-out"
+        out.mkdir(exist_ok=True)
+        # +xa: accept every transfer syntax it knows (the mutated clips use many)
+        return [dcmtk("storescp"), "+xa", "-aet", self.aet, "-od", str(out), str(self.port)]
+
+
+class EchoNode(Receiver):
+    def cmd(self) -> list[str]:
+        cfg = self.work / "echonode.toml"
+        data = self.work / "echonode-data"
+        cfg.write_text("\n".join([
+            f'data_dir = "{data}"', 'log_level = "WARNING"',
+            "[node]", f"port = {self.port}", 'host = "127.0.0.1"', "min_free_mb = 1", "require_called_ae = false",
+            "[stable]", "delay_s = 3600.0", "[queue]", "embedded_worker = false", "[metrics]", "enabled = false"]) + "\n")
+        return [sys.executable, "-m", "echonode", "serve", "--config", str(cfg), "--drain", "2"]
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+
+# --------------------------------------------------------------------------- cases
+
+def _mutate(body: bytes, rng: random.Random) -> bytes:
+    b = bytearray(body)
+    kind = rng.randrange(5)
+    if kind == 0:
+        for _ in range(rng.randint(1, 20)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    elif kind == 1:
+        b = b[: rng.randrange(1, len(b))]
+    elif kind == 2:
+        p = rng.randrange(0, max(1, min(len(b) - 4, 4096)))
+        b[p:p + 4] = rng.choice([b"\xff\xff\xff\xff", b"\xf0\xff\xff\x7f", b"\x01\x00\x00\x00", b"\xff\xff\x00\x00"])
+    elif kind == 3:
+        p = rng.randrange(len(b))
+        b[p:p] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    else:
+        p = rng.randrange(len(b))
+        del b[p:p + rng.randint(1, 256)]
+    return bytes(b)
+
+
+def header_parses(path: Path) -> bool:
+    """pydicom can read the header and the four identifying UIDs (the node's minimum)."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=4096)
+        return all(str(ds.get(k, "") or "").strip() for k in
+                   ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"))
+    except Exception:
+        return False
+
+
+def _uid_item(item_type: int, uid: str) -> bytes:
+    v = uid.encode()
+    return struct.pack(">BBH", item_type, 0, len(v)) + v
+
+
+def associate_rq(called: str = "ECHONODE", calling: str = "FUZZ", contexts=((1, VERIFICATION),),
+                 max_pdu: int = 16384) -> bytes:
+    items = _uid_item(0x10, APP_CONTEXT)
+    for cid, abstract in contexts:
+        sub = _uid_item(0x30, abstract) + _uid_item(0x40, IMPLICIT_LE) + _uid_item(0x40, EXPLICIT_LE)
+        items += struct.pack(">BBHBBBB", 0x20, 0, 4 + len(sub), cid, 0, 0, 0) + sub
+    ui = struct.pack(">BBHL", 0x51, 0, 4, max_pdu) + _uid_item(0x52, "1.2.826.0.1.3680043.9.9999")
+    items += struct.pack(">BBH", 0x50, 0, len(ui)) + ui
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32 + items
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def echo_pdata(cid: int = 1) -> bytes:
+    """A P-DATA-TF carrying a C-ECHO-RQ command (Implicit VR LE)."""
+    def el(group, elem, value: bytes) -> bytes:
+        return struct.pack("<HHL", group, elem, len(value)) + value
+    uid = VERIFICATION.encode() + (b"\x00" if len(VERIFICATION) % 2 else b"")
+    rest = el(0, 2, uid) + el(0, 0x100, struct.pack("<H", 0x30)) + el(0, 0x110, struct.pack("<H", 1)) \
+        + el(0, 0x800, struct.pack("<H", 0x0101))
+    cmd = el(0, 0, struct.pack("<L", len(rest))) + rest
+    pdv = struct.pack(">LBB", len(cmd) + 2, cid, 0x03) + cmd
+    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+
+
+def pdu_case(rng: random.Random) -> tuple[str, list[bytes], bool]:
+    """(kind, chunks to send, associate first). Sending ends with a half-close (EOF)."""
+    kind = rng.randrange(6)
+    rq = associate_rq()
+    if kind == 0:
+        t = rng.choice([0x00, 0x08, 0x10, 0x41, 0xFF])
+        return "unknown-type", [struct.pack(">BBL", t, 0, rng.randrange(0, 64)) + b"\x00" * 8], False
+    if kind == 1:
+        return "huge-length", [struct.pack(">BBL", rng.choice([1, 4, 5, 6, 7]), 0,
+                                           rng.choice([1 << 30, (1 << 32) - 1, 1 << 24, 10 << 20]))], False
+    if kind == 2:
+        return "mutated-rq", [_mutate(rq[:6], rng)[:6] + _mutate(rq[6:], rng)
+                              if rng.random() < 0.3 else rq[:6] + _mutate(rq[6:], rng)], False
+    if kind == 3:
+        return "truncated-rq", [rq[: rng.randrange(1, len(rq))]], False
+    pd = echo_pdata()
+    if kind == 4:
+        return "mutated-pdata", [rq, pd[:6] + _mutate(pd[6:], rng)], True
+    return "pdata-length", [rq, struct.pack(">BBL", 0x04, 0, rng.choice([1 << 30, 0, 3, len(pd) + 100])) + pd[6:]], True
+
+
+def run_pdu_case(port: int, chunks: list[bytes], assoc_first: bool, timeout: float) -> str:
+    """'answered', 'aborted' or 'unanswered' (nothing, connection still open after timeout)."""
+    t_end = time.monotonic() + timeout
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError:
+        return "refused"
+    try:
+        s.settimeout(max(0.01, t_end - time.monotonic()))
+        if assoc_first:
+            s.sendall(chunks[0])
+            head = _recv_exact(s, 6)
+            if len(head) < 6 or head[0] != 0x02:
+                return "aborted" if not head or head[0] in (0x03, 0x07) else "answered"
+            _recv_exact(s, struct.unpack(">L", head[2:])[0])
+            chunks = chunks[1:]
+        for c in chunks:
+            s.sendall(c)
+        head = b""
+        # give the receiver time to answer before the stream ends (an EOF right after a
+        # complete request may otherwise close the connection before the answer is out)
+        s.settimeout(max(0.01, min(1.0, (t_end - time.monotonic()) / 2)))
+        try:
+            head = _recv_exact(s, 6) or b"\x07"  # closed without a word: aborted
+        except socket.timeout:
+            head = b""
+        if not head:
+            try:
+                s.shutdown(socket.SHUT_WR)  # a truncated stream ends: the peer sees EOF
+            except OSError:
+                pass
+            s.settimeout(max(0.01, t_end - time.monotonic()))
+            head = _recv_exact(s, 6)
+        if not head:
+            return "aborted"
+        if head[0] == 0x07:
+            return "aborted"
+        return "answered"
+    except socket.timeout:
+        return "unanswered"
+    except (ConnectionResetError, BrokenPipeError):
+        return "aborted"
+    finally:
+        s.close()
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+class DatasetSender:
+    """C-STORE of files exactly as they are (pynetdicom chunked send); one association
+    reused until it breaks."""
+
+    def __init__(self, port: int, aet: str, contexts: set[tuple[str, str]], timeout: float):
+        from pynetdicom import AE, _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self.port, self.aet = port, aet
+        self.ae = AE(ae_title="FUZZSCU")
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = timeout
+        for sop, ts in sorted(contexts)[:128]:
+            self.ae.add_requested_context(sop, ts)
+        self.assoc = None
+
+    def send(self, path: Path, sop: str, ts: str) -> str | int:
+        if self.assoc is None or not self.assoc.is_established:
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title=self.aet)
+            if not self.assoc.is_established:
+                self.assoc = None
+                return "refused"
+        if not any(str(cx.abstract_syntax) == sop and str(cx.transfer_syntax[0]) == ts
+                   for cx in self.assoc.accepted_contexts):
+            return "not_negotiated"  # the receiver does not take this SOP class / transfer syntax
+        try:
+            st = self.assoc.send_c_store(path)
+        except Exception:
+            st = None
+        if st is not None and "Status" in st:
+            return int(st.Status)
+        self.assoc = None
+        return "aborted"
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            try:
+                self.assoc.release()
+            except Exception:
+                pass
+        self.ae.shutdown()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--clips", default=str(default_clips()))
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max-mb", type=float, default=1.0, help="use real files up to this size")
+    ap.add_argument("--case-timeout", type=float, default=5.0)
+    ap.add_argument("--workdir", default="")
+    args = ap.parse_args()
+
+    from pynetdicom.dsutils import split_dataset
+
+    clips = Path(args.clips)
+    files = sorted(p for p in clips.rglob("*.dcm") if p.stat().st_size <= args.max_mb * 1e6)
+    if not files:
+        raise SystemExit(f"no DICOM files under {clips}")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-fuzz-"))
+    work.mkdir(parents=True, exist_ok=True)
+    srcs = []
+    contexts: set[tuple[str, str]] = set()
+    for f in files:
+        try:
+            meta, off = split_dataset(f)
+            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+            srcs.append((f.read_bytes(), off, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        except Exception:
+            continue
+    rng = random.Random(args.seed)
+    receivers = [EchoNode("echonode", "ECHONODE", work), StoreSCP("storescp", "STORESCP", work)]
+    stats = {r.name: {"cases": 0, "answered": 0, "aborted": 0, "unanswered": 0, "refused": 0, "success": 0,
+                      "bad_success": 0, "not_negotiated": 0,
+                      "slowest_s": 0.0, "by_kind": {}} for r in receivers}
+    kinds: dict[str, int] = {}
+    case_file = work / "case.dcm"
+    t_start = time.monotonic()
+    try:
+        for r in receivers:
+            r.start()
+        senders = {r.name: DatasetSender(r.port, r.aet, contexts, args.case_timeout) for r in receivers}
+        for i in range(args.n):
+            if i % 2 == 0:
+                blob, off, sop, ts = srcs[rng.randrange(len(srcs))]
+                case_file.write_bytes(blob[:off] + _mutate(blob[off:], rng))
+                parses = header_parses(case_file)
+                kinds["dataset"] = kinds.get("dataset", 0) + 1
+                for r in receivers:
+                    r.ensure_alive()
+                    t0 = time.monotonic()
+                    out = senders[r.name].send(case_file, sop, ts)
+                    dt = time.monotonic() - t0
+                    st = stats[r.name]
+                    st["cases"] += 1
+                    st["slowest_s"] = max(st["slowest_s"], round(dt, 3))
+                    if isinstance(out, int):
+                        st["answered" if dt <= args.case_timeout else "unanswered"] += 1
+                        if out == 0:
+                            st["success"] += 1
+                            if not parses:
+                                st["bad_success"] += 1
+                    elif out == "not_negotiated":
+                        st["not_negotiated"] += 1
+                    else:
+                        st[out if dt <= args.case_timeout else "unanswered"] += 1
+                        if out != "refused":
+                            senders[r.name].close()
+                            senders[r.name] = DatasetSender(r.port, r.aet, contexts, args.case_timeout)
+            else:
+                kind, chunks, assoc_first = pdu_case(rng)
+                kinds[kind] = kinds.get(kind, 0) + 1
+                for r in receivers:
+                    r.ensure_alive()
+                    if assoc_first:  # called AE must match each receiver
+                        chunks = [associate_rq(called=r.aet)] + chunks[1:]
+                    t0 = time.monotonic()
+                    out = run_pdu_case(r.port, chunks, assoc_first, args.case_timeout)
+                    st = stats[r.name]
+                    st["cases"] += 1
+                    st["slowest_s"] = max(st["slowest_s"], round(time.monotonic() - t0, 3))
+                    st[out] += 1
+                    bk = st["by_kind"].setdefault(kind, {})
+                    bk[out] = bk.get(out, 0) + 1
+            if i % 50 == 0:
+                for r in receivers:
+                    r.sample()
+                print(f"fuzz: {i}/{args.n} cases, {time.monotonic() - t_start:.0f} s", file=sys.stderr, flush=True)
+        for s in senders.values():
+            s.close()
+        for r in receivers:
+            r.sample()
+            alive = r.proc is not None and r.proc.poll() is None and echo_ok(r.port, r.aet)
+            st = stats[r.name]
+            st.update({"peak_rss_mb": r.peak_mb, "alive": alive, "restarts": r.restarts,
+                       "all_within_timeout": st["unanswered"] == 0 and st["refused"] == 0})
+            print(json.dumps({"bench": "fuzz", "receiver": r.name, **st}), flush=True)
+        print(json.dumps({"bench": "fuzz", "summary": True, "n": args.n, "seed": args.seed,
+                          "clips": len(srcs), "case_timeout_s": args.case_timeout, "kinds": kinds,
+                          "seconds": round(time.monotonic() - t_start, 1),
+                          "echonode_ok": stats["echonode"]["bad_success"] == 0
+                          and stats["echonode"]["all_within_timeout"] and stats["echonode"]["alive"]}), flush=True)
+    finally:
+        for r in receivers:
+            r.stop()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
