@@ -291,11 +291,11 @@ def config_sha256(path: Optional[os.PathLike | str]) -> str:
 def configuration_loaded(settings: Any, path: Optional[os.PathLike | str] = None) -> Event:
     """The configuration in force: the file's sha256 and the sha256 of the effective settings
     (file + environment), so a change by either is visible."""
+    import dataclasses
     import json
-    from echonode.config import settings_as_dict
 
     path = path or os.environ.get("ECHONODE_CONFIG") or ""
-    effective = hashlib.sha256(json.dumps(settings_as_dict(settings), sort_keys=True, default=str)
+    effective = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
                                .encode("utf-8")).hexdigest()
     file_sha = config_sha256(path)
     uri = Path(path).resolve().as_uri() if path else "builtin-defaults"
