@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "echonode.commands.train",     # train, eval, calibrate
     "echonode.commands.outbox",    # outbox
     "echonode.commands.demo",      # demo
+    "echonode.commands.priors",    # priors backfill
 )
 
 

@@ -232,6 +232,9 @@ def _transfer_syntaxes(path: str) -> list[str]:
 def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow], session,
                 summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
                 commitment_handler=None) -> None:
+    if dest.kind == "dicomweb":  # STOW-RS, same outbox transitions (echonode.dicom.web)
+        from echonode.dicom import web
+        return web.stow_rows(settings, dest, rows, session, summary, now_fn)
     from pynetdicom import evt
 
     d = settings.delivery

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from echonode.store.base import Base
 
-for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.results"):
+for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.results", "echonode.store.priors"):
     try:
         importlib.import_module(_mod)
     except ModuleNotFoundError as _exc:  # a table module not written yet
