@@ -226,6 +226,10 @@ class PriorSource:
     password: str = ""
     ca_file: str = ""
     timeout_s: float = 30.0  # one network operation (association, response, HTTP read)
+    # Send IssuerOfPatientID as a matching key (true), or only ask for it back and let the
+    # node drop other issuers' studies (false: for a PACS that ignores or mishandles the key).
+    # The node checks the issuer of every answer and every retrieved header either way.
+    match_issuer_at_pacs: bool = True
 
     def __post_init__(self) -> None:
         where = f"priors.sources[name={self.name!r}]"

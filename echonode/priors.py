@@ -154,7 +154,9 @@ def _find_studies(settings: Settings, src: PriorSource, *, patient_id: str, issu
     out: list[dict] = []
     if src.kind == "dimse":
         from echonode.dicom import qr
-        res = qr.c_find(_dimse_peer(settings, src), qr.study_query(patient_id, issuer, before=before, since=since),
+        res = qr.c_find(_dimse_peer(settings, src),
+                        qr.study_query(patient_id, issuer if src.match_issuer_at_pacs else "", before=before,
+                                       since=since),
                         max_results=limit, deadline=deadline, cancel=cancel)
         if res.partial:
             statements.append(f"{src.name}: partial study list ({res.reason})")
@@ -171,7 +173,7 @@ def _find_studies(settings: Settings, src: PriorSource, *, patient_id: str, issu
         params = {"ModalitiesInStudy": "US", "includefield": "00100021,00080061"}
         if patient_id:
             params["PatientID"] = patient_id
-        if issuer:
+        if issuer and src.match_issuer_at_pacs:
             params["IssuerOfPatientID"] = issuer
         if before:
             day = dt.datetime.strptime(before, "%Y%m%d").date() - dt.timedelta(days=1)

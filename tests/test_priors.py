@@ -1,0 +1,359 @@
+"""Priors from a real Orthanc: C-FIND + C-GET / C-MOVE, QIDO-RS + WADO-RS, issuer check,
+C-MOVE refused, backfill killed with kill -9, STOW-RS delivery (issue 17)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.fixtures.orthanc import OrthancServer, _free_port
+from tests.fixtures.pipeline import phantom_study, uid
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+ISSUER = "HOSP-A"
+PID = "PRI0001"
+NODE_AE = "ECHONODE"
+
+
+def _pacs(tmp_path, scp_port: int, *, allow_move: bool = True) -> OrthancServer:
+    if not Path(DICOMWEB_PLUGIN).exists():
+        pytest.fail(f"Orthanc DICOMweb plugin not found at {DICOMWEB_PLUGIN} (Debian package orthanc-dicomweb)")
+    server = OrthancServer(tmp_path / "pacs", extra_config={
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+        "DicomModalities": {"echonode": {"AET": NODE_AE, "Host": "127.0.0.1", "Port": scp_port,
+                                         "AllowEcho": True, "AllowFind": True, "AllowGet": True,
+                                         "AllowMove": allow_move, "AllowStore": True}},
+        "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False, "DicomAlwaysAllowMove": False,
+    })
+    return server.start()
+
+
+def _upload(pacs: OrthancServer, files, issuer: str) -> None:
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.IssuerOfPatientID = issuer
+        ds.save_as(f, enforce_file_format=True)
+        pacs.post("/instances", Path(f).read_bytes())
+
+
+def _settings(tmp_path, tiny_bundle, tiny_bundle_r, sources, **priors):
+    from echonode.config import load_settings
+
+    return load_settings(env={}, overrides={
+        "data_dir": str(tmp_path / "node"),
+        "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": 0},
+        "model": {"clip_model": str(tiny_bundle.path), "r_model": str(tiny_bundle_r.path), "frames": 4},
+        "priors": {"enabled": True, "sources": sources, "timeout_s": 60, **priors},
+    })
+
+
+def _sessions(settings):
+    from echonode.store import db
+    db.migrate(settings.db_url)
+    return db.session_factory(db.get_engine(settings.db_url))
+
+
+@pytest.fixture(scope="module")
+def interpreter_for():
+    cache = {}
+
+    def get(settings):
+        from echonode.priors import load_interpreter
+        key = (settings.model.clip_model, settings.model.r_model)
+        if key not in cache:
+            cache[key] = load_interpreter(settings)
+        return cache[key]
+    return get
+
+
+def _instances(world, study_uid):
+    from types import SimpleNamespace
+    return [SimpleNamespace(sop_instance_uid=i["SOPInstanceUID"]) for i in world["pacs"].study_instances(study_uid)]
+
+
+def _embeddings(sessions, study_uid):
+    from sqlalchemy import select
+
+    from echonode.store.results import StudyEmbedding
+    with sessions() as s:
+        return s.execute(select(StudyEmbedding).where(StudyEmbedding.study_instance_uid == study_uid)).scalars().all()
+
+
+@pytest.fixture
+def world(tmp_path, tiny_bundle, tiny_bundle_r):
+    """Orthanc (DIMSE Q/R + DICOMweb) holding a patient's earlier study (issuer HOSP-A), an
+    earlier study of the same PatientID under another issuer, and the node's SCP."""
+    from echonode.dicom.scp import EchoSCP
+    from echonode.dicom.spool import Spool
+
+    scp_port = _free_port()
+    pacs = _pacs(tmp_path, scp_port)
+    prior_uid, files = phantom_study(tmp_path / "ph", patient_id=PID, study_date="20240105", seed=11, n_clips=2,
+                                     n_frames=8, size=96, label="prior")
+    _upload(pacs, files, ISSUER)
+    other_uid, ofiles = phantom_study(tmp_path / "ph", patient_id=PID, study_date="20240301", seed=12, n_clips=1,
+                                      n_frames=8, size=96, label="other-issuer")
+    _upload(pacs, ofiles, "HOSP-B")
+    later_uid, lfiles = phantom_study(tmp_path / "ph", patient_id=PID, study_date="20250601", seed=13, n_clips=1,
+                                      n_frames=8, size=96, label="later")
+    _upload(pacs, lfiles, ISSUER)
+    sources = [{"name": "pacs-get", "kind": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                "port": pacs.dicom_port, "retrieve": "get", "timeout_s": 20}]
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r, sources)
+    settings = settings.replace(node=dataclasses.replace(settings.node, port=scp_port))
+    sessions = _sessions(settings)
+    scp = EchoSCP(settings, Spool(settings, sessions))
+    scp.start()
+    try:
+        yield dict(pacs=pacs, settings=settings, sessions=sessions, prior=prior_uid, other=other_uid,
+                   later=later_uid, tmp=tmp_path, scp_port=scp_port)
+    finally:
+        scp.stop(drain_s=1)
+        pacs.stop()
+
+
+def _with_source(settings, **changes):
+    import dataclasses
+    src = dataclasses.replace(settings.priors.sources[0], **changes)
+    return settings.replace(priors=dataclasses.replace(settings.priors, sources=(src,)))
+
+
+def _run(settings, sessions, interpreter, current_uid="2.25.999", study_date="20250101"):
+    from echonode.priors import fetch_and_embed_priors
+    return fetch_and_embed_priors(settings, sessions, interpreter, study_uid=current_uid, patient_id=PID,
+                                  issuer=ISSUER, study_date=study_date)
+
+
+@pytest.mark.parametrize("retrieve,match_at_pacs", [("get", True), ("move", False)])
+def test_prior_found_retrieved_embedded_once(world, interpreter_for, retrieve, match_at_pacs):
+    from echonode.store import priors as ledger
+    from echonode.store.results import patient_key, prior_embeddings
+
+    settings = _with_source(world["settings"], retrieve=retrieve, match_issuer_at_pacs=match_at_pacs)
+    sessions, interp = world["sessions"], interpreter_for(world["settings"])
+    out = _run(settings, sessions, interp)
+    assert [u.study_instance_uid for u in out.used] == [world["prior"]], out.statements
+    assert out.used[0].clips == 2 and out.used[0].fetched_now and out.used[0].study_date == "20240105"
+    # the other issuer's study (same PatientID) and the later study are not used
+    assert _embeddings(sessions, world["other"]) == [] and _embeddings(sessions, world["later"]) == []
+    rows = _embeddings(sessions, world["prior"])
+    assert len(rows) == 1 and rows[0].model_sha256 == interp.r.info.weights_sha256
+    # the stored embedding is the Interpreter's study embedding of the same clips
+    from echonode.priors import load_prior_clips
+    ph_files = sorted((world["tmp"] / "ph").glob(f"{world['prior']}-*.dcm"))
+    inputs, _ = load_prior_clips(settings, ph_files)
+    ref = interp.study_embedding(inputs)
+    got = np.frombuffer(rows[0].vector, dtype="<f4")
+    assert np.allclose(got, ref, atol=1e-5)
+    # the analysis' own lookup now finds it for the current study
+    with sessions() as s:
+        pri = prior_embeddings(s, patient_key(PID, ISSUER), "2.25.999", "20250101", interp.r.info.weights_sha256)
+    assert [p.study_instance_uid for p in pri] == [world["prior"]]
+    assert "2024-01-05 from pacs-get" in out.summary()
+    # pixels purged (keep_pixels = false) from our folder; the C-MOVE copies are the node's spool
+    assert not any((settings.priors_path / "fetch").glob("*/*.dcm")) if (settings.priors_path / "fetch").exists() else True
+    if not match_at_pacs:  # the PACS answered the other issuer's study; the node said why it is not used
+        assert any("another patient or issuer" in s for s in out.statements), out.statements
+    if retrieve == "move":  # moved through the node's own C-STORE SCP into its spool and index
+        with sessions() as s:
+            from echonode.store import priors as pl
+            assert len(pl.instance_paths(s, [r.sop_instance_uid for r in _instances(world, world["prior"])])) == 2
+    # fetched once per weights checksum: a second analysis uses the stored embedding
+    out2 = _run(settings, sessions, interp)
+    assert [u.study_instance_uid for u in out2.used] == [world["prior"]] and not out2.used[0].fetched_now
+    with sessions() as s:
+        e = ledger.get(s, world["prior"], interp.r.info.weights_sha256)
+    assert e.state == ledger.EMBEDDED and e.attempts == 1
+
+
+def test_dicomweb_qido_wado_only(world, interpreter_for):
+    settings = world["settings"]
+    import dataclasses
+
+    from echonode.config import PriorSource
+    # the issuer only asked back (not matched by the PACS): the node itself drops the other issuer's study
+    src = PriorSource(name="pacs-web", kind="dicomweb", url=world["pacs"].url + "/dicom-web", timeout_s=20,
+                      match_issuer_at_pacs=False)
+    settings = settings.replace(priors=dataclasses.replace(settings.priors, sources=(src,)))
+    out = _run(settings, world["sessions"], interpreter_for(settings))
+    assert [u.study_instance_uid for u in out.used] == [world["prior"]], out.statements
+    assert out.used[0].source == "pacs-web" and out.used[0].clips == 2
+    assert any("another patient or issuer" in s for s in out.statements)
+    assert len(_embeddings(world["sessions"], world["prior"])) == 1
+
+
+def test_move_refused_falls_back_to_get(tmp_path, tiny_bundle, tiny_bundle_r, interpreter_for):
+    pacs = _pacs(tmp_path, _free_port(), allow_move=False)
+    try:
+        prior_uid, files = phantom_study(tmp_path / "ph", patient_id=PID, study_date="20230101", seed=21,
+                                         n_clips=1, n_frames=8, size=96, label="refused")
+        _upload(pacs, files, ISSUER)
+        settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r, [
+            {"name": "strict", "kind": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1",
+             "port": pacs.dicom_port, "retrieve": "move", "timeout_s": 20}])
+        sessions = _sessions(settings)
+        out = _run(settings, sessions, interpreter_for(settings))
+        assert any("C-MOVE refused" in s for s in out.statements), out.statements
+        assert [u.study_instance_uid for u in out.used] == [prior_uid]
+    finally:
+        pacs.stop()
+
+
+def test_pacs_down_and_timeout_never_hang(tmp_path, tiny_bundle, tiny_bundle_r, interpreter_for):
+    import socket
+    # a port that accepts TCP but never speaks DICOM: the whole wait is bounded by priors.timeout_s
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    try:
+        settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r, [
+            {"name": "silent", "kind": "dimse", "ae_title": "X", "host": "127.0.0.1",
+             "port": silent.getsockname()[1], "timeout_s": 30}], timeout_s=2)
+        sessions = _sessions(settings)
+        t0 = time.monotonic()
+        out = _run(settings, sessions, interpreter_for(settings))
+        assert time.monotonic() - t0 < 10
+        assert out.timed_out and out.used == []
+        assert out.summary().startswith("Priors not available:") and "did not answer within 2 s" in out.summary()
+    finally:
+        silent.close()
+    closed = _free_port()
+    settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r, [
+        {"name": "down", "kind": "dimse", "ae_title": "X", "host": "127.0.0.1", "port": closed, "timeout_s": 3}])
+    out = _run(settings, _sessions(settings), interpreter_for(settings))
+    assert out.used == [] and any(s.startswith("down: ") for s in out.statements), out.statements
+    assert PID not in out.summary()
+
+
+def test_backfill_kill9_restart_embeds_each_once(tmp_path, tiny_bundle, tiny_bundle_r):
+    from echonode.store import priors as ledger
+
+    pacs = _pacs(tmp_path, _free_port())
+    try:
+        uids = []
+        for i in range(6):
+            u, files = phantom_study(tmp_path / "ph", patient_id=f"BF{i:03d}", study_date=f"2024{i + 1:02d}10",
+                                     seed=100 + i, n_clips=1, n_frames=8, size=96, label=f"bf{i}")
+            _upload(pacs, files, ISSUER)
+            uids.append(u)
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(f"""
+data_dir = "{tmp_path / 'node'}"
+[model]
+clip_model = "{tiny_bundle.path}"
+r_model = "{tiny_bundle_r.path}"
+frames = 4
+[priors]
+enabled = true
+backfill_concurrency = 1
+[[priors.sources]]
+name = "pacs"
+kind = "dimse"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+retrieve = "get"
+timeout_s = 20
+""")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "echonode", "priors", "backfill", "--config", str(cfg), "--since", "20240101"]
+        from echonode.config import load_settings
+        settings = load_settings(cfg, env={})
+        sessions = _sessions(settings)
+        # first run: slowed to one study per 3 s, killed with SIGKILL after two are embedded
+        proc = subprocess.Popen(cmd + ["--rate", "20/min"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with sessions() as s:
+                if ledger.counts(s)[ledger.EMBEDDED] >= 2:
+                    break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with sessions() as s:
+            first = ledger.counts(s)
+        assert 2 <= first[ledger.EMBEDDED] < 6, first
+        # restart: finishes the rest, prints a summary, progress bar on stderr
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=180)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        assert summary["found"] == 6 and summary["embedded"] == 6 - first[ledger.EMBEDDED], summary
+        assert "priors backfill" in done.stderr.decode()
+        for u in uids:
+            assert len(_embeddings(sessions, u)) == 1
+        with sessions() as s:
+            entries = {e.study_instance_uid: e for e in ledger.entries(s)}
+        assert set(entries) == set(uids) and all(e.state == ledger.EMBEDDED for e in entries.values())
+        # a third run has nothing to do
+        again = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+        assert json.loads(again.stdout.decode().strip().splitlines()[-1])["embedded"] == 0
+    finally:
+        pacs.stop()
+
+
+def test_stow_rs_delivery_lands_in_same_study(tmp_path):
+    """A destination kind = "dicomweb": outbox rows are sent by STOW-RS and land in the study."""
+    from echonode.config import load_settings
+    from echonode.dicom import scu
+    from echonode.store import outbox as ob
+
+    pacs = _pacs(tmp_path, _free_port())
+    try:
+        study_uid, files = phantom_study(tmp_path / "ph", patient_id="STOW1", study_date="20240505", seed=31,
+                                         n_clips=1, n_frames=4, size=64, label="stow")
+        _upload(pacs, files, ISSUER)
+        before = len(pacs.study_instances(study_uid))
+        # a result object of the same study (an SR-like SC copy with a new SOP Instance UID)
+        ds = pydicom.dcmread(files[0])
+        ds.SOPInstanceUID = uid("stow-result")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = uid("stow-series")
+        settings = load_settings(env={}, overrides={
+            "data_dir": str(tmp_path / "node"),
+            "delivery": {"destinations": [{"name": "web", "kind": "dicomweb", "url": pacs.url + "/dicom-web",
+                                           "auth": "none"}], "backoff_initial_s": 0},
+        })
+        sessions = _sessions(settings)
+        objs = scu.write_results(settings.results_path, [ds])
+        with sessions() as s:
+            scu.enqueue(s, objs, settings.delivery.destinations)
+            s.commit()
+        summary = scu.deliver_pending(settings, sessions)
+        assert summary.delivered == 1 and summary.retrying == 0, summary
+        inst = pacs.study_instances(study_uid)
+        assert len(inst) == before + 1 and str(ds.SOPInstanceUID) in {i["SOPInstanceUID"] for i in inst}
+        with sessions() as s:
+            rows = ob.list_rows(s)
+        assert [r.state for r in rows] == [ob.DELIVERED]
+        # a PACS that is down: the row is retried later, not lost
+        pacs.stop()
+        ds.SOPInstanceUID = uid("stow-result-2")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        objs = scu.write_results(settings.results_path, [ds])
+        with sessions() as s:
+            scu.enqueue(s, objs, settings.delivery.destinations)
+            s.commit()
+        summary = scu.deliver_pending(settings, sessions)
+        assert summary.delivered == 0 and summary.retrying == 1
+        pacs.start()
+        time.sleep(0.1)
+        summary = scu.deliver_pending(settings, sessions)
+        assert summary.delivered == 1, summary
+        assert str(ds.SOPInstanceUID) in {i["SOPInstanceUID"] for i in pacs.study_instances(study_uid)}
+    finally:
+        pacs.stop()
