@@ -170,7 +170,7 @@ def _find_studies(settings: Settings, src: PriorSource, *, patient_id: str, issu
     else:
         from echonode.dicom import web
         from echonode.dicom.qr import valid_uid
-        params = {"ModalitiesInStudy": "US", "includefield": "00100021,00080061"}
+        params: dict = {"ModalitiesInStudy": "US", "includefield": ["00100021", "00080061"]}
         if patient_id:
             params["PatientID"] = patient_id
         if issuer and src.match_issuer_at_pacs:
@@ -256,7 +256,8 @@ def _list_clips(settings: Settings, cand: Candidate, deadline: float, cancel: th
         from echonode.dicom.qr import valid_uid
         client = web.DicomWebClient(web.WebTarget.of(src))
         answers = client.qido(f"/studies/{cand.study_uid}/instances",
-                              {"includefield": "00080060,0008103E,00181030,00280008,00204000,00082127,00540220"},
+                              {"includefield": ["00080060", "0008103E", "00181030", "00280008", "00204000", "00082127",
+                                                "00540220", "00186011"]},
                               limit=p.max_instances)
         for a in answers:
             n_listed += 1
