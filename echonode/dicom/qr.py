@@ -368,6 +368,8 @@ def c_move(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[
     when the PACS sends its final response, i.e. after every C-STORE sub-operation."""
     out = RetrieveResult()
     a = _Assoc(peer, [MOVE], cancel=cancel)
+    t0 = time.monotonic()
+    pending = 0
     try:
         final = None
         try:
@@ -378,6 +380,7 @@ def c_move(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[
         for status, _ident in responses:
             st = _status(status)
             if st in PENDING:
+                pending += 1
                 _count(out, status)
                 why = _expired(deadline, cancel)
                 if why:
@@ -390,6 +393,10 @@ def c_move(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[
             break
         out.status = final
         if final is None:
+            # Some PACS (Orthanc among them) answer a C-MOVE they do not allow by closing the
+            # association at once; a timeout takes the whole DIMSE timeout.
+            if pending == 0 and time.monotonic() - t0 < 0.9 * peer.timeout_s and not (cancel and cancel.is_set()):
+                raise MoveRefused(f"C-MOVE refused by {peer.ae_title} (association closed without a response)")
             raise QRError(f"C-MOVE from {peer.ae_title}: no final response (timeout or connection lost)")
         if final in MOVE_REFUSED or (0xC000 <= final <= 0xCFFF and out.completed == 0):
             raise MoveRefused(f"C-MOVE to {destination} refused by {peer.ae_title} (status 0x{final:04X})")
