@@ -33,6 +33,14 @@ from echonode.dicom.uids import UIDError, check_uid
 
 log = logging.getLogger("echonode.priors")
 
+
+def _quiet_identifiers() -> None:
+    """pynetdicom can log C-FIND identifiers (patient data): never."""
+    from pynetdicom import _config
+
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"   # Study Root Q/R Information Model - FIND
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"   # - MOVE
 GET = "1.2.840.10008.5.1.4.1.2.2.3"    # - GET
@@ -97,6 +105,7 @@ class RetrieveResult:
 def _make_ae(peer: DimsePeer):
     from pynetdicom import AE
 
+    _quiet_identifiers()
     ae = AE(ae_title=peer.calling_ae)
     ae.acse_timeout = peer.timeout_s
     ae.dimse_timeout = peer.timeout_s

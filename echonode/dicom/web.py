@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import ssl
-import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
