@@ -230,6 +230,7 @@ class PriorSource:
     # node drop other issuers' studies (false: for a PACS that ignores or mishandles the key).
     # The node checks the issuer of every answer and every retrieved header either way.
     match_issuer_at_pacs: bool = True
+    frames: bool = True  # DICOMweb: WADO-RS frame retrieval of only the frames the model uses, when offered
 
     def __post_init__(self) -> None:
         where = f"priors.sources[name={self.name!r}]"

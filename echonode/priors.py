@@ -71,6 +71,7 @@ class FetchedPrior:
     files: list[Path]
     folder: Optional[Path]       # our own folder (purged unless keep_pixels); None for C-MOVE (node spool)
     seconds: float = 0.0
+    presampled: frozenset = frozenset()  # files holding only the frames the model uses (WADO-RS frames)
 
 
 @dataclass
@@ -273,9 +274,29 @@ def _list_clips(settings: Settings, cand: Candidate, deadline: float, cancel: th
     return [c for _, c in picked[: p.max_clips]]
 
 
+def _wado_frames(settings: Settings, client, study: str, series: str, sop: str, folder: Path) -> Path:
+    """Only the frames the model uses (WADO-RS frame retrieval), as a DICOM file."""
+    from echonode.dicom import web
+    from echonode.model.preprocess import sample_indices
+
+    m = settings.model
+    md = client.metadata(study, series, sop)
+    try:
+        n = max(1, int(web.value(md, "00280008") or 1))
+    except ValueError:
+        raise web.DicomWebError("WADO-RS metadata: NumberOfFrames is not a number") from None
+    idx = sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride)
+    files, ts = client.frames(study, series, sop, [i + 1 for i in idx], folder / f"{sop}.frames",
+                              max_bytes=settings.priors.max_bytes)
+    return web.instance_from_frames(md, files, ts, folder / f"{sop}.dcm")
+
+
 def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], folder: Path,
-              deadline: float, cancel: threading.Event) -> tuple[list[Path], Optional[Path], list[str]]:
-    """Retrieve the clips: ``(files, our folder or None, statements)``."""
+              deadline: float, cancel: threading.Event,
+              presampled: Optional[set] = None) -> tuple[list[Path], Optional[Path], list[str]]:
+    """Retrieve the clips: ``(files, our folder or None, statements)``. WADO-RS files hold
+    only the sampled frames when the server supports frame retrieval (see ``_wado_frames``);
+    those are added to ``presampled``."""
     src, p = cand.source, settings.priors
     statements: list[str] = []
     by_series: dict[str, list[str]] = {}
@@ -289,6 +310,15 @@ def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], 
             for sop in sops:
                 if cancel.is_set() or time.monotonic() > deadline:
                     raise SourceError(f"{src.name}: time limit reached during WADO-RS retrieve")
+                if src.frames:
+                    try:
+                        files.append(_wado_frames(settings, client, cand.study_uid, se, sop, folder))
+                        if presampled is not None:
+                            presampled.add(files[-1])
+                        continue
+                    except web.DicomWebError as exc:  # no frame retrieval here: the whole instance
+                        log.info("priors: %s: frame retrieval not used (%s); retrieving instances", src.name, exc)
+                        src = dataclasses.replace(src, frames=False)
                 files.append(client.instance(cand.study_uid, se, sop, folder, max_bytes=p.max_bytes))
         return files, folder, statements
     from echonode.dicom import qr
@@ -368,7 +398,8 @@ def fetch_study(settings: Settings, sessions, cand: Candidate, *, model_sha256: 
             log.info("priors: study %s (%s, %s) has no A4C clip", short(cand.study_uid), cand.source.name,
                      _date(cand.study_date))
             return None, [f"{cand.source.name}: study of {_date(cand.study_date)} has no A4C clip"]
-        files, own, st = _retrieve(settings, sessions, cand, clips, folder, deadline, cancel)
+        presampled: set[Path] = set()
+        files, own, st = _retrieve(settings, sessions, cand, clips, folder, deadline, cancel, presampled)
         statements += st
         files, st = _verify(settings, files, cand, patient_id, issuer)
         statements += st
@@ -376,7 +407,8 @@ def fetch_study(settings: Settings, sessions, cand: Candidate, *, model_sha256: 
             raise SourceError(f"{cand.source.name}: no A4C clip of the study of {_date(cand.study_date)} "
                               "could be retrieved")
         return FetchedPrior(cand.study_uid, cand.study_date, cand.source.name, cand.patient_key, model_sha256,
-                            owner, files, own, time.perf_counter() - t0), statements
+                            owner, files, own, time.perf_counter() - t0,
+                            frozenset(presampled)), statements
     except Exception as exc:
         msg = str(exc) if isinstance(exc, SourceError) else f"{cand.source.name}: {_describe(exc)}"
         with sessions() as s:
@@ -502,8 +534,9 @@ def find_and_fetch_priors(settings: Settings, session_factory, *, study_uid: str
 
 # --------------------------------------------------------------------------- embedding
 
-def load_prior_clips(settings: Settings, files: Sequence[Path]) -> tuple[list, list[str]]:
-    """ClipInputs for the retrieved files, frames sampled as for received studies."""
+def load_prior_clips(settings: Settings, files: Sequence[Path], presampled=frozenset()) -> tuple[list, list[str]]:
+    """ClipInputs for the retrieved files, frames sampled as for received studies
+    (``presampled``: the files hold only those frames already)."""
     import pydicom
 
     from echonode.dicom.frames import FrameDecodeError, load_clip
@@ -517,7 +550,7 @@ def load_prior_clips(settings: Settings, files: Sequence[Path]) -> tuple[list, l
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             n = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            idx = sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride)
+            idx = None if f in presampled else sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride)
             clip = load_clip(f, indices=idx, sector_mask=m.sector_mask)
         except (FrameDecodeError, OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
             warnings.append(f"a prior clip could not be decoded ({type(exc).__name__})")
@@ -537,7 +570,7 @@ def embed_prior_study(settings: Settings, session_factory, fetched: FetchedPrior
     from echonode.store import results as rs
 
     try:
-        inputs, warnings = load_prior_clips(settings, fetched.files)
+        inputs, warnings = load_prior_clips(settings, fetched.files, fetched.presampled)
         vec = interpreter.study_embedding(inputs) if inputs else None
         r = getattr(interpreter, "r", None)
         sha = getattr(getattr(r, "info", None), "weights_sha256", None)

@@ -197,7 +197,34 @@ def test_dicomweb_qido_wado_only(world, interpreter_for):
     assert [u.study_instance_uid for u in out.used] == [world["prior"]], out.statements
     assert out.used[0].source == "pacs-web" and out.used[0].clips == 2
     assert any("another patient or issuer" in s for s in out.statements)
-    assert len(_embeddings(world["sessions"], world["prior"])) == 1
+    rows = _embeddings(world["sessions"], world["prior"])
+    assert len(rows) == 1
+    # only the frames the model uses were asked for (WADO-RS frames), and the embedding is the
+    # one of the whole clips decoded locally with the same frame sampling
+    from echonode.priors import load_prior_clips
+    assert len(out.fetched) == 1 and len(out.fetched[0].presampled) == 2   # both clips by frame retrieval
+    inputs, _ = load_prior_clips(settings, sorted((world["tmp"] / "ph").glob(f"{world['prior']}-*.dcm")))
+    ref = interpreter_for(settings).study_embedding(inputs)
+    assert np.allclose(np.frombuffer(rows[0].vector, dtype="<f4"), ref, atol=1e-4)
+    assert all(len(c.ref.frames_used) == 4 for c in inputs)  # model.frames = 4 of the 8 stored
+
+
+def test_wado_frames_file_holds_only_sampled_frames(world, tmp_path):
+    from echonode.dicom import web
+    from echonode.priors import _wado_frames
+
+    client = web.DicomWebClient(web.WebTarget(world["pacs"].url + "/dicom-web"))
+    inst = world["pacs"].study_instances(world["prior"])[0]
+    path = _wado_frames(world["settings"], client, world["prior"], inst["SeriesInstanceUID"],
+                        inst["SOPInstanceUID"], tmp_path / "f")
+    ds = pydicom.dcmread(path)
+    assert int(ds.NumberOfFrames) == 4 and ds.SOPInstanceUID == inst["SOPInstanceUID"]
+    from echonode.dicom.frames import load_clip
+    orig = world["tmp"] / "ph" / f"{world['prior']}-0.dcm"
+    if pydicom.dcmread(orig, stop_before_pixels=True).SOPInstanceUID != inst["SOPInstanceUID"]:
+        orig = world["tmp"] / "ph" / f"{world['prior']}-1.dcm"
+    full = load_clip(orig, indices=[0, 2, 4, 6]).frames
+    assert np.array_equal(load_clip(path).frames, full)
 
 
 def test_move_refused_falls_back_to_get(tmp_path, tiny_bundle, tiny_bundle_r, interpreter_for):

@@ -157,14 +157,34 @@ class DicomWebClient:
             raise DicomWebError(f"WADO-RS instance retrieve returned {len(files)} parts, expected 1")
         return files[0]
 
+    def metadata(self, study: str, series: str, sop: str) -> dict:
+        """WADO-RS instance metadata (DICOM JSON, bulk data by reference)."""
+        value = self._json(f"/studies/{study}/series/{series}/instances/{sop}/metadata")
+        if len(value) != 1 or not isinstance(value[0], dict):
+            raise DicomWebError(f"WADO-RS metadata answered {len(value)} object(s), expected 1")
+        return value[0]
+
     def frames(self, study: str, series: str, sop: str, numbers: Sequence[int], folder: Path, *,
-               max_bytes: int) -> list[Path]:
-        """WADO-RS frame retrieval (frames 1-based, in the stored transfer syntax where the
-        server allows): one file per frame, in the order returned."""
+               max_bytes: int) -> tuple[list[Path], str]:
+        """WADO-RS frame retrieval (frame numbers 1-based), in the stored transfer syntax where
+        the server allows it: ``(one file per frame in the order asked, transfer syntax UID)``."""
         lst = ",".join(str(int(n)) for n in numbers)
-        return self.retrieve(f"/studies/{study}/series/{series}/instances/{sop}/frames/{lst}", folder,
-                             max_bytes=max_bytes, max_parts=len(numbers),
-                             accept='multipart/related; type="application/octet-stream"; transfer-syntax=*')
+        conn, resp = self.request("GET", f"/studies/{study}/series/{series}/instances/{sop}/frames/{lst}",
+                                  headers={"Accept": 'multipart/related; type="application/octet-stream"; '
+                                                     'transfer-syntax=*'})
+        try:
+            ct = resp.getheader("Content-Type", "")
+            files = list(read_multipart(resp, ct, Path(folder), max_bytes=max_bytes, max_parts=len(numbers)))
+        finally:
+            conn.close()
+        m = re.search(r'transfer-syntax\s*=\s*"?([0-9.]{1,64})', ct[:1024])
+        ts = m.group(1) if m else ("1.2.840.10008.1.2.1" if "octet-stream" in ct[:1024] else "")
+        if len(files) != len(numbers) or not ts:
+            for f in files:
+                f.unlink(missing_ok=True)
+            raise DicomWebError(f"WADO-RS frames: {len(files)} of {len(numbers)} frame(s), "
+                                f"transfer syntax {'unknown' if not ts else ts}")
+        return files, ts
 
     # ------------------------------------------------------------------ STOW-RS
     def stow(self, files: Sequence[Path], study_uid: str = "") -> dict:
@@ -206,7 +226,8 @@ class DicomWebClient:
 
 # --------------------------------------------------------------------------- multipart
 
-_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]{1,70})"|([^;\s]{1,70}))', re.IGNORECASE)
+# RFC 2046 allows 70 characters; some servers (Orthanc) send longer ones: accept up to 200.
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]{1,200})"|([^;\s"]{1,200}))', re.IGNORECASE)
 
 
 def _boundary(content_type: str) -> bytes:
@@ -402,3 +423,45 @@ def stow_rows(settings, dest, rows, session, summary, now_fn: Callable) -> None:
             else:
                 ob.mark_delivered(session, row.id, 0, now=now_fn(), note="STOW-RS")
                 summary.delivered += 1
+
+
+# --------------------------------------------------------------------------- frames -> instance
+
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def instance_from_frames(metadata: dict, frame_files: Sequence[Path], transfer_syntax: str, path: Path) -> Path:
+    """A DICOM file holding only the retrieved frames: the WADO-RS metadata (bulk data
+    dropped) with ``NumberOfFrames`` = the frames given and their Pixel Data, encapsulated
+    for a compressed transfer syntax. The frames are already bounded by the retrieve."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    md = {k: v for k, v in metadata.items()
+          if k != "7FE00010" and isinstance(v, dict) and "BulkDataURI" not in v and "InlineBinary" not in v}
+    try:
+        ds = Dataset.from_json(md, bulk_data_uri_handler=lambda *_a: b"")
+    except Exception as exc:
+        raise DicomWebError(f"WADO-RS metadata not usable: {type(exc).__name__}") from None
+    frames = [Path(f).read_bytes() for f in frame_files]
+    ds.NumberOfFrames = len(frames)
+    if transfer_syntax in NATIVE_SYNTAXES:
+        data = b"".join(frames)
+        ds.PixelData = data + (b"\0" if len(data) % 2 else b"")
+        ds["PixelData"].VR = "OB" if int(ds.get("BitsAllocated", 8) or 8) <= 8 else "OW"
+    else:
+        ds.PixelData = encapsulate(frames, has_bot=True)
+        ds["PixelData"].VR = "OB"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(str(ds.SOPClassUID))
+    meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    ds.file_meta = meta
+    path = Path(path)
+    tmp = path.with_suffix(".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    for f in frame_files:
+        Path(f).unlink(missing_ok=True)
+    return path
