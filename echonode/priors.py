@@ -219,7 +219,8 @@ def _candidates(settings: Settings, src: PriorSource, answers: list[dict], *, pa
     return out, statements
 
 
-def _list_clips(settings: Settings, cand: Candidate, deadline: float, cancel: threading.Event) -> list[Clip]:
+def _list_clips(settings: Settings, cand: Candidate, deadline: float, cancel: threading.Event,
+                qs=None) -> list[Clip]:
     """The A4C clips of a prior study, by the node's selection rules on the query answers."""
     from pydicom.dataset import Dataset
 
@@ -232,13 +233,13 @@ def _list_clips(settings: Settings, cand: Candidate, deadline: float, cancel: th
         from echonode.dicom import qr
         peer = _dimse_peer(settings, src)
         series = qr.c_find(peer, qr.series_query(cand.study_uid), max_results=p.max_results, deadline=deadline,
-                           cancel=cancel).answers
+                           cancel=cancel, session=qs).answers
         for s in series:
             se_uid = qr.valid_uid(s.get("SeriesInstanceUID"))
             if not se_uid or _norm(s.get("Modality")).upper() not in ("US", ""):
                 continue
             res = qr.c_find(peer, qr.instance_query(cand.study_uid, se_uid), max_results=p.max_instances,
-                            deadline=deadline, cancel=cancel)
+                            deadline=deadline, cancel=cancel, session=qs)
             for i in res.answers:
                 n_listed += 1
                 ds = Dataset()
@@ -293,7 +294,7 @@ def _wado_frames(settings: Settings, client, study: str, series: str, sop: str, 
 
 def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], folder: Path,
               deadline: float, cancel: threading.Event,
-              presampled: Optional[set] = None) -> tuple[list[Path], Optional[Path], list[str]]:
+              presampled: Optional[set] = None, qs=None) -> tuple[list[Path], Optional[Path], list[str]]:
     """Retrieve the clips: ``(files, our folder or None, statements)``. WADO-RS files hold
     only the sampled frames when the server supports frame retrieval (see ``_wado_frames``);
     those are added to ``presampled``."""
@@ -341,7 +342,8 @@ def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], 
             log.warning("priors: %s; falling back to C-GET", exc)
     files = []
     for se, sops in by_series.items():
-        res = qr.c_get(peer, cand.study_uid, se, sops, folder, max_bytes=p.max_bytes, deadline=deadline, cancel=cancel)
+        res = qr.c_get(peer, cand.study_uid, se, sops, folder, max_bytes=p.max_bytes, deadline=deadline, cancel=cancel,
+                       session=qs if src.retrieve == "get" else None)
         files.extend(res.files)
         if res.refused:
             statements.append(f"{src.name}: {len(res.refused)} instance(s) refused ({res.refused[0]})")
@@ -388,8 +390,12 @@ def fetch_study(settings: Settings, sessions, cand: Candidate, *, model_sha256: 
             return None, []
     folder = settings.priors_path / "fetch" / f"{short(cand.study_uid)}-{os.getpid()}-{threading.get_ident() % 100000}"
     statements: list[str] = []
+    qs = None
     try:
-        clips = _list_clips(settings, cand, deadline, cancel)
+        if cand.source.kind == "dimse":   # one association for the study's queries (and C-GET)
+            from echonode.dicom.qr import QRSession
+            qs = QRSession(_dimse_peer(settings, cand.source), get=cand.source.retrieve == "get", cancel=cancel)
+        clips = _list_clips(settings, cand, deadline, cancel, qs)
         if not clips:
             reason = "no A4C clip"
             with sessions() as s:
@@ -399,7 +405,7 @@ def fetch_study(settings: Settings, sessions, cand: Candidate, *, model_sha256: 
                      _date(cand.study_date))
             return None, [f"{cand.source.name}: study of {_date(cand.study_date)} has no A4C clip"]
         presampled: set[Path] = set()
-        files, own, st = _retrieve(settings, sessions, cand, clips, folder, deadline, cancel, presampled)
+        files, own, st = _retrieve(settings, sessions, cand, clips, folder, deadline, cancel, presampled, qs)
         statements += st
         files, st = _verify(settings, files, cand, patient_id, issuer)
         statements += st
@@ -417,6 +423,9 @@ def fetch_study(settings: Settings, sessions, cand: Candidate, *, model_sha256: 
         shutil.rmtree(folder, ignore_errors=True)
         log.warning("priors: study %s not fetched: %s", short(cand.study_uid), msg)
         return None, [msg]
+    finally:
+        if qs is not None:
+            qs.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -163,6 +163,44 @@ class _Assoc:
             self.assoc.abort()
 
 
+class QRSession:
+    """One association for the queries and the C-GET of one prior study (FIND + GET +
+    the US storage classes as SCP role), so a study costs one association, not one per
+    request. ``with QRSession(peer) as qs: c_find(..., session=qs); c_get(..., session=qs)``."""
+
+    def __init__(self, peer: DimsePeer, *, get: bool = True, cancel: Optional[threading.Event] = None):
+        from pynetdicom import build_role, evt
+
+        self.peer = peer
+        self.store_handler = None
+        contexts: list = [FIND]
+        roles = None
+        handlers = None
+        if get:
+            contexts += [GET] + [(cls, list(GET_SYNTAXES)) for cls in US_STORAGE]
+            roles = [build_role(cls, scp_role=True) for cls in US_STORAGE]
+            handlers = [(evt.EVT_C_STORE, self._on_store)]
+        self.a = _Assoc(peer, contexts, ext_neg=roles, handlers=handlers, cancel=cancel)
+
+    def _on_store(self, event) -> int:
+        h = self.store_handler
+        return h(event) if h is not None else 0xC000   # a C-STORE nobody asked for
+
+    def assoc_for(self, what: str) -> _Assoc:
+        if not self.a.assoc.is_established:
+            raise QRError(f"{what} at {self.peer.ae_title}: association no longer open")
+        return self.a
+
+    def close(self) -> None:
+        self.a.close()
+
+    def __enter__(self) -> "QRSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _expired(deadline: Optional[float], cancel: Optional[threading.Event]) -> Optional[str]:
     if cancel is not None and cancel.is_set():
         return "cancelled"
@@ -172,9 +210,10 @@ def _expired(deadline: Optional[float], cancel: Optional[threading.Event]) -> Op
 
 
 def c_find(peer: DimsePeer, query: Dataset, *, max_results: int, deadline: Optional[float] = None,
-           cancel: Optional[threading.Event] = None) -> FindResult:
-    """One Study Root C-FIND; at most ``max_results`` answers."""
-    a = _Assoc(peer, [FIND], cancel=cancel)
+           cancel: Optional[threading.Event] = None, session: Optional["QRSession"] = None) -> FindResult:
+    """One Study Root C-FIND; at most ``max_results`` answers. With ``session``, on its
+    association (left open), else on an association of its own."""
+    a = session.assoc_for("C-FIND") if session is not None else _Assoc(peer, [FIND], cancel=cancel)
     out = FindResult()
     final = None
     try:
@@ -208,7 +247,8 @@ def c_find(peer: DimsePeer, query: Dataset, *, max_results: int, deadline: Optio
                 else:
                     raise QRError(f"C-FIND at {peer.ae_title} failed with status 0x{final:04X}")
     finally:
-        a.close()
+        if session is None:
+            a.close()
     return out
 
 
@@ -295,10 +335,9 @@ def _count(result: RetrieveResult, rsp) -> None:
 
 def c_get(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[str], folder: Path, *,
           max_bytes: int, deadline: Optional[float] = None,
-          cancel: Optional[threading.Event] = None) -> RetrieveResult:
-    """C-GET the given instances of one series into ``folder`` (``<SOP UID>.dcm``)."""
-    from pynetdicom import build_role, evt
-
+          cancel: Optional[threading.Event] = None, session: Optional["QRSession"] = None) -> RetrieveResult:
+    """C-GET the given instances of one series into ``folder`` (``<SOP UID>.dcm``). With
+    ``session``, on its association (left open), else on an association of its own."""
     from echonode.dicom.spool import file_meta_bytes
 
     folder = Path(folder)
@@ -339,9 +378,11 @@ def c_get(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[s
             out.refused.append(f"{type(exc).__name__}")
             return 0xC000
 
-    contexts = [GET] + [(cls, list(GET_SYNTAXES)) for cls in US_STORAGE]
-    roles = [build_role(cls, scp_role=True) for cls in US_STORAGE]
-    a = _Assoc(peer, contexts, ext_neg=roles, handlers=[(evt.EVT_C_STORE, on_store)], cancel=cancel)
+    own = session is None
+    if own:
+        session = QRSession(peer, get=True, cancel=cancel)
+    a = session.assoc_for("C-GET")
+    session.store_handler = on_store
     try:
         final = None
         try:
@@ -367,7 +408,9 @@ def c_get(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[s
         if final not in (0x0000, 0xB000) and not out.files:
             raise QRError(f"C-GET from {peer.ae_title} failed with status 0x{final:04X}")
     finally:
-        a.close()
+        session.store_handler = None
+        if own:
+            session.close()
     return out
 
 
