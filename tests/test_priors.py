@@ -321,3 +321,45 @@ def test_stow_rs_delivery_lands_in_same_study(tmp_path):
         assert str(ds.SOPInstanceUID) in {i["SOPInstanceUID"] for i in pacs.study_instances(study_uid)}
     finally:
         pacs.stop()
+
+
+def test_config_validation_names_the_key():
+    from echonode.config import ConfigError, load_settings
+
+    def bad(over, match):
+        with pytest.raises(ConfigError, match=match):
+            load_settings(env={}, overrides=over)
+
+    bad({"priors": {"sources": [{"name": "p", "kind": "dimse", "ae_title": "A", "host": "h", "port": 1,
+                                 "retrieve": "push"}]}}, r"priors.sources\[name='p'\].retrieve")
+    bad({"priors": {"sources": [{"name": "w", "kind": "dicomweb", "url": "ftp://x"}]}}, r"\.url")
+    bad({"priors": {"sources": [{"name": "w", "kind": "dicomweb", "url": "https://x", "auth": "bearer"}]}},
+        r"\.token: required")
+    bad({"priors": {"timeout_s": 0}}, r"priors.timeout_s")
+    bad({"delivery": {"destinations": [{"name": "d", "kind": "dicomweb", "url": "https://x", "auth": "basic"}]}},
+        r"delivery.destinations\[name='d'\].username")
+    bad({"delivery": {"destinations": [{"name": "d"}]}}, r"ae_title, host and port are required")
+    ok = load_settings(env={"ECHONODE_PRIORS__TIMEOUT_S": "7"})
+    assert ok.priors.timeout_s == 7.0 and ok.priors.keep_pixels is False
+
+
+def test_multipart_reader_bounds(tmp_path):
+    import io
+
+    from echonode.dicom.web import DicomWebError, read_multipart
+
+    ct = 'multipart/related; type="application/dicom"; boundary="b0"'
+    body = b"pre\r\n--b0\r\nContent-Type: application/dicom\r\n\r\nAAAA\r\n--b0\r\n\r\nBB\r\n--b0--\r\n"
+    files = list(read_multipart(io.BytesIO(body), ct, tmp_path / "ok", max_bytes=10))
+    assert [f.read_bytes() for f in files] == [b"AAAA", b"BB"]
+    with pytest.raises(DicomWebError, match="larger than 3 bytes"):
+        list(read_multipart(io.BytesIO(body), ct, tmp_path / "big", max_bytes=3))
+    assert list((tmp_path / "big").iterdir()) == []   # the partial part is removed
+    with pytest.raises(DicomWebError, match="more than 1 part"):
+        list(read_multipart(io.BytesIO(body), ct, tmp_path / "n", max_bytes=10, max_parts=1))
+    with pytest.raises(DicomWebError, match="truncated"):
+        list(read_multipart(io.BytesIO(body[:40]), ct, tmp_path / "t", max_bytes=10))
+    with pytest.raises(DicomWebError, match="part header longer"):
+        list(read_multipart(io.BytesIO(b"--b0\r\n" + b"X" * 20000), ct, tmp_path / "h", max_bytes=10))
+    with pytest.raises(DicomWebError, match="no boundary in the first"):
+        list(read_multipart(io.BytesIO(b"Y" * 300000), ct, tmp_path / "p", max_bytes=10))

@@ -300,8 +300,11 @@ def read_multipart(stream, content_type: str, folder: Path, *, max_bytes: int,
                 buf = buf[2:]
                 state = "headers"
             elif state == "headers":
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
+                if len(buf) < 2 and more():
+                    continue
+                # a part without headers starts with the blank line at once
+                i = -2 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
+                if i == -1:
                     if len(buf) > MAX_PART_HEADER:
                         raise DicomWebError(f"multipart part header longer than {MAX_PART_HEADER} bytes")
                     if not more():

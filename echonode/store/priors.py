@@ -171,3 +171,10 @@ def instance_paths(session: Session, sop_uids: list[str]) -> dict[str, str]:
     rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
                            .where(Instance.sop_instance_uid.in_(list(sop_uids)))).all()
     return {u: p for u, p in rows}
+
+
+def is_prior_study(session: Session, study_uid: str) -> bool:
+    """True when the study came in as a prior (e.g. by C-MOVE through the node's own SCP):
+    the stable-study scheduler / analysis should not analyse it and send results for it."""
+    return session.execute(select(PriorStudy.id).where(PriorStudy.study_instance_uid == study_uid)
+                           .limit(1)).first() is not None
