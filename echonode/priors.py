@@ -457,6 +457,9 @@ def find_and_fetch_priors(settings: Settings, session_factory, *, study_uid: str
     p = settings.priors
     timeout_s = float(p.timeout_s if timeout_s is None else timeout_s)
     out = PriorsOutcome()
+    if not p.enabled:
+        out.statements.append("priors from the PACS are off (priors.enabled = false)")
+        return out
     if not p.sources:
         out.statements.append("no priors source configured (priors.sources)")
         return out
