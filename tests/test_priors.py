@@ -439,3 +439,22 @@ def test_dicomweb_tls_and_basic_auth(tmp_path, tiny_bundle, tiny_bundle_r, inter
         proxy.terminate()
         proxy.wait(5)
         server.stop()
+
+
+def test_backfill_window_and_rate_parsing():
+    import datetime as dt
+
+    from echonode.commands.priors import _rate
+    from echonode.priors import in_window, parse_window
+
+    w = parse_window("19:00-06:00")
+    assert in_window(w, dt.datetime(2026, 1, 1, 23, 0)) and in_window(w, dt.datetime(2026, 1, 1, 5, 59))
+    assert not in_window(w, dt.datetime(2026, 1, 1, 12, 0)) and not in_window(w, dt.datetime(2026, 1, 1, 6, 0))
+    day = parse_window("08:00-17:30")
+    assert in_window(day, dt.datetime(2026, 1, 1, 8, 0)) and not in_window(day, dt.datetime(2026, 1, 1, 17, 30))
+    assert parse_window("") is None and in_window(None)
+    with pytest.raises(ValueError, match="--window"):
+        parse_window("7pm-6am")
+    assert _rate("30/min") == 30.0 and _rate("2.5") == 2.5 and _rate(None) is None
+    with pytest.raises(SystemExit):
+        _rate("fast")

@@ -103,11 +103,11 @@ class DicomWebClient:
             conn.close()
             raise DicomWebError(f"{method} {self.host}: {type(exc).__name__}") from None
         if resp.status not in ok:
-            detail = resp.read(512)
+            # the body of an error may echo the query (a PatientID): never quoted; UIDs in the
+            # path are replaced too, so the message can go to logs and the SR
             conn.close()
-            raise DicomWebError(f"{method} {path.split('?')[0]} answered HTTP {resp.status}"
-                                f"{' (' + detail.decode('latin-1').strip()[:200] + ')' if detail else ''}",
-                                resp.status)
+            where = re.sub(r"[0-9]+(\.[0-9]+)+", "…", path.split("?")[0])
+            raise DicomWebError(f"{method} {where} answered HTTP {resp.status}", resp.status)
         return conn, resp
 
     def _json(self, path: str) -> list:
