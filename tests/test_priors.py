@@ -209,6 +209,21 @@ def test_dicomweb_qido_wado_only(world, interpreter_for):
     ref = interpreter_for(settings).study_embedding(inputs)
     assert np.allclose(np.frombuffer(rows[0].vector, dtype="<f4"), ref, atol=1e-4)
     assert all(len(c.ref.frames_used) == 4 for c in inputs)  # model.frames = 4 of the 8 stored
+    # what the analysis does next: the priors lookup it already has finds the retrieved prior,
+    # and the Interpretation (which the SR renders) compares the new study with it, dated
+    from echonode.interpret.engine import PriorEmbedding
+    from echonode.store.results import patient_key, prior_embeddings
+    it = interpreter_for(settings)
+    cur_uid, cur_files = phantom_study(world["tmp"] / "cur", patient_id=PID, study_date="20250101", seed=51,
+                                       n_clips=1, n_frames=8, size=96, label="current")
+    cur_inputs, _ = load_prior_clips(settings, cur_files)
+    with world["sessions"]() as s:
+        rows = prior_embeddings(s, patient_key(PID, ISSUER), cur_uid, "20250101", it.r.info.weights_sha256)
+    interp, _ = it.interpret_with_embedding(cur_uid, cur_inputs, [
+        PriorEmbedding(study_instance_uid=r.study_instance_uid, study_date=r.study_date, embedding=r.embedding,
+                       weights_sha256=r.model_sha256) for r in rows])
+    assert [(p.study_instance_uid, p.study_date) for p in interp.longitudinal.priors] == [(world["prior"], "20240105")]
+    assert -1.0 <= interp.longitudinal.priors[0].similarity <= 1.0
 
 
 def test_wado_frames_file_holds_only_sampled_frames(world, tmp_path):
