@@ -473,3 +473,12 @@ def test_backfill_window_and_rate_parsing():
     assert _rate("30/min") == 30.0 and _rate("2.5") == 2.5 and _rate(None) is None
     with pytest.raises(SystemExit):
         _rate("fast")
+
+
+def test_partial_answers_are_said(world, interpreter_for):
+    """More studies than priors.max_results: the first ones are used and the outcome says the list was partial."""
+    settings = world["settings"]
+    settings = settings.replace(priors=dataclasses.replace(settings.priors, max_results=1))
+    out = _run(settings, world["sessions"], interpreter_for(settings))
+    assert any("partial study list (more than 1 answers" in s for s in out.statements), out.statements
+    assert len(out.used) + sum("no A4C clip" in s for s in out.statements) == 1

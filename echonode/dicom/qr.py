@@ -58,6 +58,8 @@ GET_SYNTAXES = (
 )
 
 PENDING = (0xFF00, 0xFF01)
+#: Pending answers read (and dropped) after a C-CANCEL before the association is aborted.
+DRAIN_MAX = 1000
 OUT_OF_RESOURCES = 0xA700
 #: C-MOVE answers that mean "this PACS will not move to that destination" (PS3.4 C.4.2.1.5):
 #: Move Destination unknown (0xA801), refused / not authorised (0x0124, 0xA701, 0xA702, 0xC000-0xCFFF).
@@ -216,6 +218,7 @@ def c_find(peer: DimsePeer, query: Dataset, *, max_results: int, deadline: Optio
     a = session.assoc_for("C-FIND") if session is not None else _Assoc(peer, [FIND], cancel=cancel)
     out = FindResult()
     final = None
+    cancelled, drained = False, 0
     try:
         try:
             responses = a.assoc.send_c_find(query, FIND)
@@ -224,12 +227,24 @@ def c_find(peer: DimsePeer, query: Dataset, *, max_results: int, deadline: Optio
         for status, ident in responses:
             st = _status(status)
             if st in PENDING:
+                if cancelled:   # answers sent before the PACS saw our C-CANCEL: dropped, bounded
+                    drained += 1
+                    if drained > DRAIN_MAX or _expired(deadline, cancel):
+                        a.abort()
+                        break
+                    continue
+                if len(out.answers) >= max_results:
+                    # one answer too many: C-CANCEL (PS3.4 C.4.1.2.3) keeps the association usable
+                    out.partial, out.reason = True, f"more than {max_results} answers (priors.max_results)"
+                    try:
+                        a.assoc.send_c_cancel(1, query_model=FIND)
+                    except Exception:
+                        a.abort()
+                        break
+                    cancelled = True
+                    continue
                 if ident is not None:
                     out.answers.append(ident)
-                if len(out.answers) >= max_results:
-                    out.partial, out.reason = True, f"more than {max_results} answers (priors.max_results)"
-                    a.abort()
-                    break
                 why = _expired(deadline, cancel)
                 if why:
                     out.partial, out.reason = True, why
