@@ -179,6 +179,8 @@ class Destination:
             raise ConfigError(f"{where}.kind: expected 'dimse' or 'dicomweb', got {self.kind!r}")
         if self.kind == "dicomweb":
             _check_web(where, self.url, self.auth, self.token, self.username)
+            if self.storage_commitment:
+                raise ConfigError(f"{where}.storage_commitment: DIMSE only (STOW-RS answers per instance)")
         elif not self.ae_title or not self.host or not self.port:
             raise ConfigError(f"{where}: ae_title, host and port are required for kind = 'dimse'")
         pin = self.tls_pin_sha256.strip().replace(":", "").lower()
