@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "echonode.commands.outbox",    # outbox
     "echonode.commands.demo",      # demo
     "echonode.commands.audit",     # audit
+    "echonode.commands.priors",    # priors backfill
 )
 
 

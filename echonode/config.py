@@ -150,14 +150,43 @@ class ModelSettings:
     allow_demo_model: bool = False
 
 
+WEB_AUTH_KINDS = ("none", "bearer", "basic")
+
+
+def _check_web(where: str, url: str, auth: str, token: str, username: str) -> None:
+    """The DICOMweb fields shared by priors sources and delivery destinations."""
+    if not url.startswith(("https://", "http://")):
+        raise ConfigError(f"{where}.url: expected an http(s):// base URL, got {url!r}")
+    if auth not in WEB_AUTH_KINDS:
+        raise ConfigError(f"{where}.auth: expected one of {', '.join(WEB_AUTH_KINDS)}, got {auth!r}")
+    if auth == "bearer" and not token:
+        raise ConfigError(f"{where}.token: required with auth = 'bearer'")
+    if auth == "basic" and not username:
+        raise ConfigError(f"{where}.username: required with auth = 'basic'")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A PACS (or viewer) that receives our SR and Secondary Capture objects."""
+    """A PACS (or viewer) that receives our SR and Secondary Capture objects.
+
+    ``kind = "dimse"`` (default): C-STORE to ``ae_title@host:port``. ``kind = "dicomweb"``:
+    STOW-RS to ``url`` (the DICOMweb base, e.g. ``https://pacs/dicom-web``) with ``auth``
+    none | bearer (``token``) | basic (``username``/``password``); TLS is verified against
+    the system CAs or ``ca_file``.
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    kind: str = "dimse"
+    url: str = ""
+    auth: str = "none"
+    token: str = ""
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    timeout_s: float = 60.0
     calling_ae: str = ""  # default: node.ae_title
     storage_commitment: bool = False
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -167,6 +196,14 @@ class Destination:
 
     def __post_init__(self) -> None:
         where = f"delivery.destinations[name={self.name!r}]"
+        if self.kind not in ("dimse", "dicomweb"):
+            raise ConfigError(f"{where}.kind: expected 'dimse' or 'dicomweb', got {self.kind!r}")
+        if self.kind == "dicomweb":
+            _check_web(where, self.url, self.auth, self.token, self.username)
+            if self.storage_commitment:
+                raise ConfigError(f"{where}.storage_commitment: DIMSE only (STOW-RS answers per instance)")
+        elif not self.ae_title or not self.host or not self.port:
+            raise ConfigError(f"{where}: ae_title, host and port are required for kind = 'dimse'")
         pin = self.tls_pin_sha256.strip().replace(":", "").lower()
         if pin:
             if len(pin) != 64 or any(ch not in "0123456789abcdef" for ch in pin):
@@ -184,6 +221,80 @@ class DeliverySettings:
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 900.0
     commitment_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class PriorSource:
+    """A PACS asked for a patient's earlier echo studies (``[[priors.sources]]``).
+
+    ``kind = "dimse"``: C-FIND (Study Root) at ``ae_title@host:port``, retrieve by C-GET
+    (``retrieve = "get"``) or C-MOVE to ``move_destination`` (default ``node.ae_title``:
+    the moved instances arrive through the node's own C-STORE SCP; the PACS must know
+    that AE). A refused C-MOVE falls back to C-GET. ``kind = "dicomweb"``: QIDO-RS and
+    WADO-RS at ``url`` with ``auth`` as for DICOMweb destinations.
+    """
+
+    name: str
+    kind: str = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    calling_ae: str = ""  # default: node.ae_title
+    retrieve: str = "get"
+    move_destination: str = ""  # default: node.ae_title
+    url: str = ""
+    auth: str = "none"
+    token: str = ""
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    timeout_s: float = 30.0  # one network operation (association, response, HTTP read)
+    # Send IssuerOfPatientID as a matching key (true), or only ask for it back and let the
+    # node drop other issuers' studies (false: for a PACS that ignores or mishandles the key).
+    # The node checks the issuer of every answer and every retrieved header either way.
+    match_issuer_at_pacs: bool = True
+    frames: bool = True  # DICOMweb: WADO-RS frame retrieval of only the frames the model uses, when offered
+
+    def __post_init__(self) -> None:
+        where = f"priors.sources[name={self.name!r}]"
+        if self.kind not in ("dimse", "dicomweb"):
+            raise ConfigError(f"{where}.kind: expected 'dimse' or 'dicomweb', got {self.kind!r}")
+        if self.kind == "dicomweb":
+            _check_web(where, self.url, self.auth, self.token, self.username)
+        else:
+            if not self.ae_title or not self.host or not self.port:
+                raise ConfigError(f"{where}: ae_title, host and port are required for kind = 'dimse'")
+            if self.retrieve not in ("get", "move"):
+                raise ConfigError(f"{where}.retrieve: expected 'get' or 'move', got {self.retrieve!r}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{where}.timeout_s: expected a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class PriorsSettings:
+    """Earlier studies of the patient from the PACS (echonode.priors, docs/priors.md)."""
+
+    enabled: bool = False
+    sources: tuple[PriorSource, ...] = ()
+    timeout_s: float = 120.0   # the whole wait of one analysis for its priors
+    keep_pixels: bool = False  # keep retrieved prior instances under <data_dir>/priors
+    max_studies: int = 5       # newest earlier studies used per patient
+    max_results: int = 500     # C-FIND / QIDO answers read per query, at most
+    max_instances: int = 200   # instances listed per prior study, at most
+    max_clips: int = 4         # A4C clips retrieved per prior study
+    max_bytes: int = 2 * 1024 ** 3  # one retrieved instance (WADO-RS part, C-GET file), at most
+    backfill_concurrency: int = 2   # concurrent retrieves of `echonode priors backfill`
+
+    def __post_init__(self) -> None:
+        for key in ("timeout_s",):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"priors.{key}: expected a positive number")
+        for key in ("max_studies", "max_results", "max_instances", "max_clips", "max_bytes", "backfill_concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"priors.{key}: expected at least 1")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError("priors.sources: source names must be unique")
 
 
 @dataclass(frozen=True)
@@ -262,6 +373,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
+    priors: PriorsSettings = field(default_factory=PriorsSettings)
 
     # ---- derived paths (never stored, always computed from data_dir) ----
     @property
@@ -283,6 +395,10 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return Path(self.model.models_dir).expanduser().resolve() if self.model.models_dir else self.data_path / "models"
+
+    @property
+    def priors_path(self) -> Path:
+        return self.data_path / "priors"
 
     @property
     def cache_path(self) -> Path:

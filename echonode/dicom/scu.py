@@ -325,6 +325,9 @@ def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow],
                 summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
                 commitment_handler=None) -> None:
     """Send ``rows`` to ``dest`` on one association and record every outcome."""
+    if dest.kind == "dicomweb":  # STOW-RS, same outbox transitions (echonode.dicom.web)
+        from echonode.dicom import web
+        return web.stow_rows(settings, dest, rows, session, summary, now_fn)
     run = _Delivery(settings, dest, session, summary, now_fn)
     sendable = run.files_present(rows)
     if not sendable:

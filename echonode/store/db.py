@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from echonode.store.base import Base
 
 for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.interpretations",
-             "echonode.store.jobs", "echonode.store.audit"):
+             "echonode.store.jobs", "echonode.store.audit",
+             "echonode.store.priors"):
     importlib.import_module(_mod)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
