@@ -215,9 +215,10 @@ def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, l
 # --------------------------------------------------------------------------- analyse
 
 def analyse(settings: Settings, interpreter, study_uid: str, clips: Sequence[ClipSource],
-            priors: Sequence = ()) -> Analysis:
+            priors: Sequence = (), notes: Sequence[str] = ()) -> Analysis:
     """Decode the study's clips and interpret them. Raises :class:`AnalysisError` when no
-    clip is usable; a clip that is not is named in the Interpretation's warnings."""
+    clip is usable; a clip that is not is named in the Interpretation's warnings, and so are
+    ``notes`` (e.g. whether priors from the PACS were available)."""
     from echonode.interpret.engine import NoUsableClipError
 
     inputs, headers, warnings = load_clips(settings, clips)
@@ -229,6 +230,7 @@ def analyse(settings: Settings, interpreter, study_uid: str, clips: Sequence[Cli
     except NoUsableClipError as exc:
         raise AnalysisError("; ".join([str(exc), *warnings]),
                             "no clip of the study could be preprocessed (reasons in the job row)") from exc
+    warnings += [n for n in notes if n]
     if warnings:
         interp = dataclasses.replace(interp, warnings=tuple(interp.warnings) + tuple(warnings))
     used = {c.sop_instance_uid for c in interp.clips}

@@ -184,14 +184,19 @@ def _analyse_and_publish(rt: WorkerRuntime, ctx, choice):
                                  sop_instance_uid=c.sop_instance_uid, series_instance_uid=c.series_instance_uid,
                                  sop_class_uid=c.sop_class_uid, number_of_frames=c.number_of_frames)
              for c in ctx.clips]
-    priors = []
+    priors, notes = [], []
     if choice.r is not None:
+        if rt.settings.priors.enabled:   # the PACS's earlier studies, bounded by priors.timeout_s
+            from echonode.priors import fetch_and_embed_priors
+            outcome = fetch_and_embed_priors(rt.settings, rt.Session, interpreter, study_uid=ctx.study_instance_uid,
+                                             patient_id=ctx.patient_id, issuer=ctx.issuer, study_date=ctx.study_date)
+            notes.append(outcome.summary())
         with rt.Session() as s:
             rows = interpretations.prior_embeddings(s, ctx.patient_key, ctx.study_instance_uid, ctx.study_date,
                                                     choice.r.weights_sha256)
         priors = [PriorEmbedding(study_instance_uid=r.study_instance_uid, study_date=r.study_date,
                                  embedding=r.embedding, weights_sha256=r.model_sha256) for r in rows]
-    result = analysis.analyse(rt.settings, interpreter, ctx.study_instance_uid, clips, priors)
+    result = analysis.analyse(rt.settings, interpreter, ctx.study_instance_uid, clips, priors, notes)
     with rt.Session() as s:
         return analysis.publish(rt.settings, s, result, job_id=ctx.job_id, worker=rt.worker_id,
                                 patient_key=ctx.patient_key, study_date=ctx.study_date)

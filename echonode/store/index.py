@@ -168,6 +168,7 @@ def stabilise_studies(sessions, delay_s: float, *, now=None, limit: int = 100) -
 
     from echonode.store.models import (DECISION_ANALYSE, JOB_QUEUED, STUDY_QUEUED, STUDY_STABLE,
                                        AnalysisJob)
+    from echonode.store.priors import is_prior_study
 
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=float(delay_s))
@@ -191,8 +192,8 @@ def stabilise_studies(sessions, delay_s: float, *, now=None, limit: int = 100) -
                 stabilised += 1
                 n = session.scalar(select(func_count()).select_from(Instance).where(
                     Instance.study_pk == study_pk, Instance.decision == DECISION_ANALYSE))
-                if not n:
-                    continue
+                if not n or is_prior_study(session, uid):
+                    continue  # nothing to analyse, or a prior retrieved for another study's comparison
                 job = AnalysisJob(study_pk=study_pk, study_instance_uid=uid, study_version=version,
                                   state=JOB_QUEUED, attempts=0, created_at=now, updated_at=now)
                 session.add(job)

@@ -15,7 +15,7 @@ the lease) is detected from SQL alone, whatever the broker.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, and_, or_, select, update
@@ -62,6 +62,9 @@ class JobContext:
     patient_key: str
     clips: tuple[ClipRow, ...]          # instances with decision "analyse"
     all_paths: tuple[str, ...]          # every instance of the study (relative paths)
+    # for the priors query at the PACS only; never logged (kept out of repr)
+    patient_id: str = field(default="", repr=False)
+    issuer: str = field(default="", repr=False)
 
 
 def job_context(session: Session, job_id: int) -> Optional[JobContext]:
@@ -70,10 +73,12 @@ def job_context(session: Session, job_id: int) -> Optional[JobContext]:
         return None
     study = session.get(Study, job.study_pk)
     pkey = patient_key("", "")
+    pid = issuer = ""
     if study is not None and study.patient_pk is not None:
         pat = session.get(Patient, study.patient_pk)
         if pat is not None:
             pkey = patient_key(pat.patient_id, pat.issuer)
+            pid, issuer = pat.patient_id or "", pat.issuer or ""
     rows = session.execute(
         select(Instance, Series.series_instance_uid)
         .join(Series, Instance.series_pk == Series.id)
@@ -85,7 +90,8 @@ def job_context(session: Session, job_id: int) -> Optional[JobContext]:
     return JobContext(job_id=job.id, state=job.state, study_instance_uid=job.study_instance_uid,
                       study_version=job.study_version,
                       study_date=(study.study_date or "") if study is not None else "",
-                      patient_key=pkey, clips=clips, all_paths=tuple(i.path for i, _ in rows))
+                      patient_key=pkey, clips=clips, all_paths=tuple(i.path for i, _ in rows),
+                      patient_id=pid, issuer=issuer)
 
 
 # --------------------------------------------------------------------------- dispatch
