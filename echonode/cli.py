@@ -32,6 +32,8 @@ COMMAND_MODULES = (
     "echonode.commands.train",     # train, eval, calibrate
     "echonode.commands.outbox",    # outbox
     "echonode.commands.demo",      # demo
+    "echonode.commands.fsck",      # fsck
+    "echonode.commands.retention", # retention
 )
 
 

@@ -395,7 +395,7 @@ class Spool:
     """
 
     def __init__(self, settings: Settings, session_factory, *,
-                 on_stored: Optional[Callable[[StoreResult], None]] = None):
+                 on_stored: Optional[Callable[[StoreResult], None]] = None, clean_incoming: bool = True):
         self.settings = settings
         self.sessions = session_factory
         self.root = settings.data_path
@@ -414,7 +414,8 @@ class Spool:
         for d in (self.storage, self.incoming, self.quarantine_dir):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(d, DIR_MODE)  # also tightens directories made by older versions
-        self._clean_incoming()
+        if clean_incoming:  # not for `fsck` beside a running node: those files are in flight
+            self._clean_incoming()
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
