@@ -640,7 +640,7 @@ class Spool:
         group_len = fm.get("FileMetaInformationGroupLength")
         if group_len is None:
             raise ValueError("no File Meta Information Group Length")
-        meta_len = 128 + 4 + 12 + int(group_len.value)
+        meta_len = 128 + 4 + 12 + int(group_len)
         sop_class = check_uid(str(fm.get("MediaStorageSOPClassUID", "")).strip(), "Media Storage SOP Class UID",
                               strict=False)
         sop = check_uid(str(fm.get("MediaStorageSOPInstanceUID", "")).strip(), "Media Storage SOP Instance UID",
