@@ -490,3 +490,64 @@ def test_results_write_on_full_disk_leaves_nothing_partial(tmpfs):
     filler.unlink()
     [obj] = write_results(d / "out", [ds])
     assert Path(obj.path).stat().st_size > 256 << 10
+
+
+# --------------------------------------------------------------------------- kill -9 at one chosen step
+
+STEPS = {
+    # strace holds the node's thread at one system call of the store for a few seconds; the
+    # test kills the node with SIGKILL meanwhile. The first fsync after attaching is the temp
+    # file's (the database fsyncs come after the link).
+    "temp-file-fsync": "fsync:delay_enter=4000000:when=1",
+    "before-link": "link,linkat:delay_enter=4000000",
+    "after-link-before-commit": "link,linkat:delay_exit=4000000",
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_kill9_at_a_store_step(node_factory, tmp_path, step):
+    node = node_factory().start()
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    v1 = clip(tmp_path / "v1.dcm", sop, study, series, desc="first", seed=1)
+    v2 = clip(tmp_path / "v2.dcm", sop, study, series, desc="second", seed=2)
+    assert statuses(send(node, [v1])) == ["Success"]
+    first = current(node, sop)
+    first_bytes = (node.data_dir / first.path).read_bytes()
+    threads = [a for t in sorted(Path(f"/proc/{node.proc.pid}/task").iterdir()) for a in ("-p", t.name)]
+    tracer = subprocess.Popen(["strace", "-f", "-o", str(tmp_path / "strace.log"), "-e",
+                               f"inject={STEPS[step]}", *threads],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)  # attached to every thread
+        assert tracer.poll() is None, tracer.stderr.read()
+        cart = subprocess.Popen([dcmtk("storescu"), "-v", "-R", "-xe", "-aet", "STORESCU", "-aec", "ECHONODE",
+                                 "-to", "20", "-ta", "20", "-td", "20", "127.0.0.1", str(node.port), str(v2)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2.0)  # the store is now held at the step
+        incoming = list((node.data_dir / "instances" / ".incoming").glob("*.part"))
+        placed = sorted((node.data_dir / first.path).parent.glob("*.dcm"))
+        node.kill9()
+        out, _ = cart.communicate(timeout=60)
+    finally:
+        tracer.kill()
+        tracer.wait(10)
+    assert "Received Store Response (Success)" not in out, out
+    # where the store was held shows on disk: the temp file, and after the link the second file
+    assert len(incoming) == 1
+    assert len(placed) == (2 if step == "after-link-before-commit" else 1)
+    assert (node.data_dir / first.path).read_bytes() == first_bytes
+
+    node.start()  # the reconciler: temp files removed, a placed file indexed as a non-current version
+    rep = node.log_text().rsplit("reconciler: ", 1)[1].splitlines()[0]
+    assert "1 temp files removed" in rep, rep
+    assert (f"1 indexed now" if step == "after-link-before-commit" else "0 indexed now") in rep, rep
+    found = versions(node)[sop]
+    assert payload_sha(v1) in found and current(node, sop).path == first.path
+    assert (payload_sha(v2) in found) == (step == "after-link-before-commit")
+    # the cart sends again: Success, current (node.on_conflict = replace), both recoverable
+    assert statuses(send(node, [v2])) == ["Success"]
+    assert set(versions(node)[sop]) == {payload_sha(v1), payload_sha(v2)}
+    assert payload_sha(node.data_dir / current(node, sop).path) == payload_sha(v2)
+    node.stop()
+    rc, rep = fsck(node)
+    assert rc == 0 and rep["files"] == 2 and rep["incoming"] == [], rep

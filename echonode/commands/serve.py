@@ -66,7 +66,8 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     engine = db.get_engine(settings.db_url)
     sessions = db.session_factory(engine)
     ctx = ServeContext(settings=settings, sessions=sessions)
-    ctx.spool = Spool(settings, sessions)
+    # temp files left by a crash are removed (and counted) by the reconciler below
+    ctx.spool = Spool(settings, sessions, clean_incoming=False)
     services: list[Stoppable] = []
     _reconcile_at_start(settings, sessions, ctx)
     ctx.scp = EchoSCP(settings, ctx.spool)
