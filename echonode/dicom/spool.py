@@ -414,6 +414,9 @@ class Spool:
         for d in (self.storage, self.incoming, self.quarantine_dir):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(d, DIR_MODE)  # also tightens directories made by older versions
+        # the entries of these directories (and of data_dir) must last too, not only the files in them
+        for d in {self.storage, self.quarantine_dir, self.root, self.root.parent}:
+            _fsync_dir(d)
         if clean_incoming:  # not for `fsck` beside a running node: those files are in flight
             self._clean_incoming()
 
