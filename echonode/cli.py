@@ -35,6 +35,8 @@ COMMAND_MODULES = (
     "echonode.commands.demo",      # demo
     "echonode.commands.audit",     # audit
     "echonode.commands.priors",    # priors backfill
+    "echonode.commands.fsck",      # fsck
+    "echonode.commands.retention", # retention
 )
 
 

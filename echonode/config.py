@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+#: values of ``node.on_conflict``
+ON_CONFLICT = ("replace", "keep-first")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
@@ -76,6 +80,9 @@ class NodeSettings:
     # Deflated Explicit VR Little Endian input: inflated size may be at most this many
     # times the compressed size (and at most max_instance_mb); beyond it 0xC210
     max_inflate_ratio: int = 200
+    # a different object with an already stored SOP Instance UID: both versions are kept on
+    # disk and in the index; "replace" makes the newer one current, "keep-first" the first
+    on_conflict: str = "replace"
     tls: TLSSettings = field(default_factory=TLSSettings)
 
     @property
@@ -561,6 +568,8 @@ def validate_node(node: NodeSettings) -> None:
     for key in ("request_timeout_s", "dimse_timeout_s", "network_timeout_s", "acse_timeout_s"):
         if not getattr(node, key) > 0:
             raise ConfigError(f"node.{key}: must be a positive number of seconds, got {getattr(node, key)!r}")
+    if node.on_conflict not in ON_CONFLICT:
+        raise ConfigError(f"node.on_conflict: must be one of {', '.join(ON_CONFLICT)}, got {node.on_conflict!r}")
     if not node.tls.handshake_timeout_s > 0:
         raise ConfigError(f"node.tls.handshake_timeout_s: must be positive, got {node.tls.handshake_timeout_s!r}")
 

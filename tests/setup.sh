@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 # fonts-dejavu-core: burned-in text checks and the results view; docker-compose: validates
 # deploy/compose.yaml (no engine needed); python3-pip/-venv: a fresh Debian has neither.
 packages=(dcmtk dicom3tools orthanc orthanc-dicomweb redis-server redis-tools postgresql openssl
-          rsyslog rsyslog-openssl socat tesseract-ocr chromium fonts-dejavu-core docker-compose python3-pip python3-venv)
+          rsyslog rsyslog-openssl socat strace tesseract-ocr chromium fonts-dejavu-core docker-compose python3-pip python3-venv)
 need=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
+from echonode.dicom.spool import version_name_ok
 from echonode.store import db
 from echonode.store.models import Instance, InstanceHistory, Patient, Series, Study
 from tests.fixtures.node import dataset_bytes, dcmtk, send_raw, storescu_ts_flag
@@ -114,7 +115,9 @@ def check_index(node, files: list[Path], *, exact_bytes: bool) -> dict:
         row, ds = rows[uid], header(f)
         stored = data / row.path
         assert stored.is_file(), row.path
-        assert row.path == f"instances/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{uid}.dcm"
+        # a replaced instance's current version has a name of its own (docs/durability.md)
+        assert Path(row.path).parent == Path(f"instances/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}")
+        assert version_name_ok(Path(row.path).name, uid), row.path
         blob = stored.read_bytes()
         assert hashlib.sha256(blob).hexdigest() == row.sha256
         assert len(blob) == row.size
@@ -198,6 +201,9 @@ def test_realworld_storescu(node, realworld_dir, tmp_path):
     assert len(found["rows"]) == 20
     assert len(found["history"]) == 2
     assert all(r.replaced_count <= 1 for r in found["rows"].values())
+    # the first version of each stays on disk, named by its history row
+    for h in found["history"]:
+        assert hashlib.sha256((node.data_dir / h.old_path).read_bytes()).hexdigest() == h.old_sha256
     status = node.status()
     assert status["instances"] == 20
     assert status["patients"] >= 1 and status["series"] >= 1

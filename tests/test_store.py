@@ -101,18 +101,24 @@ def test_store_index_duplicate_replace(spool):
     assert rows(spool, InstanceHistory) == []
     assert len(list(spool.storage.rglob("*.dcm"))) == 1
 
-    # different bytes, same SOP Instance UID: the newer one is kept, the replacement recorded
+    # different bytes, same SOP Instance UID: the newer one is current (node.on_conflict =
+    # "replace"), the first keeps its file untouched, the history names both
     ds.SeriesDescription = "A4C repeat"
     data2 = encode(ds)
     r3 = store(spool, ds, data2, calling_ae="CART2")
     assert r3.status == SUCCESS and r3.replaced
-    assert path.read_bytes() == meta + data2
+    assert path.read_bytes() == blob
+    new_sha = hashlib.sha256(meta + data2).hexdigest()
+    assert r3.path == path.with_name(f"{ds.SOPInstanceUID}.{new_sha[:16]}.dcm")
+    assert r3.path.read_bytes() == meta + data2
     [inst] = rows(spool, Instance)
-    assert inst.replaced_count == 1 and inst.sha256 == hashlib.sha256(meta + data2).hexdigest()
+    assert inst.replaced_count == 1 and inst.sha256 == new_sha
+    assert spool.root / inst.path == r3.path
     [h] = rows(spool, InstanceHistory)
     assert h.old_sha256 == hashlib.sha256(blob).hexdigest() and h.new_sha256 == inst.sha256
     assert (h.old_calling_ae, h.calling_ae) == ("CART1", "CART2")
-    assert len(list(spool.storage.rglob("*.dcm"))) == 1
+    assert (spool.root / h.old_path, spool.root / h.new_path, h.current) == (path, r3.path, "new")
+    assert len(list(spool.storage.rglob("*.dcm"))) == 2
 
 
 def test_hostile_uid_never_becomes_a_path(spool, tmp_path):

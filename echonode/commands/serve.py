@@ -58,8 +58,10 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     ctx = ServeContext(settings=settings, sessions=sessions)
     audit.record(sessions, [audit.application_start("serve"), audit.configuration_loaded(settings)])
     audit_sender = audit.start_sender(settings, sessions, engine)
-    ctx.spool = Spool(settings, sessions)
+    # temp files left by a crash are removed (and counted) by the reconciler below
+    ctx.spool = Spool(settings, sessions, clean_incoming=False)
     services: list[Stoppable] = []
+    _reconcile_at_start(settings, sessions, ctx)
     ctx.scp = EchoSCP(settings, ctx.spool)
     ctx.scp.start()
     services.append(_Stop(lambda: ctx.scp.stop(drain_s), "scp"))
@@ -72,6 +74,31 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     services.append(_Stop(lambda: audit.stop(sessions, audit_sender), "audit"))
     services.append(_Stop(engine.dispose, "database"))
     return ctx, services
+
+
+def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:
+    """Before the SCP listens: index files left without a row by a crash, report rows without
+    a file (echonode.dicom.reconcile; sizes only, `echonode fsck` hashes)."""
+    from echonode.dicom.reconcile import hold_serve_lock, reconcile
+
+    min_age = 0.0
+    try:
+        ctx.extras["serve_lock_fd"] = hold_serve_lock(settings.data_path)
+    except OSError:
+        # another serve on this data directory, or a child process left behind by one
+        LOG.warning("the data directory's serve lock is held by another process: the reconciler "
+                    "leaves files younger than 600 s alone")
+        min_age = 600.0
+    try:
+        rep = reconcile(settings, sessions, ctx.spool, repair=True, verify=False, min_age_s=min_age)
+    except Exception:  # the node still serves; `echonode fsck` shows the details
+        LOG.exception("reconciler failed at start")
+        return
+    ctx.extras["reconcile"] = rep
+    if rep.problems() or rep.indexed or rep.orphaned:
+        LOG.warning("reconciler: %s (details: echonode fsck)", rep.summary())
+    else:
+        LOG.info("reconciler: %s", rep.summary())
 
 
 def stop_services(services: list[Stoppable]) -> None:

@@ -1,4 +1,4 @@
-"""Durable receive: temp file → fsync → rename → fsync dir → SQL commit → Success.
+"""Durable receive: temp file → fsync → link into place → fsync dirs → SQL commit → Success.
 
 The dataset bytes are stored exactly as received on the wire (never decoded and
 re-encoded, never transcoded), preceded by a File Meta Information group that we
@@ -9,6 +9,8 @@ the same object received twice gives the same file and the same sha256.
 Layout::
 
     <data_dir>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <data_dir>/instances/<Study>/<Series>/<SOPInstanceUID>.<sha256[:16]>.dcm  (a later, different
+                                                       object with the same SOP Instance UID)
     <data_dir>/instances/.incoming/<random>.part       (in-flight, same file system)
     <data_dir>/quarantine/<UTC timestamp>-<random>.dcm (rejected input, never DICOM-derived)
 
@@ -136,20 +138,36 @@ def read_header(path: Path):
         return dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True, defer_size=4096)
 
 
-def _mkdirs(path: Path, base: Path) -> None:
-    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask)."""
+def _mkdirs(path: Path, base: Path) -> list[Path]:
+    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask).
+    Returns the directories it created (their parents need an fsync for them to last)."""
     if path.is_dir():
-        return
+        return []
     missing = []
     p = path
     while p != base and not p.is_dir():
         missing.append(p)
         p = p.parent
+    created = []
     for d in reversed(missing):
         try:
             d.mkdir(mode=DIR_MODE)
+            created.append(d)
         except FileExistsError:
             pass
+    return created
+
+
+def version_name_ok(name: str, sop: str) -> bool:
+    """``name`` is one the spool gives a version of ``sop``: ``<SOP>.dcm`` (the first),
+    ``<SOP>.<sha256[:16]>.dcm`` (later ones), ``<SOP>.<sha256[:16]>-<8 hex>.dcm`` (a prefix clash)."""
+    if name == f"{sop}.dcm":
+        return True
+    if not (name.startswith(sop + ".") and name.endswith(".dcm")):
+        return False
+    tag = name[len(sop) + 1:-4]
+    hexdigits = set("0123456789abcdef")
+    return (len(tag) == 16 or (len(tag) == 25 and tag[16] == "-")) and set(tag.replace("-", "")) <= hexdigits
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -277,6 +295,14 @@ def _wait_quietly(fut: Future) -> None:
         pass
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -390,7 +416,7 @@ class Spool:
     """
 
     def __init__(self, settings: Settings, session_factory, *,
-                 on_stored: Optional[Callable[[StoreResult], None]] = None):
+                 on_stored: Optional[Callable[[StoreResult], None]] = None, clean_incoming: bool = True):
         self.settings = settings
         self.sessions = session_factory
         self.root = settings.data_path
@@ -409,7 +435,11 @@ class Spool:
         for d in (self.storage, self.incoming, self.quarantine_dir):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(d, DIR_MODE)  # also tightens directories made by older versions
-        self._clean_incoming()
+        # the entries of these directories (and of data_dir) must last too, not only the files in them
+        for d in {self.storage, self.quarantine_dir, self.root, self.root.parent}:
+            _fsync_dir(d)
+        if clean_incoming:  # not for `fsck` beside a running node: those files are in flight
+            self._clean_incoming()
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
@@ -430,6 +460,7 @@ class Spool:
         return self.free_bytes() >= self.min_free
 
     def relpath(self, study: str, series: str, sop: str) -> Path:
+        """Where the first version of an instance goes (later versions: :func:`version_name_ok`)."""
         return Path("instances") / study / series / f"{sop}.dcm"
 
     def quarantine(self, meta: bytes, data, reason: str) -> Optional[Path]:
@@ -567,27 +598,12 @@ class Spool:
             if not is_valid_uid(sop_instance_uid, strict=True):
                 LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
             sha, size = inc.sha256, inc.size
-            parse_path, inflated = tmp, None
             # ---- parse the stored bytes (header only) and validate
             try:
                 if str(transfer_syntax_uid).strip() == DEFLATED:
                     _wait_quietly(synced)
-                    inflated = parse_path = self._inflated_copy(tmp, inc.meta_len, size)
-                try:
-                    ds = read_header(parse_path)
-                    study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
-                    series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
-                    ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
-                    ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID", strict=False)
-                    if ds_sop != sop_instance_uid:
-                        raise UIDError("SOP Instance UID in the dataset differs from the C-STORE request")
-                    if ds_class != str(sop_class_uid).strip():
-                        raise UIDError("SOP Class UID in the dataset differs from the C-STORE request")
-                    attrs = index_attributes(ds)
-                    decision = selection.decide(ds, self.settings.select)
-                finally:
-                    if inflated is not None:
-                        inflated.unlink(missing_ok=True)
+                study_uid, series_uid, attrs, decision = self._parse(
+                    tmp, inc.meta_len, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid)
             except UIDError as exc:
                 _wait_quietly(synced)
                 return self._reject(DATASET_MISMATCH, str(exc), b"", b"", tmp)
@@ -609,6 +625,60 @@ class Spool:
             _wait_quietly(synced)
             tmp.unlink(missing_ok=True)
 
+    def _parse(self, path: Path, meta_len: int, size: int, sop_class_uid: str, sop_instance_uid: str,
+               transfer_syntax_uid: str):
+        """Header of a stored file (bounded; Deflated input inflated to a bounded temp copy),
+        checked against the command's UIDs: (study UID, series UID, index attributes,
+        selection decision). Raises UIDError, ValueError or pydicom's errors."""
+        parse_path, inflated = path, None
+        try:
+            if str(transfer_syntax_uid).strip() == DEFLATED:
+                inflated = parse_path = self._inflated_copy(path, meta_len, size)
+            ds = read_header(parse_path)
+            study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
+            series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
+            ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
+            ds_class = check_uid(_text(ds, "SOPClassUID"), "SOP Class UID", strict=False)
+            if ds_sop != str(sop_instance_uid).strip():
+                raise UIDError("SOP Instance UID in the dataset differs from the C-STORE request")
+            if ds_class != str(sop_class_uid).strip():
+                raise UIDError("SOP Class UID in the dataset differs from the C-STORE request")
+            return study_uid, series_uid, index_attributes(ds), selection.decide(ds, self.settings.select)
+        finally:
+            if inflated is not None:
+                inflated.unlink(missing_ok=True)
+
+    def index_file(self, path: Path) -> StoreResult:
+        """Index a file found under ``instances/`` that no row names (the reconciler).
+
+        The same parse and the same SQL path as a received instance, but the file stays
+        where it is and never becomes the current version of an instance that has one.
+        Raises (UIDError, ValueError, OSError, pydicom errors) when it cannot be indexed:
+        unreadable, no file meta written by a DICOM writer, or not at the place its header names."""
+        path = Path(path)
+        rel = path.relative_to(self.root)
+        with open(path, "rb") as fh:
+            ds = dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True,
+                         specific_tags=["SOPInstanceUID"])
+        fm = ds.file_meta
+        group_len = fm.get("FileMetaInformationGroupLength")
+        if group_len is None:
+            raise ValueError("no File Meta Information Group Length")
+        meta_len = 128 + 4 + 12 + int(group_len)
+        sop_class = check_uid(str(fm.get("MediaStorageSOPClassUID", "")).strip(), "Media Storage SOP Class UID",
+                              strict=False)
+        sop = check_uid(str(fm.get("MediaStorageSOPInstanceUID", "")).strip(), "Media Storage SOP Instance UID",
+                        strict=False)
+        ts = check_uid(str(fm.get("TransferSyntaxUID", "")).strip(), "Transfer Syntax UID", strict=False)
+        size = path.stat().st_size
+        sha = file_sha256(path)
+        study_uid, series_uid, attrs, decision = self._parse(path, meta_len, size, sop_class, sop, ts)
+        if rel.parent != Path("instances") / study_uid / series_uid or not version_name_ok(path.name, sop):
+            raise ValueError("file is not at the place its header names")
+        with self._locks[hash(sop) % len(self._locks)]:
+            return self._commit(None, None, rel, sha, size, attrs, decision, study_uid, series_uid, sop,
+                                sop_class, ts, "", adopt=True)
+
     def _reject(self, status: int, reason: str, meta: bytes, data, tmp: Optional[Path] = None) -> StoreResult:
         q = None
         if tmp is not None and tmp.exists():
@@ -625,26 +695,55 @@ class Spool:
                     q.name if q else "none")
         return StoreResult(status, reason, quarantine=q)
 
-    def _commit(self, tmp: Path, synced: Future, rel: Path, sha: str, size: int, attrs: dict, decision,
-                study_uid: str, series_uid: str, sop_uid: str, sop_class: str, ts: str,
-                calling_ae: str) -> StoreResult:
+    def _commit(self, tmp: Optional[Path], synced: Optional[Future], rel: Path, sha: str, size: int, attrs: dict,
+                decision, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, ts: str,
+                calling_ae: str, *, adopt: bool = False) -> StoreResult:
+        series_dir = self.root / rel.parent
         final = self.root / rel
         dir_synced: list[Future] = []
+        linked: list[Path] = []  # the file this store put in place (kept on an earlier try's retry)
 
         def wait_dir() -> None:
             for fut in dir_synced:
                 fut.result()
 
-        def place_file():
-            # Runs inside the SQL transaction. Order: temp file durable → rename → directory
-            # fsync (in the background while the SQL statements run) → wait_dir() → COMMIT.
-            # A committed row therefore never points at a file that is not durably in place.
+        def place_file(versioned: bool, reuse: Optional[str]):
+            # Runs inside the SQL transaction. Order: temp file durable → link into place
+            # (never over an existing file) → fsync of the directory and of the parent of
+            # every directory created (in the background while the SQL statements run) →
+            # wait_dir() → COMMIT. A committed row therefore never points at a file that is
+            # not durably in place, and acknowledged bytes are never overwritten.
+            nonlocal final
+            if adopt:
+                return str(rel), None
+            if reuse is not None:
+                final = self.root / reuse
+                return reuse, None
+            assert tmp is not None and synced is not None
             synced.result()
-            if tmp.exists():
-                _mkdirs(final.parent, self.storage)
-                os.replace(tmp, final)
-                dir_synced.append(self._io.submit(_fsync_dir, final.parent))
-            return wait_dir
+            created = _mkdirs(series_dir, self.storage)
+            names = ([] if versioned else [f"{sop_uid}.dcm"]) + [f"{sop_uid}.{sha[:16]}.dcm"]
+            target = None
+            for name in names:
+                cand = series_dir / name
+                try:
+                    os.link(tmp, cand)
+                    linked.append(cand)
+                except FileExistsError:
+                    # our own link from an earlier try, or the same bytes left by a commit that
+                    # failed: use it; anything else there is another object: leave it alone
+                    if cand not in linked and file_sha256(cand) != sha:
+                        continue
+                target = cand
+                break
+            if target is None:  # a 64-bit name prefix shared by different bytes
+                target = series_dir / f"{sop_uid}.{sha[:16]}-{secrets.token_hex(4)}.dcm"
+                os.link(tmp, target)
+                linked.append(target)
+            final = target
+            for d in {series_dir, *(c.parent for c in created)}:
+                dir_synced.append(self._io.submit(_fsync_dir, d))
+            return str(target.relative_to(self.root)), wait_dir
 
         rec = InstanceRecord(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
@@ -653,7 +752,8 @@ class Spool:
             view_code=decision.view_code, view_name=(decision.view_name or None) and decision.view_name[:128],
             attrs=attrs)
         try:
-            outcome = record_instance(self.sessions, rec, place_file, exists=lambda p: (self.root / p).is_file())
+            outcome = record_instance(self.sessions, rec, place_file, exists=lambda p: (self.root / p).is_file(),
+                                      on_conflict=self.settings.node.on_conflict, adopt=adopt)
         except OSError as exc:
             status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
             LOG.error("could not store instance: %s", exc.strerror or exc)
@@ -662,15 +762,20 @@ class Spool:
             LOG.error("could not index instance: %s", describe_error(exc))
             return StoreResult(PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", sop_uid)
         if outcome.duplicate:
-            return StoreResult(SUCCESS, "duplicate with identical bytes", sop_uid, study_uid,
-                               duplicate=True, path=self.root / outcome.path)
-        if outcome.old_path and outcome.old_path != str(rel):
-            (self.root / outcome.old_path).unlink(missing_ok=True)
+            return StoreResult(SUCCESS, "already indexed" if outcome.known_path else "duplicate with identical bytes",
+                               sop_uid, study_uid, duplicate=True, path=self.root / outcome.path)
+        # nothing is deleted here: the version that is no longer current keeps its file and
+        # its history row until `echonode retention` removes it
         if outcome.replaced:
             LOG.warning("instance replaced by a different object with the same SOP Instance UID "
-                        "(calling AE %s); history recorded", calling_ae)
-        res = StoreResult(SUCCESS, "replaced" if outcome.replaced else "stored", sop_uid, study_uid,
-                          replaced=outcome.replaced, path=final)
+                        "(calling AE %s); both versions kept, history recorded", calling_ae)
+        elif outcome.kept_first:
+            LOG.warning("a different object with a stored SOP Instance UID (calling AE %s) was kept as "
+                        "a non-current version (%s)", calling_ae,
+                        "found by the reconciler" if adopt else "node.on_conflict = keep-first")
+        reason = "replaced" if outcome.replaced else "kept as a version" if outcome.kept_first else "stored"
+        res = StoreResult(SUCCESS, reason, sop_uid, study_uid, replaced=outcome.replaced,
+                          path=self.root / outcome.path)
         if self.on_stored:
             try:
                 self.on_stored(res)

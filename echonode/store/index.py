@@ -3,6 +3,8 @@
 Called by ``echonode.dicom.spool`` (which owns files and DICOM parsing); this module
 owns the SQL. One transaction per instance; ``place_file`` runs inside it, after the
 duplicate check and before the commit, so a committed row always names a durable file.
+A different object with a stored SOP Instance UID never replaces a file: it gets a file
+of its own and an ``instance_history`` row naming both (see ``docs/durability.md``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Callable, Optional
 from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from echonode.store.models import (STUDY_RECEIVING, Instance, InstanceHistory, Patient, Series, Study,
-                                   utcnow)
+from echonode.store.models import (STUDY_RECEIVING, VERSION_CURRENT_NEW, VERSION_CURRENT_OLD, Instance,
+                                   InstanceHistory, Patient, Series, Study, utcnow)
 
 _INSTANCE_ATTRS = ("instance_number", "image_type", "rows", "columns", "number_of_frames",
                    "frame_time_ms", "cine_rate", "photometric", "manufacturer", "model_name")
@@ -42,22 +44,35 @@ class InstanceRecord:
 @dataclass
 class RecordOutcome:
     duplicate: bool = False
-    replaced: bool = False
+    replaced: bool = False     # the arriving version became current
+    kept_first: bool = False   # the arriving version was recorded but the current one stayed
     path: str = ""
     old_path: Optional[str] = None
+    known_path: bool = False   # adopt: the file was already named by the index
 
 
-def record_instance(sessions, rec: InstanceRecord, place_file: Callable[[], Optional[Callable[[], None]]], *,
-                    exists: Callable[[str], bool] = lambda p: True, retries: int = 5) -> RecordOutcome:
+ON_CONFLICT_REPLACE = "replace"
+ON_CONFLICT_KEEP_FIRST = "keep-first"
+
+#: ``place_file(versioned, reuse) -> (path relative to data_dir, wait or None)``: puts the
+#: received file in place without overwriting anything; ``versioned``: another version of
+#: this SOP Instance UID is already indexed; ``reuse``: a path of a known version holding
+#: the same bytes (nothing to write). ``wait`` is awaited after the statements, before COMMIT.
+PlaceFile = Callable[[bool, Optional[str]], tuple[str, Optional[Callable[[], None]]]]
+
+
+def record_instance(sessions, rec: InstanceRecord, place_file: PlaceFile, *,
+                    exists: Callable[[str], bool] = lambda p: True, retries: int = 5,
+                    on_conflict: str = ON_CONFLICT_REPLACE, adopt: bool = False) -> RecordOutcome:
     """Index one stored instance; retries on unique-key races and busy databases.
 
-    ``place_file()`` runs inside the transaction after the duplicate check; it may return a
-    callable that is awaited after the SQL statements and before the COMMIT (the spool
-    uses it to overlap the directory fsync with the statements)."""
+    ``place_file`` runs inside the transaction after the duplicate check (see
+    :data:`PlaceFile`). ``adopt``: the file is already at ``rec.path`` (the reconciler);
+    it never changes which version is current."""
     last: Exception | None = None
     for attempt in range(retries):
         try:
-            return _record_once(sessions, rec, place_file, exists)
+            return _record_once(sessions, rec, place_file, exists, on_conflict, adopt)
         except (IntegrityError, OperationalError) as exc:
             last = exc
             time.sleep(0.05 * (attempt + 1))
@@ -65,38 +80,123 @@ def record_instance(sessions, rec: InstanceRecord, place_file: Callable[[], Opti
     raise last
 
 
-def _record_once(sessions, rec: InstanceRecord, place_file, exists) -> RecordOutcome:
+def _path_known(session, path: str) -> bool:
+    return session.scalar(select(Instance.id).where(Instance.path == path).limit(1)) is not None or \
+        session.scalar(select(InstanceHistory.id).where(
+            (InstanceHistory.old_path == path) | (InstanceHistory.new_path == path)).limit(1)) is not None
+
+
+def _known_version(session, sop: str, sha: str, exists: Callable[[str], bool]) -> Optional[str]:
+    """The path of a recorded (non-current) version of ``sop`` with these bytes, if its file is there."""
+    for old_sha, old_path, new_sha, new_path in session.execute(
+            select(InstanceHistory.old_sha256, InstanceHistory.old_path, InstanceHistory.new_sha256,
+                   InstanceHistory.new_path).where(InstanceHistory.sop_instance_uid == sop)
+            .order_by(InstanceHistory.id.desc())).all():
+        for h, p in ((new_sha, new_path), (old_sha, old_path)):
+            if h == sha and p and exists(p):
+                return p
+    return None
+
+
+def _record_once(sessions, rec: InstanceRecord, place_file: PlaceFile, exists, on_conflict: str,
+                 adopt: bool) -> RecordOutcome:
     a = rec.attrs
     with sessions() as session, session.begin():
         existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).first()
+        if adopt and _path_known(session, rec.path):
+            return RecordOutcome(duplicate=True, path=rec.path, known_path=True)
         if existing is not None and existing.sha256 == rec.sha256 and exists(existing.path):
             return RecordOutcome(duplicate=True, path=existing.path)
-        wait = place_file()
-        study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
+        keep_old = adopt or on_conflict == ON_CONFLICT_KEEP_FIRST
+        reuse = None
+        if existing is not None:
+            reuse = _known_version(session, rec.sop_instance_uid, rec.sha256, exists)
+            if reuse is not None and keep_old:
+                return RecordOutcome(duplicate=True, path=reuse)
+        path, wait = place_file(existing is not None, reuse)
         now = utcnow()
-        values = dict(series_pk=series_pk, study_pk=study_pk, sop_class_uid=rec.sop_class_uid,
-                      transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path, size=rec.size,
+        values = dict(sop_class_uid=rec.sop_class_uid,
+                      transfer_syntax_uid=rec.transfer_syntax_uid, path=path, size=rec.size,
                       sha256=rec.sha256, received_at=now, calling_ae=rec.calling_ae, decision=rec.decision,
                       reason=rec.reason, view_code=rec.view_code, view_name=rec.view_name,
                       **{k: a.get(k) for k in _INSTANCE_ATTRS})
         if existing is None:
-            session.add(Instance(sop_instance_uid=rec.sop_instance_uid, replaced_count=0, **values))
+            study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
+            session.add(Instance(sop_instance_uid=rec.sop_instance_uid, replaced_count=0,
+                                 series_pk=series_pk, study_pk=study_pk, **values))
             session.flush()
             if wait:
                 wait()
-            return RecordOutcome(path=rec.path)
+            return RecordOutcome(path=path)
+        old_path = existing.path
         session.add(InstanceHistory(
             sop_instance_uid=rec.sop_instance_uid, old_sha256=existing.sha256, new_sha256=rec.sha256,
             old_size=existing.size, old_received_at=existing.received_at, old_calling_ae=existing.calling_ae,
-            replaced_at=now, calling_ae=rec.calling_ae))
-        old_path = existing.path
-        for k, v in values.items():
-            setattr(existing, k, v)
-        existing.replaced_count = (existing.replaced_count or 0) + 1
+            replaced_at=now, calling_ae=rec.calling_ae, old_path=old_path, new_path=path, new_size=rec.size,
+            current=VERSION_CURRENT_OLD if keep_old else VERSION_CURRENT_NEW))
+        if not keep_old:
+            # the study's content changed: a new study version (and so a new analysis)
+            study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
+            for k, v in values.items():
+                setattr(existing, k, v)
+            existing.series_pk, existing.study_pk = series_pk, study_pk
+            existing.replaced_count = (existing.replaced_count or 0) + 1
         session.flush()
         if wait:
             wait()
-        return RecordOutcome(replaced=True, path=rec.path, old_path=old_path)
+        return RecordOutcome(replaced=not keep_old, kept_first=keep_old, path=path, old_path=old_path)
+
+
+# --------------------------------------------------------------------------- reconciler / retention
+
+@dataclass
+class IndexedFile:
+    path: str
+    size: Optional[int]
+    sha256: str
+    current: bool
+
+
+def indexed_files(sessions) -> dict[str, IndexedFile]:
+    """Every file the index names (current instances and recorded versions), by path."""
+    out: dict[str, IndexedFile] = {}
+    with sessions() as session:
+        for h in session.execute(select(InstanceHistory.old_path, InstanceHistory.old_size, InstanceHistory.old_sha256,
+                                        InstanceHistory.new_path, InstanceHistory.new_size,
+                                        InstanceHistory.new_sha256)).all():
+            if h[0]:
+                out[h[0]] = IndexedFile(h[0], h[1], h[2], False)
+            if h[3]:
+                out[h[3]] = IndexedFile(h[3], h[4], h[5], False)
+        for path, size, sha in session.execute(select(Instance.path, Instance.size, Instance.sha256)).all():
+            out[path] = IndexedFile(path, size, sha, True)
+    return out
+
+
+def expire_instance_history(sessions, older_than, *, apply: bool) -> tuple[int, list[str]]:
+    """Versions recorded before ``older_than`` (naive UTC) that are no longer current.
+
+    Returns (history rows, paths of files that only those rows name and no instance uses).
+    With ``apply`` the rows are deleted (committed) before the caller removes the files, so
+    a crash in between leaves files the reconciler finds again, never rows without files."""
+    with sessions() as session, session.begin():
+        old = session.execute(select(InstanceHistory.id, InstanceHistory.old_path, InstanceHistory.new_path)
+                              .where(InstanceHistory.replaced_at < older_than)).all()
+        ids = [r[0] for r in old]
+        candidates = {p for r in old for p in (r[1], r[2]) if p}
+        keep: set[str] = set()
+        if candidates:
+            keep |= set(session.scalars(select(Instance.path).where(Instance.path.in_(sorted(candidates)))))
+            for o, n in session.execute(select(InstanceHistory.old_path, InstanceHistory.new_path)
+                                        .where(InstanceHistory.replaced_at >= older_than)).all():
+                keep.update(p for p in (o, n) if p)
+        paths = sorted(candidates - keep)
+        if apply and ids:
+            from sqlalchemy import delete
+
+            for i in range(0, len(ids), 500):
+                session.execute(delete(InstanceHistory).where(InstanceHistory.id.in_(ids[i:i + 500])))
+    return len(ids), paths
 
 
 def _touch_study(session, study_pk: int, now) -> None:

@@ -1,7 +1,7 @@
 """Ingest tables: patients, studies, series, instances, replacement history, analysis jobs.
 
-Schema revision ``0001_ingest`` (``store/migrations/versions/0001_ingest.py``) creates
-exactly these tables; change both together.
+Schema revisions ``0001_ingest`` and ``0004_instance_versions``
+(``store/migrations/versions/``) create exactly these tables; change both together.
 
 Study state machine (column ``studies.state``)::
 
@@ -134,8 +134,19 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+VERSION_CURRENT_NEW = "new"   # the arriving version became current (node.on_conflict = "replace")
+VERSION_CURRENT_OLD = "old"   # the version already current stayed so ("keep-first", or found by fsck)
+
+
 class InstanceHistory(Base):
-    """A previous version of an instance, replaced by a different object with the same SOP UID."""
+    """A different object arrived with an already stored SOP Instance UID.
+
+    Both versions stay on disk: ``old_path`` is the version that was current before,
+    ``new_path`` the one that arrived; ``current`` says which of the two the ``instances``
+    row names afterwards. Every file of an instance is therefore either ``instances.path``
+    or an ``old_path``/``new_path`` here (revision ``0004_instance_versions`` added the
+    paths; rows from before it have NULL paths: their old file was overwritten then).
+    """
 
     __tablename__ = "instance_history"
 
@@ -148,6 +159,10 @@ class InstanceHistory(Base):
     old_calling_ae: Mapped[Optional[str]] = mapped_column(String(16))
     replaced_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     calling_ae: Mapped[Optional[str]] = mapped_column(String(16))
+    old_path: Mapped[Optional[str]] = mapped_column(Text)   # relative to data_dir
+    new_path: Mapped[Optional[str]] = mapped_column(Text)
+    new_size: Mapped[Optional[int]] = mapped_column(BigInteger)
+    current: Mapped[str] = mapped_column(String(8), nullable=False, default=VERSION_CURRENT_NEW)
 
 
 class AnalysisJob(Base):

@@ -10,7 +10,7 @@ from alembic import op
 import sqlalchemy as sa
 
 revision = "0005_audit"
-down_revision = "0003_results"
+down_revision = "0004_instance_versions"
 branch_labels = None
 depends_on = None
 
