@@ -241,12 +241,9 @@ def run(args) -> int:
         _err(f"cannot load the model: {exc}")
         return 1
 
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(studies), desc="analyze", unit="study", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-    except ImportError:  # pragma: no cover
-        bar = None
+    from tqdm import tqdm
+    bar = tqdm(total=len(studies), desc="analyze", unit="study", file=sys.stderr,
+               disable=not sys.stderr.isatty())
     failed = bool(problems)
     out = Path(args.out) if args.out else None
     for uid, study in studies.items():
@@ -257,8 +254,7 @@ def run(args) -> int:
             failed = True
             continue
         finally:
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         for w in result.interp.warnings:
             if " not analysed: " in w:
                 _err(w)
@@ -281,6 +277,5 @@ def run(args) -> int:
                 print(f"  wrote {o}")
             print()
         sys.stdout.flush()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return 1 if failed else 0
