@@ -21,7 +21,6 @@ answers a C-ECHO (``alive``). One JSON line per receiver and a summary.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random

@@ -159,7 +159,6 @@ def main() -> int:
         deadline = time.monotonic() + args.timeout
         # warm-up (the worker loads the model at start; prompt embeddings are computed here)
         u, f = make_study(folder, 0, args.frames, args.rows, args.cols)
-        t = time.perf_counter()
         send(node_port, [f])
         t_sent = time.perf_counter()
         done, pending = wait_srs([u], deadline)

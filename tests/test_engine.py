@@ -237,6 +237,7 @@ def test_analyze_cli_json_and_outputs(tiny_bundle, tiny_bundle_r, realworld_dir,
     from echonode.cli import main
 
     monkeypatch.setenv("ECHONODE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ECHONODE_RESULTS__PDF", "true")     # the page also as Encapsulated PDF
     dcm = realworld_dir / YBR_CLIP
     avi = echoclip_data / "example_video.avi"
     out = tmp_path / "out"
@@ -259,14 +260,19 @@ def test_analyze_cli_json_and_outputs(tiny_bundle, tiny_bundle_r, realworld_dir,
     assert d["clips"][0]["sop_instance_uid"] == str(src.SOPInstanceUID)
     n = int(src.NumberOfFrames)
     assert d["clips"][0]["frames_used"] == list(range(0, min(40, n), 2))
-    # DICOM study: SR + one SC per PromptCAM task, all in the source study
+    # DICOM study: SR, key-results page, its PDF (results.pdf) and one SC per PromptCAM task,
+    # all in the source study, each file named by its kind
     files = sorted(Path(p).name for p in d["outputs"])
     assert "interpretation.json" in files and sum(f.startswith("SR_") for f in files) == 1
+    assert sum(f.startswith("PAGE_") for f in files) == 1 and sum(f.startswith("PDF_") for f in files) == 1
     assert sum(f.startswith("SC_") for f in files) == len(d["promptcams"]) == 4
+    classes = {"SR": "1.2.840.10008.5.1.4.1.1.88.34", "PAGE": "1.2.840.10008.5.1.4.1.1.7",
+               "PDF": "1.2.840.10008.5.1.4.1.1.104.1", "SC": "1.2.840.10008.5.1.4.1.1.7"}
     for p in d["outputs"]:
         if p.endswith(".dcm"):
             ds = pydicom.dcmread(p)
             assert ds.StudyInstanceUID == src.StudyInstanceUID
+            assert ds.SOPClassUID == classes[Path(p).name.split("_")[0]]
     # video study: pseudo-study, no DICOM outputs, said so on stderr
     v = next(o for o in objs if o is not d)
     assert v["study_instance_uid"].startswith("2.25.")

@@ -190,6 +190,23 @@ def tiny_element_header(path: Path, mb: int = 10) -> Path:
     return path
 
 
+def _audited(node, event: str, status: str) -> bool:
+    """Whether the node's audit trail holds ``event`` with DICOM ``status`` (recorded
+    before the C-STORE response, so no wait is needed)."""
+    import json
+
+    from echonode.store import audit as store
+    from echonode.store import db
+
+    engine = db.make_engine(node.settings.db_url)
+    try:
+        with db.session_factory(engine)() as s:
+            return any(r.event == event and json.loads(r.summary).get("status") == status
+                       for r in store.query(s, limit=1000))
+    finally:
+        engine.dispose()
+
+
 def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
     """max_instance_mb answers 0xA700; a 1 MB Deflated dataset that inflates to 1 GiB and a
     10 MiB header of empty elements are answered 0xC210 within 30 s; a 40 MB clip streams
@@ -209,6 +226,11 @@ def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
     assert send_raw(n.port, [bomb], timeout=30) == [0xC210]
     assert time.monotonic() - t0 < 30
     assert "inflates beyond" in n.log_text()
+    # the C-STORE was audited (always on: events go to SQL) without the audit inflating the
+    # quarantined bomb again: the peak RSS stays bounded right after it
+    assert _audited(n, "instance-quarantined", "0xC210")
+    grown = vm_hwm_kb(n.proc.pid) - w.hwm0
+    assert grown < RSS_BOUND_KB, f"peak RSS grew by {grown // 1024} MB after the Deflate bomb"
 
     wide = tiny_element_header(tmp_path / "wide.dcm")                  # 10 MiB of empty elements
     t0 = time.monotonic()

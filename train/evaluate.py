@@ -25,7 +25,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional

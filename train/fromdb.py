@@ -82,7 +82,7 @@ def export_manifest(settings, out_csv: str | Path) -> DbExport:
     from sqlalchemy import select
 
     from echonode.store import db
-    from echonode.store.models import Instance, Patient, Series, Study
+    from echonode.store.models import Instance, Patient, Study
     from echonode.store.interpretations import patient_key
 
     engine = db.make_engine(settings.db_url)

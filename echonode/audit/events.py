@@ -181,38 +181,9 @@ class PatientRef:
         return f"{self.patient_id}^^^{self.issuer}" if self.issuer else self.patient_id
 
 
-def patient_from_file(path: Optional[os.PathLike | str]) -> tuple[Optional[PatientRef], dict]:
-    """Patient and study identifiers read from a stored DICOM file's header (no pixels).
-
-    Returns (patient or None, {study, series, sop_class, sop_instance, accession})."""
-    info: dict = {}
-    if not path:
-        return None, info
-    try:
-        from pydicom import dcmread
-        ds = dcmread(str(path), stop_before_pixels=True, specific_tags=[
-            "PatientID", "IssuerOfPatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
-            "SOPClassUID", "SOPInstanceUID", "AccessionNumber"])
-    except Exception:
-        return None, info
-
-    def text(kw: str) -> str:
-        try:
-            v = ds.get(kw)
-        except Exception:
-            return ""
-        return "" if v is None else str(v).strip()[:64]
-
-    info = {"study": text("StudyInstanceUID"), "series": text("SeriesInstanceUID"),
-            "sop_class": text("SOPClassUID"), "sop_instance": text("SOPInstanceUID"),
-            "accession": text("AccessionNumber")}
-    if "PatientID" not in ds and "PatientName" not in ds:
-        return None, info
-    return PatientRef(text("PatientID"), text("IssuerOfPatientID"), text("PatientName")), info
-
-
 def patient_of(ds: Any) -> Optional[PatientRef]:
-    """The patient of a pydicom Dataset (None when it names none)."""
+    """The patient of an already parsed pydicom Dataset (None when it names none). The
+    audit never reads a DICOM file itself: callers hand over what they parsed."""
     if ds is None:
         return None
 
@@ -371,16 +342,16 @@ def node_authentication_failed(peer_host: str, reason: str) -> Event:
 @_safe
 def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str = "", status: Optional[int] = None,
                       sop_class_uid: str = "", sop_instance_uid: str = "") -> Event:
-    """A C-STORE answered. ``result`` is the spool's StoreResult (status, reason, UIDs, path,
-    quarantine path, duplicate/replaced). Patient identifiers are read from the stored
-    (or quarantined) file's header."""
+    """A C-STORE answered. ``result`` is the spool's StoreResult (status, reason, UIDs,
+    quarantine path, duplicate/replaced, and the patient, series and accession of the header
+    it parsed once, with a bound). No file is read here: a refused Deflate bomb stays unread."""
     status = int(result.status if status is None else status)
-    path = getattr(result, "path", None) or getattr(result, "quarantine", None)
-    patient, info = patient_from_file(path)
-    sop_uid = getattr(result, "sop_instance_uid", "") or info.get("sop_instance", "") or sop_instance_uid
-    study = getattr(result, "study_instance_uid", "") or info.get("study", "")
-    series = info.get("series", "")
-    sop_class = sop_class_uid or info.get("sop_class", "")
+    patient = getattr(result, "patient", None)
+    sop_uid = getattr(result, "sop_instance_uid", "") or sop_instance_uid
+    study = getattr(result, "study_instance_uid", "") or ""
+    series = getattr(result, "series_instance_uid", "") or ""
+    sop_class = sop_class_uid or getattr(result, "sop_class_uid", "") or ""
+    accession = getattr(result, "accession_number", "") or ""
     ok = status == 0 or (status & 0xF000) == 0xB000
     replaced = bool(getattr(result, "replaced", False))
     duplicate = bool(getattr(result, "duplicate", False))
@@ -399,7 +370,7 @@ def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str
             details.append(("SeriesInstanceUID", series))
         details.append(("DICOMStatus", f"0x{status:04X}"))
         objects.append(_study_object(study, [(sop_class, sop_uid)] if sop_class and sop_uid else [],
-                                     accession=info.get("accession", ""), details=details, life_cycle=2))
+                                     accession=accession, details=details, life_cycle=2))
     objects += _patient_object(patient)
     msg = _message(INSTANCES_TRANSFERRED, "U" if replaced else "C", SUCCESS if ok else MINOR_FAILURE,
                    [ActiveParticipant(user_id=calling_ae or "-", is_requestor=True, roles=(ROLE_SOURCE,),
@@ -414,11 +385,8 @@ def instance_received(result: Any, *, calling_ae: str, peer: str, called_ae: str
 # ------------------------------------------------------------------ analysis and results
 @_safe
 def study_analysed(study_uid: str, clips: Sequence[tuple[str, str]], *, model: str, weights_sha256: str,
-                   patient: Optional[PatientRef] = None, clip_path: Optional[str] = None,
-                   ok: bool = True, error: str = "") -> Event:
+                   patient: Optional[PatientRef] = None, ok: bool = True, error: str = "") -> Event:
     """The model read these clips ((sop_class, sop_instance) pairs) of a study."""
-    if patient is None and clip_path:
-        patient, _ = patient_from_file(clip_path)
     obj = _study_object(study_uid, clips, details=[("model", model), ("weights-sha256", weights_sha256)],
                         life_cycle=6)
     msg = _message(INSTANCES_ACCESSED, "R", SUCCESS if ok else SERIOUS_FAILURE, [_app(requestor=True)],
@@ -428,11 +396,9 @@ def study_analysed(study_uid: str, clips: Sequence[tuple[str, str]], *, model: s
 
 
 @_safe
-def result_created(study_uid: str, objects: Sequence[tuple[str, str]], *, paths: Sequence[str] = (),
-                   model: str = "", weights_sha256: str = "", patient: Optional[PatientRef] = None) -> Event:
+def result_created(study_uid: str, objects: Sequence[tuple[str, str]], *, model: str = "",
+                   weights_sha256: str = "", patient: Optional[PatientRef] = None) -> Event:
     """Result objects ((sop_class, sop_instance) pairs) written into a study."""
-    if patient is None and paths:
-        patient, _ = patient_from_file(paths[0])
     details = [(k, v) for k, v in (("model", model), ("weights-sha256", weights_sha256)) if v]
     msg = _message(INSTANCES_ACCESSED, "C", SUCCESS, [_app(requestor=True)],
                    objects=[_study_object(study_uid, objects, details=details, life_cycle=1),
@@ -457,14 +423,20 @@ def analysis(interp: Any, objects: Sequence[Any], sources: Sequence[Any] = ()) -
 
 @_safe
 def result_sent(row: Any, destination: Any = None, *, state: str, status: Optional[int] = None,
-                commitment: str = "", error: str = "") -> Event:
+                commitment: str = "", error: str = "", session: Any = None) -> Event:
     """An outbox row reached a final state: ``state`` is "delivered" or "dead".
 
-    ``row`` has sop_instance_uid, sop_class_uid, study_instance_uid, destination, path;
-    ``destination`` (a config Destination, optional) gives the AE title and address."""
+    ``row`` has sop_instance_uid, sop_class_uid, study_instance_uid, destination;
+    ``destination`` (a config Destination, optional) gives the AE title and address;
+    ``session`` (the caller's SQL session, optional) names the study's patient from the
+    index (PatientID and issuer; the index keeps no name). No result file is read."""
     if row is None:
         return None
-    patient, _ = patient_from_file(getattr(row, "path", None))
+    patient = None
+    if session is not None:
+        from echonode.store.index import study_patient
+        ids = study_patient(session, getattr(row, "study_instance_uid", "") or "")
+        patient = PatientRef(*ids) if ids else None
     dest_name = getattr(row, "destination", "") or ""
     if destination is None:
         destination = next((d for d in _context.destinations if getattr(d, "name", None) == dest_name), None)
@@ -578,7 +550,7 @@ def repository_restored(url: str, pending: int) -> Event:
 
 
 __all__ = [
-    "AuditContext", "Event", "PatientRef", "configure", "context", "os_user", "patient_from_file", "patient_of",
+    "AuditContext", "Event", "PatientRef", "configure", "context", "os_user", "patient_of",
     "application_start", "application_stop", "configuration_loaded", "config_sha256", "association",
     "association_closed", "node_authentication_failed", "tls_subject", "instance_received", "study_analysed", "result_created",
     "analysis", "result_sent", "export", "model_installed", "outbox_admin", "audit_log_used",

@@ -174,9 +174,11 @@ def render_table(interp) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, result, video: bool, messages: list[str]) -> list[str]:
-    """``out/<study>/``: interpretation.json, and for DICOM studies the SR and overlays."""
-    from echonode.analysis import result_datasets
+def _write_outputs(out: Path, result, video: bool, messages: list[str], *, pdf: bool = False) -> list[str]:
+    """``out/<study>/``: interpretation.json, and for DICOM studies the result objects the
+    node would send, each named by its kind: ``SR_``, ``PAGE_``, ``PDF_`` (``results.pdf``)
+    and ``SC_`` (PromptCAM overlays) followed by the SOP Instance UID."""
+    from echonode.analysis import result_datasets, result_kind
     from echonode.files import atomic_write, atomic_write_bytes
 
     interp = result.interp
@@ -189,8 +191,8 @@ def _write_outputs(out: Path, result, video: bool, messages: list[str]) -> list[
     if video:
         messages.append(f"study {uid}: video input has no DICOM source; SR and overlays not written")
         return written
-    for ds in result_datasets(interp, result.headers):
-        kind = "SR" if str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.88.") else "SC"
+    for ds in result_datasets(interp, result.headers, pdf=pdf):
+        kind = result_kind(ds).upper()
         sop = str(ds.SOPInstanceUID)
         if not _valid_uid(sop):
             raise ValueError(f"generated {kind} has an invalid SOP Instance UID")
@@ -241,12 +243,9 @@ def run(args) -> int:
         _err(f"cannot load the model: {exc}")
         return 1
 
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(studies), desc="analyze", unit="study", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-    except ImportError:  # pragma: no cover
-        bar = None
+    from tqdm import tqdm
+    bar = tqdm(total=len(studies), desc="analyze", unit="study", file=sys.stderr,
+               disable=not sys.stderr.isatty())
     failed = bool(problems)
     out = Path(args.out) if args.out else None
     for uid, study in studies.items():
@@ -257,8 +256,7 @@ def run(args) -> int:
             failed = True
             continue
         finally:
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         for w in result.interp.warnings:
             if " not analysed: " in w:
                 _err(w)
@@ -266,7 +264,7 @@ def run(args) -> int:
         if out is not None:
             messages: list[str] = []
             try:
-                outputs = _write_outputs(out, result, study["video"], messages)
+                outputs = _write_outputs(out, result, study["video"], messages, pdf=settings.results.pdf)
             except Exception as exc:  # report, keep going with the other studies
                 _err(f"study {uid}: writing outputs failed: {type(exc).__name__}: {exc}")
                 failed = True
@@ -281,6 +279,5 @@ def run(args) -> int:
                 print(f"  wrote {o}")
             print()
         sys.stdout.flush()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return 1 if failed else 0

@@ -35,17 +35,12 @@ def run(args) -> int:
         print("echonode phantom: --studies and --frames must be >= 1, --size 32..1024, --quality 1..100, "
               "--longitudinal 0..1", file=sys.stderr)
         return 2
-    bar = None
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=args.studies, desc="phantom", unit="study", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-    except ImportError:  # pragma: no cover
-        pass
+    from tqdm import tqdm
+    bar = tqdm(total=args.studies, desc="phantom", unit="study", file=sys.stderr,
+               disable=not sys.stderr.isatty())
 
     def progress(done, total):
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
 
     try:
         manifest = phantom.generate_dataset(args.out, args.studies, args.seed, split=args.split,
@@ -56,8 +51,7 @@ def run(args) -> int:
         print(f"echonode phantom: {exc}", file=sys.stderr)
         return 1
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if args.json:
         print(json.dumps({"manifest": str(manifest), "studies": args.studies, "seed": args.seed}))
     else:

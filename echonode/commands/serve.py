@@ -31,6 +31,8 @@ class ServeContext:
     scp: Any = None
     scheduler: Any = None
     pipeline: Any = None
+    serve_lock_fd: Any = None   # held while serve runs: fsck then spares files that may be mid-store
+    reconcile: Any = None       # the reconciler's report at start
 
 
 class _Stop:
@@ -83,7 +85,7 @@ def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:
 
     min_age = 0.0
     try:
-        ctx.extras["serve_lock_fd"] = hold_serve_lock(settings.data_path)
+        ctx.serve_lock_fd = hold_serve_lock(settings.data_path)
     except OSError:
         # another serve on this data directory, or a child process left behind by one
         LOG.warning("the data directory's serve lock is held by another process: the reconciler "
@@ -94,7 +96,7 @@ def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:
     except Exception:  # the node still serves; `echonode fsck` shows the details
         LOG.exception("reconciler failed at start")
         return
-    ctx.extras["reconcile"] = rep
+    ctx.reconcile = rep
     if rep.problems() or rep.indexed or rep.orphaned:
         LOG.warning("reconciler: %s (details: echonode fsck)", rep.summary())
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 import json
-import logging
 import sys
 from pathlib import Path
 from echonode import audit

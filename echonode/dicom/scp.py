@@ -459,7 +459,10 @@ class EchoSCP:
             self.totals["associations"] += 1
             self._stats[id(assoc)] = _AssocStats(calling_ae=str(assoc.requestor.ae_title).strip(),
                                                  peer=f"{self._peer(assoc)}:{assoc.requestor.port}")
-        audit.record(self.spool.sessions, audit.association(str(assoc.requestor.ae_title).strip(), str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip(), self._peer(assoc), assoc.requestor.port, accepted=True, tls_subject=audit.tls_subject(assoc)))
+        called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        audit.record(self.spool.sessions, audit.association(
+            str(assoc.requestor.ae_title).strip(), called, self._peer(assoc), assoc.requestor.port,
+            accepted=True, tls_subject=audit.tls_subject(assoc)))
         rejected = [cx.abstract_syntax for cx in assoc.rejected_contexts]
         if rejected:
             LOG.info("association from %r: refused %d presentation context(s) at negotiation: %s",
@@ -476,7 +479,10 @@ class EchoSCP:
         st = self._stats.pop(id(event.assoc), None)
         if st is None:
             return
-        audit.record(self.spool.sessions, audit.association_closed(st.calling_ae, self.node.ae_title, st.peer, stored=st.stored, duplicates=st.duplicates, failures=st.failures, aborted=event.assoc.is_aborted, statuses=st.statuses, tls_subject=audit.tls_subject(event.assoc)))
+        audit.record(self.spool.sessions, audit.association_closed(
+            st.calling_ae, self.node.ae_title, st.peer, stored=st.stored, duplicates=st.duplicates,
+            failures=st.failures, aborted=event.assoc.is_aborted, statuses=st.statuses,
+            tls_subject=audit.tls_subject(event.assoc)))
         LOG.info("association %s: calling AE %r peer %s stored %d (duplicates %d) failures %d in %.1fs "
                  "(%.1fs storing)%s",
                  "aborted" if event.assoc.is_aborted else "released", st.calling_ae, st.peer, st.stored,
@@ -510,9 +516,14 @@ class EchoSCP:
                         pass
             status = result.status
         except Exception as exc:  # never let an exception leave a C-STORE unanswered
-            LOG.error("C-STORE handler failed: %s: %s", type(exc).__name__, str(exc)[:200])
+            # the class only: an error's text can quote header values (PHI)
+            LOG.error("C-STORE handler failed: %s", type(exc).__name__)
             status = PROCESSING_FAILURE
-        audit.record(self.spool.sessions, audit.instance_received(result, status=status, calling_ae=st.calling_ae, peer=st.peer, called_ae=self.node.ae_title, sop_class_uid=str(getattr(event.request, "AffectedSOPClassUID", "") or ""), sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")))
+        # the patient and UIDs come from the spool's one bounded header parse (StoreResult)
+        audit.record(self.spool.sessions, audit.instance_received(
+            result, status=status, calling_ae=st.calling_ae, peer=st.peer, called_ae=self.node.ae_title,
+            sop_class_uid=str(getattr(event.request, "AffectedSOPClassUID", "") or ""),
+            sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")))
         with self._lock:
             st.store_s += time.monotonic() - t0
             if status == 0x0000:

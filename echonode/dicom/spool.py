@@ -38,7 +38,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -99,6 +99,11 @@ _SYNC_FILE_RANGE_WRITE = 2
 MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
+class LimitExceeded(ValueError):
+    """A bound of the node was hit while parsing (header size, inflated size). Its text is
+    the node's own, with no header values in it, so it may be logged."""
+
+
 class _BoundedReader(io.RawIOBase):
     """A read-only file whose reads stop the parse beyond ``limit`` bytes in total."""
 
@@ -116,7 +121,7 @@ class _BoundedReader(io.RawIOBase):
         data = self._fh.read(n)
         self._left -= len(data)
         if self._left < 0:
-            raise ValueError(f"dataset header above {MAX_HEADER_BYTES} bytes")
+            raise LimitExceeded(f"dataset header above {MAX_HEADER_BYTES} bytes")
         return data
 
     def readinto(self, b) -> int:
@@ -282,10 +287,27 @@ class StoreResult:
     replaced: bool = False
     path: Optional[Path] = None
     quarantine: Optional[Path] = None
+    # What the audit record names, taken from the header parsed (bounded) once here, so
+    # that nothing re-reads the stored or quarantined file: series, SOP class, accession
+    # and the patient (an audit.PatientRef; PHI by design of PS3.15, never logged).
+    series_instance_uid: str = ""
+    sop_class_uid: str = ""
+    accession_number: str = ""
+    patient: Any = None
 
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+    def with_header(self, ds: Any) -> "StoreResult":
+        """This result plus the audit facts of the parsed header ``ds`` (None: unchanged)."""
+        if ds is None:
+            return self
+        from echonode.audit.events import patient_of
+        return replace(self, study_instance_uid=self.study_instance_uid or _text(ds, "StudyInstanceUID") or "",
+                       series_instance_uid=_text(ds, "SeriesInstanceUID") or "",
+                       sop_class_uid=_text(ds, "SOPClassUID") or "",
+                       accession_number=_text(ds, "AccessionNumber") or "", patient=patient_of(ds))
 
 
 def _wait_quietly(fut: Future) -> None:
@@ -555,14 +577,14 @@ class Spool:
                             piece = d.decompress(chunk, _CHUNK)
                             total += len(piece)
                             if total > limit:
-                                raise ValueError(f"Deflated dataset inflates beyond {limit} bytes "
+                                raise LimitExceeded(f"Deflated dataset inflates beyond {limit} bytes "
                                                  f"(node.max_inflate_ratio={self.max_ratio}, node.max_instance_mb)")
                             dst.write(piece)
                             chunk = d.unconsumed_tail
                     rest = d.flush()
                     total += len(rest)
                     if total > limit:
-                        raise ValueError(f"Deflated dataset inflates beyond {limit} bytes")
+                        raise LimitExceeded(f"Deflated dataset inflates beyond {limit} bytes")
                     dst.write(rest)
                 except BaseException:
                     dst.close()
@@ -598,27 +620,33 @@ class Spool:
             if not is_valid_uid(sop_instance_uid, strict=True):
                 LOG.info("non-conformant SOP Instance UID accepted (leading zero in a component)")
             sha, size = inc.sha256, inc.size
+            seen: dict = {}   # the parsed header, for the audit's patient (never re-read)
             # ---- parse the stored bytes (header only) and validate
             try:
                 if str(transfer_syntax_uid).strip() == DEFLATED:
                     _wait_quietly(synced)
                 study_uid, series_uid, attrs, decision = self._parse(
-                    tmp, inc.meta_len, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+                    tmp, inc.meta_len, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, seen)
             except UIDError as exc:
                 _wait_quietly(synced)
-                return self._reject(DATASET_MISMATCH, str(exc), b"", b"", tmp)
+                return self._reject(DATASET_MISMATCH, str(exc), b"", b"", tmp).with_header(seen.get("ds"))
             except Exception as exc:  # pydicom raises many types on malformed input
                 _wait_quietly(synced)
-                return self._reject(CANNOT_UNDERSTAND,
-                                    f"dataset cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}",
-                                    b"", b"", tmp)
+                # The reason (quarantine .txt, audit record) keeps pydicom's text, which can
+                # quote header values; the log line names the error class only, unless the
+                # error is one of the node's own bounds.
+                reason = f"dataset cannot be parsed: {type(exc).__name__}: {str(exc)[:200]}"
+                return self._reject(CANNOT_UNDERSTAND, reason, b"", b"", tmp,
+                                    log_reason=reason if isinstance(exc, LimitExceeded)
+                                    else f"dataset cannot be parsed: {type(exc).__name__}").with_header(seen.get("ds"))
 
             rel = self.relpath(study_uid, series_uid, sop_instance_uid)
             lock = self._locks[hash(sop_instance_uid) % len(self._locks)]
             with lock:
-                return self._commit(tmp, synced, rel, sha, size, attrs, decision, study_uid, series_uid,
-                                    sop_instance_uid, str(sop_class_uid).strip(),
-                                    str(transfer_syntax_uid).strip(), calling_ae)
+                res = self._commit(tmp, synced, rel, sha, size, attrs, decision, study_uid, series_uid,
+                                   sop_instance_uid, str(sop_class_uid).strip(),
+                                   str(transfer_syntax_uid).strip(), calling_ae)
+            return res.with_header(seen.get("ds"))
         except OSError as exc:
             return self._write_failed(exc, sop_instance_uid)
         finally:
@@ -626,7 +654,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
 
     def _parse(self, path: Path, meta_len: int, size: int, sop_class_uid: str, sop_instance_uid: str,
-               transfer_syntax_uid: str):
+               transfer_syntax_uid: str, seen: Optional[dict] = None):
         """Header of a stored file (bounded; Deflated input inflated to a bounded temp copy),
         checked against the command's UIDs: (study UID, series UID, index attributes,
         selection decision). Raises UIDError, ValueError or pydicom's errors."""
@@ -635,6 +663,8 @@ class Spool:
             if str(transfer_syntax_uid).strip() == DEFLATED:
                 inflated = parse_path = self._inflated_copy(path, meta_len, size)
             ds = read_header(parse_path)
+            if seen is not None:
+                seen["ds"] = ds
             study_uid = check_uid(_text(ds, "StudyInstanceUID"), "Study Instance UID", strict=False)
             series_uid = check_uid(_text(ds, "SeriesInstanceUID"), "Series Instance UID", strict=False)
             ds_sop = check_uid(_text(ds, "SOPInstanceUID"), "SOP Instance UID", strict=False)
@@ -679,7 +709,8 @@ class Spool:
             return self._commit(None, None, rel, sha, size, attrs, decision, study_uid, series_uid, sop,
                                 sop_class, ts, "", adopt=True)
 
-    def _reject(self, status: int, reason: str, meta: bytes, data, tmp: Optional[Path] = None) -> StoreResult:
+    def _reject(self, status: int, reason: str, meta: bytes, data, tmp: Optional[Path] = None,
+                log_reason: str = "") -> StoreResult:
         q = None
         if tmp is not None and tmp.exists():
             name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
@@ -691,7 +722,7 @@ class Spool:
                 q = None
         else:
             q = self.quarantine(meta, data, reason)
-        LOG.warning("rejected instance with status 0x%04X: %s (quarantine: %s)", status, reason,
+        LOG.warning("rejected instance with status 0x%04X: %s (quarantine: %s)", status, log_reason or reason,
                     q.name if q else "none")
         return StoreResult(status, reason, quarantine=q)
 

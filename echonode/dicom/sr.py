@@ -35,8 +35,8 @@ from typing import Iterable, Optional, Sequence
 
 import highdicom as hd
 from highdicom.sr import (
-    AlgorithmIdentification, CodeContentItem, ContainerContentItem, FindingSite, Measurement,
-    MeasurementReport, MeasurementsAndQualitativeEvaluations, NumContentItem, ObservationContext,
+    AlgorithmIdentification, ContainerContentItem, FindingSite, Measurement,
+    MeasurementReport, MeasurementsAndQualitativeEvaluations, ObservationContext,
     ObserverContext, DeviceObserverIdentifyingAttributes, QualitativeEvaluation,
     RelationshipTypeValues, SourceImageForMeasurementGroup, TextContentItem, TrackingIdentifier,
     UIDRefContentItem, DateContentItem,

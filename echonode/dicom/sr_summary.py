@@ -189,7 +189,6 @@ def promptcam_groups(interp: Interpretation, first_index: int, by_uid: dict) -> 
         ref = by_uid.get(cam.sop_instance_uid)
         if ref is None or cam.heatmap is None:
             continue
-        t = interp.tasks.get(cam.task_id)
         tc = _cam_codes(interp, cam.task_id)
         y, x = peak_on_source(cam)
         n = int(getattr(ref, "NumberOfFrames", 1) or 1)

@@ -136,6 +136,3 @@ def retrieval_ranks(study_embeddings: np.ndarray, report_embeddings: np.ndarray)
     t2i = 1 + ((s >= d[None, :]) & ~eye).sum(axis=0)
     return i2t, t2i
 
-
-def mean_rank(ranks: np.ndarray) -> float:
-    return float(np.mean(ranks))

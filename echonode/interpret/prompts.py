@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from echonode.config import ConfigError
+
+if TYPE_CHECKING:   # the Interpretation's plain-data type, imported where it is built
+    from echonode.interpretation import TaskCoding
 
 BUILTIN_PATH = Path(__file__).with_name("tasks.toml")
 PRIVATE_SCHEME = "99ECHONODE"
@@ -314,20 +317,6 @@ def load_catalog(tasks_file: str | Path | None = None) -> dict[str, Task]:
                 ctx = merged[task.id][1]
                 raise ctx.fail(task.id, f"level {lv.name!r} refers to task {lv.task!r}, which is not a binary task in the catalogue", "levels")
     return tasks
-
-
-def select_tasks(catalog: dict[str, Task], ids: Optional[list[str]] = None) -> dict[str, Task]:
-    """A subset of the catalogue by id (unknown ids are an error)."""
-    if ids is None:
-        return dict(catalog)
-    unknown = [i for i in ids if i not in catalog]
-    if unknown:
-        raise TaskCatalogError(f"unknown task id(s): {', '.join(unknown)}")
-    return {i: catalog[i] for i in ids}
-
-
-def with_overrides(task: Task, **changes: Any) -> Task:
-    return replace(task, **changes)
 
 
 def task_coding(task: Task) -> "TaskCoding":

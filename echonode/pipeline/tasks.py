@@ -167,10 +167,18 @@ def _fail(rt: WorkerRuntime, job_id: int, exc: Exception) -> None:
         reason = describe_error(exc)
         log.error("job %d failed: %s", job_id, reason)
     else:
-        reason = f"{type(exc).__name__}: {exc}"
-        log.exception("job %d failed", job_id)
+        # An unexpected error (the SR, page or PDF builders can quote header values in it):
+        # the class and where it was raised, never its message, in the log and the job row.
+        reason = f"{type(exc).__name__} (unexpected; traceback in the worker log)"
+        log.error("job %d failed: %s\n%s", job_id, type(exc).__name__, _traceback_without_message(exc))
     with rt.Session.begin() as s:
         jobs.fail_job(s, job_id, reason, rt.worker_id)
+
+
+def _traceback_without_message(exc: BaseException) -> str:
+    """The frames of ``exc``'s traceback (file, line, function, source line), not its text."""
+    import traceback
+    return "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__))).rstrip()
 
 
 def _analyse_and_publish(rt: WorkerRuntime, ctx, choice):

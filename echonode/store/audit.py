@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, delete, exists, select
 from sqlalchemy.orm import Mapped, Session, mapped_column

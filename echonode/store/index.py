@@ -310,3 +310,14 @@ def func_count():
     from sqlalchemy import func
 
     return func.count()
+
+
+def study_patient(session, study_uid: str) -> Optional[tuple[str, str]]:
+    """(PatientID, IssuerOfPatientID) of an indexed study, or None when the study or its
+    patient is not indexed. The audit names a delivered result's patient from here, so
+    nothing re-reads a DICOM file to learn it."""
+    if not study_uid:
+        return None
+    row = session.execute(select(Patient.patient_id, Patient.issuer).join(Study, Study.patient_pk == Patient.id)
+                          .where(Study.study_instance_uid == study_uid)).first()
+    return (row[0] or "", row[1] or "") if row is not None else None

@@ -172,7 +172,8 @@ def mark_delivered(session: Session, row_id: int, status: Optional[int] = 0,
     session.execute(update(OutboxRow).where(OutboxRow.id == row_id).values(
         state=DELIVERED, last_status=status, last_error=note, lease_until=None,
         attempts=OutboxRow.attempts + 1, sent_at=now, delivered_at=now, updated_at=now))
-    audit.record(session, audit.result_sent(session.get(OutboxRow, row_id), state=DELIVERED, status=status, error=note))
+    audit.record(session, audit.result_sent(session.get(OutboxRow, row_id), state=DELIVERED, status=status,
+                                            error=note, session=session))
     session.commit()
 
 
@@ -205,7 +206,9 @@ def mark_failed(session: Session, row_id: int, error: str, status: Optional[int]
     row.updated_at = now
     if row.attempts >= max_attempts:
         row.state = DEAD
-        audit.record(session, audit.result_sent(row, state=DEAD, status=status, error=row.last_error, commitment="failed" if "commitment" in row.last_error else ""))
+        audit.record(session, audit.result_sent(
+            row, state=DEAD, status=status, error=row.last_error, session=session,
+            commitment="failed" if "commitment" in row.last_error else ""))
     else:
         row.state = PENDING
         row.next_attempt_at = now + dt.timedelta(seconds=backoff_delay(row.attempts, backoff_initial_s,
@@ -232,7 +235,8 @@ def apply_commitment(session: Session, transaction_uid: str, committed: Sequence
             r.updated_at = now
             r.last_error = ""
             n_ok += 1
-            audit.record(session, audit.result_sent(r, state=DELIVERED, status=r.last_status, commitment="committed"))
+            audit.record(session, audit.result_sent(r, state=DELIVERED, status=r.last_status,
+                                                    commitment="committed", session=session))
     session.commit()
     for uid, reason in failed:
         r = by_uid.get(uid)
