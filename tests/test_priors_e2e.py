@@ -15,7 +15,6 @@ Tiny random-weight bundles stand in for EchoCLIP / EchoCLIP-R (plumbing, not acc
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +86,13 @@ def _embeddings(node):
     with _sessions(node)() as s:
         return {(e.study_instance_uid, e.model_sha256): (e.study_date, np.frombuffer(e.vector, dtype="<f4").copy())
                 for e in s.query(StudyEmbedding)}
+
+
+def _study_state(node, study_uid):
+    from echonode.store.models import Study
+    with _sessions(node)() as s:
+        st = s.query(Study).filter(Study.study_instance_uid == study_uid).one_or_none()
+        return st.state if st is not None else None
 
 
 def _srs(pacs, study_uid):
@@ -173,6 +179,25 @@ def test_prior_by_c_get_named_in_sr(tmp_path, node_factory, phantom_factory, tin
                                                tiny_bundle_r, "get")
     try:
         assert set(_jobs(node)) == {new_uid}
+        # the cart sends to the PACS too: the study the node analysed is now also in Orthanc. The
+        # next study's priors are both; the node's own one is not fetched again (no ledger row)
+        for i in sorted((tmp_path / "phantoms").glob(f"{new_uid}-*.dcm")):
+            pacs.post("/instances", i.read_bytes())
+        third_uid, tfiles = phantom_factory(patient_id="PRE2EGET", study_date="20250901", seed=33, n_clips=1,
+                                            n_frames=8, size=96, label="third-get")
+        node.storescu(_with_issuer(tfiles), storescu_ts_flag(tfiles[0]), check=True)
+        ds = _delivered_sr(pacs, node, third_uid)
+        notes = _texts(ds, "Processing note")
+        assert any(n.startswith("Prior studies used: 2025-03-01 from this node, 2024-01-05 from pacs.")
+                   for n in notes), notes
+        compared = _texts(ds, "Prior study compared")
+        assert [c.split(":")[0] for c in compared] == [f"prior study {new_uid} of 2025-03-01",
+                                                       f"prior study {prior_uid} of 2024-01-05"]
+        sha = choose_models(node.settings, verify=False).r.weights_sha256
+        with _sessions(node)() as s:
+            assert ledger.get(s, new_uid, sha) is None, "the node's own study is not a PACS prior"
+            assert ledger.get(s, prior_uid, sha).attempts == 1, "the PACS prior was fetched once"
+        assert set(_jobs(node)) == {new_uid, third_uid}
         assert node.stop() == 0
     finally:
         pacs.stop()
@@ -186,8 +211,9 @@ def test_prior_by_c_move_gets_no_job_of_its_own(tmp_path, node_factory, phantom_
         from echonode.store.models import Study
         with _sessions(node)() as s:   # the moved prior is in the node's index (received by its SCP) ...
             assert s.query(Study).filter(Study.study_instance_uid == prior_uid).count() == 1
-        # ... and stays without a job of its own after it became stable (stable.delay_s = 1.5 s)
-        time.sleep(4)
+        # ... and stays without a job of its own after it became stable
+        from echonode.store.models import STUDY_STABLE
+        wait_for(lambda: _study_state(node, prior_uid) == STUDY_STABLE, 30, "the moved prior to become stable")
         assert set(_jobs(node)) == {new_uid}, _jobs(node)
         assert _srs(pacs, prior_uid) == [], "no SR for the prior"
         assert "C-MOVE refused" not in node.log_text()
@@ -213,3 +239,29 @@ def test_pacs_down_analysis_goes_on(tmp_path, node_factory, phantom_factory, tin
         assert node.stop() == 0
     finally:
         pacs.stop()
+
+
+def test_stable_prior_without_job_but_received_study_keeps_its_versions(tmp_path):
+    """In-process (real spool, SQLite): a study that is only a prior gets no job when it becomes
+    stable; a study the node received and analysed that is also in the priors ledger (e.g.
+    fetched again for new EchoCLIP-R weights) still gets a job for a new version from the cart."""
+    from echonode.config import load_settings
+    from echonode.store import db
+    from echonode.store.interpretations import patient_key
+    from tests.fixtures.pipeline import ingest, phantom_study
+
+    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path / "node")})
+    db.migrate(settings.db_url)
+    sessions = db.session_factory(db.get_engine(settings.db_url))
+    own_uid, own = phantom_study(tmp_path / "ph", patient_id="STAB1", study_date="20240101", seed=51, n_clips=2,
+                                 n_frames=4, size=64, label="own")
+    assert len(ingest(settings, own[:1])) == 1, "received from the cart: analysed"
+    prior_uid, prior = phantom_study(tmp_path / "ph", patient_id="STAB1", study_date="20230101", seed=52,
+                                     n_frames=4, size=64, label="prior")
+    for uid_ in (own_uid, prior_uid):   # both in the ledger, as priors fetched for some weights
+        with sessions() as s:
+            assert ledger.claim(s, uid_, "f" * 64, patient_key=patient_key("STAB1", ""), study_date="20230101",
+                                source="pacs", owner="test", lease_s=60)
+            s.commit()
+    assert ingest(settings, prior) == [], "a prior alone: no job"
+    assert len(ingest(settings, own[1:])) == 1, "a new version of a received study: analysed again"
