@@ -525,6 +525,16 @@ def find_and_fetch_priors(settings: Settings, session_factory, *, study_uid: str
                 continue
             fetched, st = fetch_study(settings, session_factory, c, model_sha256=model_sha256, owner=owner,
                                       deadline=deadline, cancel=cancel, patient_id=patient_id, issuer=issuer)
+            if fetched is None and not st:   # not claimed: another process embedded it or is retrieving it
+                with session_factory() as s:
+                    e = ledger.get(s, c.study_uid, model_sha256)
+                with lock:
+                    if e is not None and e.state == ledger.EMBEDDED:
+                        result.used.append(PriorUsed(c.study_uid, c.study_date, e.source, e.clips, False))
+                    else:
+                        result.statements.append(f"{c.source.name}: study of {_date(c.study_date)} is being "
+                                                 "retrieved by another analysis")
+                continue
             with lock:
                 result.statements.extend(st)
                 if fetched is not None:

@@ -265,3 +265,44 @@ def test_stable_prior_without_job_but_received_study_keeps_its_versions(tmp_path
             s.commit()
     assert ingest(settings, prior) == [], "a prior alone: no job"
     assert len(ingest(settings, own[1:])) == 1, "a new version of a received study: analysed again"
+
+
+def test_prior_held_by_another_analysis_is_stated(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
+    """Two analyses of one patient at once: the prior claimed by the other one is not reported
+    as 'no earlier echo study'; once the other has embedded it, it is used without a fetch."""
+    from echonode.config import load_settings
+    from echonode.priors import fetch_and_embed_priors, load_interpreter
+    from echonode.store import db
+    from echonode.store.interpretations import patient_key
+
+    pacs = _pacs(tmp_path, _free_port())
+    try:
+        prior_uid, pfiles = phantom_factory(patient_id="PRHELD", study_date="20240105", seed=61, n_frames=4,
+                                            size=64, label="held")
+        for f in _with_issuer(pfiles):
+            pacs.post("/instances", Path(f).read_bytes())
+        settings = load_settings(env={}, overrides={
+            "data_dir": str(tmp_path / "node"), "node": {"ae_title": NODE_AE},
+            "model": {"clip_model": str(tiny_bundle.path), "r_model": str(tiny_bundle_r.path), "frames": 4},
+            "priors": {"enabled": True, "timeout_s": 30, "sources": [_source(pacs)]}})
+        db.migrate(settings.db_url)
+        sessions = db.session_factory(db.get_engine(settings.db_url))
+        interp = load_interpreter(settings)
+        sha = interp.r.info.weights_sha256
+        with sessions() as s:   # another worker (alive: its lease runs) is retrieving the prior
+            assert ledger.claim(s, prior_uid, sha, patient_key=patient_key("PRHELD", ISSUER), study_date="20240105",
+                                source="pacs", owner="otherhost:1:1", lease_s=600)
+
+        def run():
+            return fetch_and_embed_priors(settings, sessions, interp, study_uid="2.25.7", patient_id="PRHELD",
+                                          issuer=ISSUER, study_date="20250101")
+        out = run()
+        assert out.used == [] and out.summary() == ("Priors not available: pacs: study of 2024-01-05 is being "
+                                                    "retrieved by another analysis."), out.summary()
+        with sessions() as s:   # the other worker finishes
+            assert ledger.mark_embedded(s, prior_uid, sha, "otherhost:1:1", 1)
+            s.commit()
+        out = run()
+        assert [(u.study_instance_uid, u.source, u.fetched_now) for u in out.used] == [(prior_uid, "pacs", False)]
+    finally:
+        pacs.stop()
