@@ -199,6 +199,7 @@ def test_prior_by_c_get_named_in_sr(tmp_path, node_factory, phantom_factory, tin
             assert ledger.get(s, prior_uid, sha).attempts == 1, "the PACS prior was fetched once"
         assert set(_jobs(node)) == {new_uid, third_uid}
         assert node.stop() == 0
+        assert "PRE2EGET" not in node.log_text(), "no patient identifier in the node's log"
     finally:
         pacs.stop()
 
@@ -226,14 +227,16 @@ def test_pacs_down_analysis_goes_on(tmp_path, node_factory, phantom_factory, tin
     node_port = _free_port()
     pacs = _pacs(tmp_path, node_port)   # receives the results; the priors source is a closed port
     try:
+        down_port = _free_port()
         node = _start_node(node_factory, node_port, pacs, tiny_bundle, tiny_bundle_r,
-                           _source(pacs, "get", port=_free_port()))
+                           _source(pacs, "get", port=down_port))
         new_uid, nfiles = phantom_factory(patient_id="PRE2EDOWN", study_date="20250301", seed=41, n_clips=1,
                                           n_frames=8, size=96, label="down")
         node.storescu(_with_issuer(nfiles), storescu_ts_flag(nfiles[0]), check=True)
         ds = _delivered_sr(pacs, node, new_uid)
         notes = _texts(ds, "Processing note")
-        assert any(n.startswith("Priors not available: pacs:") for n in notes), notes
+        assert [n for n in notes if n.startswith("Priors not available: pacs:")
+                and f"ORTHANC@127.0.0.1:{down_port}" in n], notes
         assert _texts(ds, "Prior study compared") == []
         assert _jobs(node)[new_uid][0] == "done"
         assert node.stop() == 0
