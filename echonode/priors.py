@@ -43,6 +43,7 @@ from echonode.config import PriorSource, Settings
 log = logging.getLogger("echonode.priors")
 
 LEASE_MARGIN_S = 60.0
+OWN_SOURCE = "this node"   # PriorUsed.source of an earlier study the node received and analysed itself
 
 
 # --------------------------------------------------------------------------- outcome
@@ -499,9 +500,19 @@ def find_and_fetch_priors(settings: Settings, session_factory, *, study_uid: str
             for c in keep:
                 cands.setdefault(c.study_uid, c)
         ordered = sorted(cands.values(), key=lambda c: c.study_date, reverse=True)[: p.max_studies]
+        from echonode.store.interpretations import embedded_studies
+        with session_factory() as s:   # studies the node analysed itself: their embedding is there already
+            own = embedded_studies(s, [c.study_uid for c in ordered], model_sha256)
         for c in ordered:
             if cancel.is_set():
                 return
+            if c.study_uid in own:
+                with session_factory() as s:
+                    e = ledger.get(s, c.study_uid, model_sha256)
+                if e is None or e.state != ledger.EMBEDDED:   # not a PACS prior: no fetch, no ledger row
+                    with lock:
+                        result.used.append(PriorUsed(c.study_uid, c.study_date, OWN_SOURCE, 0, False))
+                    continue
             with session_factory() as s:
                 e = ledger.get(s, c.study_uid, model_sha256)
             if e is not None and e.state == ledger.EMBEDDED:
@@ -514,6 +525,16 @@ def find_and_fetch_priors(settings: Settings, session_factory, *, study_uid: str
                 continue
             fetched, st = fetch_study(settings, session_factory, c, model_sha256=model_sha256, owner=owner,
                                       deadline=deadline, cancel=cancel, patient_id=patient_id, issuer=issuer)
+            if fetched is None and not st:   # not claimed: another process embedded it or is retrieving it
+                with session_factory() as s:
+                    e = ledger.get(s, c.study_uid, model_sha256)
+                with lock:
+                    if e is not None and e.state == ledger.EMBEDDED:
+                        result.used.append(PriorUsed(c.study_uid, c.study_date, e.source, e.clips, False))
+                    else:
+                        result.statements.append(f"{c.source.name}: study of {_date(c.study_date)} is being "
+                                                 "retrieved by another analysis")
+                continue
             with lock:
                 result.statements.extend(st)
                 if fetched is not None:
@@ -743,6 +764,9 @@ def backfill(settings: Settings, session_factory, interpreter, *, since: str, li
     stats.found = len(todo)
     with session_factory() as s:
         done = {e.study_instance_uid for e in ledger.entries(s, sha) if e.state in ledger.FINAL}
+        # a study the node analysed itself has its embedding already: not fetched again
+        from echonode.store.interpretations import embedded_studies
+        done |= embedded_studies(s, [c.study_uid for c in todo], sha)
     pending = [c for c in todo if c.study_uid not in done]
     stats.skipped = len(todo) - len(pending)
     if limit:

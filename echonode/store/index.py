@@ -292,8 +292,13 @@ def stabilise_studies(sessions, delay_s: float, *, now=None, limit: int = 100) -
                 stabilised += 1
                 n = session.scalar(select(func_count()).select_from(Instance).where(
                     Instance.study_pk == study_pk, Instance.decision == DECISION_ANALYSE))
-                if not n or is_prior_study(session, uid):
-                    continue  # nothing to analyse, or a prior retrieved for another study's comparison
+                if not n:
+                    continue  # nothing to analyse
+                if is_prior_study(session, uid) and session.scalar(select(func_count()).select_from(AnalysisJob)
+                                                                   .where(AnalysisJob.study_pk == study_pk)) == 0:
+                    # a prior retrieved (C-MOVE) for another study's comparison; a study the node
+                    # received and analysed before stays one of its own (a new version is analysed)
+                    continue
                 job = AnalysisJob(study_pk=study_pk, study_instance_uid=uid, study_version=version,
                                   state=JOB_QUEUED, attempts=0, created_at=now, updated_at=now)
                 session.add(job)

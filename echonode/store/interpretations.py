@@ -114,6 +114,17 @@ def save_study_embedding(session: Session, study_uid: str, pkey: str, study_date
     session.flush()
 
 
+def embedded_studies(session: Session, study_uids, model_sha256: str) -> set[str]:
+    """Those of ``study_uids`` that have a study embedding for these EchoCLIP-R weights."""
+    uids = list(dict.fromkeys(study_uids))
+    out: set[str] = set()
+    for i in range(0, len(uids), 500):   # bounded IN lists
+        out.update(session.execute(select(StudyEmbedding.study_instance_uid).where(
+            StudyEmbedding.model_sha256 == model_sha256,
+            StudyEmbedding.study_instance_uid.in_(uids[i:i + 500]))).scalars())
+    return out
+
+
 @dataclass(frozen=True)
 class PriorRow:
     study_instance_uid: str
