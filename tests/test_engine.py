@@ -259,10 +259,12 @@ def test_analyze_cli_json_and_outputs(tiny_bundle, tiny_bundle_r, realworld_dir,
     assert d["clips"][0]["sop_instance_uid"] == str(src.SOPInstanceUID)
     n = int(src.NumberOfFrames)
     assert d["clips"][0]["frames_used"] == list(range(0, min(40, n), 2))
-    # DICOM study: SR + one SC per PromptCAM task, all in the source study
+    # DICOM study: SR + key-results page + one SC per PromptCAM task, all in the source study
     files = sorted(Path(p).name for p in d["outputs"])
     assert "interpretation.json" in files and sum(f.startswith("SR_") for f in files) == 1
+    assert sum(f.startswith("PAGE_") for f in files) == 1
     assert sum(f.startswith("SC_") for f in files) == len(d["promptcams"]) == 4
+    assert len(files) == 1 + 1 + 1 + 4   # nothing else (no cine nor PDF unless configured)
     for p in d["outputs"]:
         if p.endswith(".dcm"):
             ds = pydicom.dcmread(p)

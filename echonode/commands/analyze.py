@@ -175,7 +175,8 @@ def render_table(interp) -> str:
 
 
 def _write_outputs(out: Path, result, video: bool, messages: list[str]) -> list[str]:
-    """``out/<study>/``: interpretation.json, and for DICOM studies the SR and overlays."""
+    """``out/<study>/``: interpretation.json, and for DICOM studies the result objects
+    (SR, key-results page, overlays), each file prefixed by its kind."""
     from echonode.analysis import result_datasets
     from echonode.files import atomic_write, atomic_write_bytes
 
@@ -189,8 +190,11 @@ def _write_outputs(out: Path, result, video: bool, messages: list[str]) -> list[
     if video:
         messages.append(f"study {uid}: video input has no DICOM source; SR and overlays not written")
         return written
+    from echonode.dicom.scu import result_kind
+
     for ds in result_datasets(interp, result.headers):
-        kind = "SR" if str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.88.") else "SC"
+        # named as the outbox names them: SR_, PAGE_ (key-results page), SC_ (overlays), CINE_, PDF_
+        kind = (result_kind(str(ds.SOPClassUID), ds.get("SeriesNumber")) or "OBJ").upper()
         sop = str(ds.SOPInstanceUID)
         if not _valid_uid(sop):
             raise ValueError(f"generated {kind} has an invalid SOP Instance UID")
