@@ -181,6 +181,9 @@ class PatientRef:
         return f"{self.patient_id}^^^{self.issuer}" if self.issuer else self.patient_id
 
 
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+
+
 def patient_from_file(path: Optional[os.PathLike | str]) -> tuple[Optional[PatientRef], dict]:
     """Patient and study identifiers read from a stored DICOM file's header (no pixels).
 
@@ -188,11 +191,18 @@ def patient_from_file(path: Optional[os.PathLike | str]) -> tuple[Optional[Patie
     info: dict = {}
     if not path:
         return None, info
+    # The file may be a hostile peer's rejected input (quarantine): read it the way the spool
+    # does, at most spool.MAX_HEADER_BYTES, and never inflate a Deflated dataset here (pydicom
+    # inflates it whole in memory: a 1 MB bomb costs GiB); its file meta still names it.
     try:
-        from pydicom import dcmread
-        ds = dcmread(str(path), stop_before_pixels=True, specific_tags=[
-            "PatientID", "IssuerOfPatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
-            "SOPClassUID", "SOPInstanceUID", "AccessionNumber"])
+        from pydicom.filereader import read_file_meta_info
+
+        from echonode.dicom.spool import read_header
+        meta = read_file_meta_info(str(path))
+        if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_TS:
+            return None, {"sop_class": str(meta.get("MediaStorageSOPClassUID", "")).strip()[:64],
+                          "sop_instance": str(meta.get("MediaStorageSOPInstanceUID", "")).strip()[:64]}
+        ds = read_header(Path(path))
     except Exception:
         return None, info
 
