@@ -256,22 +256,6 @@ def result_datasets(interp: "Interpretation", headers: Sequence, *, pdf: bool = 
     return out
 
 
-def result_kind(ds) -> str:
-    """What a result object of :func:`result_datasets` is: "sr", "page" (the key-results
-    page, an RGB Secondary Capture), "pdf" (the page as Encapsulated PDF) or "sc" (a
-    PromptCAM overlay, single- or multi-frame)."""
-    from echonode.dicom.page import PAGE_SERIES_NUMBER
-
-    cls = str(getattr(ds, "SOPClassUID", ""))
-    if cls.startswith("1.2.840.10008.5.1.4.1.1.88."):
-        return "sr"
-    if cls == "1.2.840.10008.5.1.4.1.1.104.1":
-        return "pdf"
-    if cls == "1.2.840.10008.5.1.4.1.1.7" and int(getattr(ds, "SeriesNumber", 0) or 0) == PAGE_SERIES_NUMBER:
-        return "page"
-    return "sc"
-
-
 def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional[int] = None,
             worker: Optional[str] = None, patient_key: str = "", study_date: str = "") -> Published:
     """Write the SR and overlays under ``settings.results_path``, then in ONE transaction on

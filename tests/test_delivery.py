@@ -50,6 +50,16 @@ def _rows(sf):
         return sorted((r.as_dict() for r in ob.list_rows(s, limit=1000)), key=lambda d: d["id"])
 
 
+def _row(sf, kind):
+    """The one outbox row of ``kind`` (a result set without overlays has one "sr" and one "page")."""
+    (row,) = [r for r in _rows(sf) if r["kind"] == kind]
+    return row
+
+
+def _kinds(sf):
+    return sorted(r["kind"] for r in _rows(sf))
+
+
 def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_path):
     settings = _settings(tmp_path, orthanc.dicom_port)
     engine, sf = _store(settings)
@@ -60,11 +70,14 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     for p in paths:  # files under results/<study uid>/ before any send
         assert p.parent == settings.results_path / interp.study_instance_uid and p.is_file()
     assert {r["state"] for r in _rows(sf)} == {"pending"}
+    assert _kinds(sf) == ["page", "sc", "sc", "sr"]
+    local_uids = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths)
 
     summary = scu.deliver_pending(settings, sf)
-    assert (summary.claimed, summary.delivered, summary.dead, summary.retrying) == (3, 3, 0, 0)
+    assert (summary.claimed, summary.delivered, summary.dead, summary.retrying) == (4, 4, 0, 0)
     got = orthanc.study_instances(interp.study_instance_uid)
-    assert sorted(i["Modality"] for i in got) == ["OT", "OT", "SR"]
+    assert sorted(i["Modality"] for i in got) == ["OT", "OT", "OT", "SR"]
+    assert sorted(i["SOPInstanceUID"] for i in got) == local_uids
     assert {i["StudyInstanceUID"] for i in got} == {interp.study_instance_uid}
     sr_path = paths[0]
     sr_local = pydicom.dcmread(sr_path)
@@ -79,12 +92,12 @@ def test_delivered_into_the_same_study_and_rerun_replaces(orthanc, sources, tmp_
     with sf() as s:
         paths2 = publish_results(settings, s, again, sources)
     assert paths2 == paths
-    assert len(_rows(sf)) == 3 and {r["state"] for r in _rows(sf)} == {"pending"}
+    assert len(_rows(sf)) == 4 and {r["state"] for r in _rows(sf)} == {"pending"}
     summary = scu.deliver_pending(settings, sf)
-    assert summary.delivered == 3
+    assert summary.delivered == 4
     got2 = orthanc.study_instances(interp.study_instance_uid)
-    assert sorted(i["SOPInstanceUID"] for i in got2) == sorted(i["SOPInstanceUID"] for i in got)
-    assert orthanc.count_instances() == 3
+    assert sorted(i["SOPInstanceUID"] for i in got2) == local_uids
+    assert orthanc.count_instances() == 4
     engine.dispose()
 
 
@@ -97,23 +110,24 @@ def test_orthanc_down_retries_with_backoff_then_delivers(orthanc, sources, tmp_p
     orthanc.stop()
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
     summary = scu.deliver_pending(settings, sf, now=t0)
-    assert (summary.claimed, summary.delivered, summary.retrying) == (1, 0, 1)
-    (row,) = _rows(sf)
-    assert row["state"] == "pending" and row["attempts"] == 1
-    assert row["next_attempt_at"] == "2030-01-01T12:00:05Z"  # backoff_initial_s
-    assert "cannot connect" in row["last_error"] or "association" in row["last_error"]
+    assert _kinds(sf) == ["page", "sr"]   # no overlays: the SR and the key-results page
+    assert (summary.claimed, summary.delivered, summary.retrying) == (2, 0, 2)
+    for row in _rows(sf):
+        assert row["state"] == "pending" and row["attempts"] == 1
+        assert row["next_attempt_at"] == "2030-01-01T12:00:05Z"  # backoff_initial_s
+        assert "cannot connect" in row["last_error"] or "association" in row["last_error"]
     # not due yet: nothing is tried
     assert scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=4)).claimed == 0
     # second failure doubles the delay
     scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=5))
-    (row,) = _rows(sf)
-    assert row["attempts"] == 2 and row["next_attempt_at"] == "2030-01-01T12:00:15Z"
+    for row in _rows(sf):
+        assert row["attempts"] == 2 and row["next_attempt_at"] == "2030-01-01T12:00:15Z"
     orthanc.start()
     summary = scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=15))
-    assert summary.delivered == 1
-    (row,) = _rows(sf)
-    assert row["state"] == "delivered" and row["attempts"] == 3
-    assert [i["Modality"] for i in orthanc.study_instances(interp.study_instance_uid)] == ["SR"]
+    assert summary.delivered == 2
+    for row in _rows(sf):
+        assert row["state"] == "delivered" and row["attempts"] == 3
+    assert sorted(i["Modality"] for i in orthanc.study_instances(interp.study_instance_uid)) == ["OT", "SR"]
     engine.dispose()
 
 
@@ -136,19 +150,21 @@ def test_dead_letter_and_outbox_cli(orthanc, sources, tmp_path, capsys):
     assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 0
     assert main(["outbox", "send", "--config", str(cfg), "--json"]) == 1  # now dead
     out = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(out[-1])["outbox"]["dead"] == 1
+    assert json.loads(out[-1])["outbox"]["dead"] == 2   # the SR and the key-results page
     assert main(["outbox", "list", "--config", str(cfg), "--json", "--state", "dead"]) == 0
-    (line,) = capsys.readouterr().out.strip().splitlines()
-    row = json.loads(line)
-    assert row["state"] == "dead" and row["attempts"] == 2 and row["kind"] == "sr"
-    assert "PatientName" not in line and sources[0].PatientID not in line  # no PHI in listings
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert sorted(r["kind"] for r in rows) == ["page", "sr"]
+    assert all(r["state"] == "dead" and r["attempts"] == 2 for r in rows)
+    for line in lines:
+        assert "PatientName" not in line and sources[0].PatientID not in line  # no PHI in listings
     assert main(["outbox", "retry", "--config", str(cfg), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"retried": 1}
+    assert json.loads(capsys.readouterr().out) == {"retried": 2}
     orthanc.start()
     assert main(["outbox", "send", "--config", str(cfg)]) == 0
-    assert "delivered 1" in capsys.readouterr().out
+    assert "delivered 2" in capsys.readouterr().out
     assert main(["outbox", "purge", "--config", str(cfg), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"purged": 1}
+    assert json.loads(capsys.readouterr().out) == {"purged": 2}
     assert _rows(sf) == []
     assert main(["outbox", "--config", str(cfg)]) == 2
     engine.dispose()
@@ -162,7 +178,7 @@ def test_storage_commitment_with_orthanc(orthanc, sources, tmp_path):
         publish_results(settings, s, interp, sources)
     with scu.CommitmentListener(settings, sf):
         summary = scu.deliver_pending(settings, sf)
-        assert (summary.claimed, summary.committing, summary.delivered) == (3, 3, 0)
+        assert (summary.claimed, summary.committing, summary.delivered) == (4, 4, 0)   # SR, page, 2 overlays
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if {r["state"] for r in _rows(sf)} == {"delivered"}:
@@ -172,7 +188,7 @@ def test_storage_commitment_with_orthanc(orthanc, sources, tmp_path):
     assert {r["state"] for r in rows} == {"delivered"}, rows
     assert len({r["transaction_uid"] for r in rows}) == 1 and rows[0]["transaction_uid"]
     assert all(r["delivered_at"] for r in rows)
-    assert len(orthanc.study_instances(interp.study_instance_uid)) == 3
+    assert len(orthanc.study_instances(interp.study_instance_uid)) == 4
     engine.dispose()
 
 
@@ -184,12 +200,12 @@ def test_commitment_without_report_times_out_and_is_resent(orthanc, sources, tmp
     with sf() as s:
         publish_results(settings, s, interp, sources)
     t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
-    assert scu.deliver_pending(settings, sf, now=t0).committing == 1
-    assert _rows(sf)[0]["state"] == "committing"
+    assert scu.deliver_pending(settings, sf, now=t0).committing == 2   # the SR and the page
+    assert {r["state"] for r in _rows(sf)} == {"committing"}
     summary = scu.deliver_pending(settings, sf, now=t0 + dt.timedelta(seconds=31))
-    assert summary.expired_commitments == 1
-    row = _rows(sf)[0]
-    assert "no storage commitment report" in row["last_error"]
+    assert summary.expired_commitments == 2
+    for row in _rows(sf):
+        assert "no storage commitment report" in row["last_error"]
     engine.dispose()
 
 
@@ -222,10 +238,10 @@ def test_failure_and_warning_statuses_are_recorded(status_scp, sources, tmp_path
     with sf() as s:
         publish_results(settings, s, interp, sources)
     summary = scu.deliver_pending(settings, sf)
-    assert (summary.delivered, summary.warnings, summary.retrying) == (2, 2, 1)
-    rows = {r["kind"] + str(i): r for i, r in enumerate(_rows(sf))}
-    sr = [r for r in rows.values() if r["kind"] == "sr"][0]
-    scs = [r for r in rows.values() if r["kind"] == "sc"]
+    assert (summary.delivered, summary.warnings, summary.retrying) == (3, 3, 1)
+    assert _kinds(sf) == ["page", "sc", "sc", "sr"]
+    sr = _row(sf, "sr")
+    scs = [r for r in _rows(sf) if r["kind"] in ("sc", "page")]   # both Secondary Capture
     assert sr["state"] == "pending" and sr["last_status"] == "0xA700"
     assert "0xA700" in sr["last_error"]
     assert all(r["state"] == "delivered" and r["last_status"] == "0xB000" for r in scs)
@@ -352,7 +368,7 @@ def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
     interp = make_interpretation(sources, promptcams=False)
     with sf() as s:
         publish_results(settings, s, interp, sources)
-        (row,) = ob.claim_due(s)
+        (row,) = [r for r in ob.claim_due(s) if r.kind == "sr"]
         tx = pydicom.uid.generate_uid()
         ob.mark_committing(s, [row.id], tx)
     req = pydicom.Dataset()
@@ -370,9 +386,9 @@ def test_commitment_failure_report_sends_again(orthanc, sources, tmp_path):
         assoc.release()
         assert status.Status == 0
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _rows(sf)[0]["state"] == "committing":
+        while time.monotonic() < deadline and _row(sf, "sr")["state"] == "committing":
             time.sleep(0.1)
-    (r,) = _rows(sf)
+    r = _row(sf, "sr")
     assert r["state"] == "pending"
     assert r["last_error"].startswith("storage commitment failed (reason 0x")
     engine.dispose()
@@ -396,13 +412,14 @@ def test_mutual_tls_delivery(orthanc_tls, sources, tmp_path):
         with sf() as s:
             publish_results(settings, s, interp, sources)
         summary = scu.deliver_pending(settings, sf)
-        (row,) = _rows(sf)
+        rows = _rows(sf)
+        assert _kinds(sf) == ["page", "sr"]
         if with_cert:
-            assert summary.delivered == 1 and row["state"] == "delivered"
+            assert summary.delivered == 2 and {r["state"] for r in rows} == {"delivered"}
         else:
-            assert summary.delivered == 0 and row["state"] == "pending" and row["attempts"] == 1
+            assert summary.delivered == 0 and all(r["state"] == "pending" and r["attempts"] == 1 for r in rows)
         engine.dispose()
-    assert [i["Modality"] for i in orthanc_tls.study_instances(interp.study_instance_uid)] == ["SR"]
+    assert sorted(i["Modality"] for i in orthanc_tls.study_instances(interp.study_instance_uid)) == ["OT", "SR"]
 
 
 def test_node_scp_receives_commitment_reports(orthanc, sources, tmp_path):
@@ -418,11 +435,11 @@ def test_node_scp_receives_commitment_reports(orthanc, sources, tmp_path):
         interp = make_interpretation(sources, promptcams=False)
         with sf() as s:
             publish_results(settings, s, interp, sources)
-        assert scu.deliver_pending(settings, sf).committing == 1
+        assert scu.deliver_pending(settings, sf).committing == 2   # the SR and the page
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _rows(sf)[0]["state"] != "delivered":
+        while time.monotonic() < deadline and {r["state"] for r in _rows(sf)} != {"delivered"}:
             time.sleep(0.1)
-        assert _rows(sf)[0]["state"] == "delivered"
+        assert {r["state"] for r in _rows(sf)} == {"delivered"}
     finally:
         scp.stop()
         engine.dispose()

@@ -100,7 +100,9 @@ def test_engine_outputs_validate(tiny_bundle, realworld_dir, tmp_path, capsys, m
     folder = out / src[0].StudyInstanceUID
     srs = sorted(folder.glob("SR_*.dcm"))
     scs = sorted(folder.glob("SC_*.dcm"))
-    assert len(srs) == 1 and len(scs) >= 1
+    pages = sorted(folder.glob("PAGE_*.dcm"))
+    assert len(srs) == 1 and len(scs) >= 1 and len(pages) == 1
+    scs += pages   # the key-results page is a Secondary Capture too
     errors, warnings = dciodvfy(srs[0])
     assert errors == [] and warnings == EXPECTED_SR_WARNINGS
     for sc in scs:

@@ -125,9 +125,10 @@ def test_undecodable_clip_fails_with_reason(tmp_path, tiny_bundle, tiny_bundle_r
 
 
 def test_one_bad_clip_is_one_bad_clip(tmp_path, tiny_bundle, tiny_bundle_r, phantom_factory):
-    """A clip whose header is damaged after it was indexed (NumberOfFrames "wide": the decoder
-    raises IndexError, not a decode error) is left out with a warning in the Interpretation
-    and the SR; the study's other clip is analysed and the job is done."""
+    """A clip whose header is damaged after it was indexed (NumberOfFrames "wide": the frame
+    reader refuses the header before it touches the pixels) is left out with a warning that
+    names the clip and the defect, in the Interpretation and the SR; the study's other clip
+    is analysed and the job is done."""
     from echonode.pipeline.tasks import WorkerRuntime, analyse_job
 
     settings = _settings(tmp_path, tiny_bundle, tiny_bundle_r)
@@ -150,7 +151,7 @@ def test_one_bad_clip_is_one_bad_clip(tmp_path, tiny_bundle, tiny_bundle_r, phan
         interp = interpretations.latest_interpretation(s, study_uid)
     assert [c["sop_instance_uid"] for c in interp["clips"]] == [ctx.clips[1].sop_instance_uid]
     [warning] = [w for w in interp["warnings"] if "not analysed" in w]
-    assert bad.sop_instance_uid in warning and "IndexError" in warning
+    assert bad.sop_instance_uid in warning and "NumberOfFrames 'wide' is not an integer" in warning
     [sr] = [d for d in (pydicom.dcmread(p) for p in (settings.results_path / study_uid).glob("*.dcm"))
             if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
     assert warning in _texts(sr), "the SR names the clip that was left out"

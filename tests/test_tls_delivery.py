@@ -130,6 +130,11 @@ def _deliver(tmp_path: Path, sources, port: int, ca: str, *, pin: str = "", tag:
     return summary, row
 
 
+def _received(out: Path) -> list[str]:
+    """Modality prefixes of the files storescp wrote (it names them <modality>.<SOP UID>)."""
+    return sorted(p.name[:2] for p in out.iterdir())
+
+
 def _failed(summary, row) -> bool:
     return summary.delivered == 0 and row["state"] == "pending" and row["attempts"] == 1
 
@@ -145,8 +150,8 @@ def test_certificate_for_another_host_fails_right_ip_in_san_succeeds(pki, source
         assert not list(out.iterdir())
     with storescp_tls(tmp_path, pki["server_key"], pki["server_cert"], pki["ca"]) as (port, out):
         summary, row = _deliver(tmp_path, sources, port, pki["ca"], tag="right")
-        assert summary.delivered == summary.claimed >= 1 and row["state"] == "delivered", row
-        assert len(list(out.iterdir())) == 1
+        assert summary.delivered == summary.claimed == 2 and row["state"] == "delivered", row
+        assert _received(out) == ["SC", "SR"]   # the SR and the key-results page
 
 
 def test_certificate_pin(pki, sources, tmp_path):
@@ -155,8 +160,8 @@ def test_certificate_pin(pki, sources, tmp_path):
         assert _failed(summary, row), row
         assert not list(out.iterdir())
         summary, row = _deliver(tmp_path, sources, port, pki["ca"], pin=pki["server_pin"], tag="rightpin")
-        assert summary.delivered == summary.claimed >= 1 and row["state"] == "delivered", row
-        assert len(list(out.iterdir())) == 1
+        assert summary.delivered == summary.claimed == 2 and row["state"] == "delivered", row
+        assert _received(out) == ["SC", "SR"]   # the SR and the key-results page
 
 
 def test_tls_1_1_only_peer_fails(pki, sources, tmp_path):

@@ -177,8 +177,10 @@ def render_table(interp) -> str:
 def _write_outputs(out: Path, result, video: bool, messages: list[str], *, pdf: bool = False) -> list[str]:
     """``out/<study>/``: interpretation.json, and for DICOM studies the result objects the
     node would send, each named by its kind: ``SR_``, ``PAGE_``, ``PDF_`` (``results.pdf``)
-    and ``SC_`` (PromptCAM overlays) followed by the SOP Instance UID."""
-    from echonode.analysis import result_datasets, result_kind
+    ``SC_`` (PromptCAM overlays) and ``CINE_`` (their cine versions), as the outbox names them,
+    followed by the SOP Instance UID."""
+    from echonode.analysis import result_datasets
+    from echonode.dicom.scu import result_kind
     from echonode.files import atomic_write, atomic_write_bytes
 
     interp = result.interp
@@ -192,7 +194,7 @@ def _write_outputs(out: Path, result, video: bool, messages: list[str], *, pdf: 
         messages.append(f"study {uid}: video input has no DICOM source; SR and overlays not written")
         return written
     for ds in result_datasets(interp, result.headers, pdf=pdf):
-        kind = result_kind(ds).upper()
+        kind = (result_kind(str(ds.SOPClassUID), ds.get("SeriesNumber")) or "obj").upper()
         sop = str(ds.SOPInstanceUID)
         if not _valid_uid(sop):
             raise ValueError(f"generated {kind} has an invalid SOP Instance UID")

@@ -46,14 +46,27 @@ from echonode.store import outbox as ob
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "write_results", "enqueue", "deliver_pending", "DeliverySummary", "CommitmentListener",
+    "write_results", "result_kind", "enqueue", "deliver_pending", "DeliverySummary", "CommitmentListener",
     "commitment_report_handler", "DeliveryError", "STORAGE_COMMITMENT_PUSH", "STORAGE_COMMITMENT_INSTANCE",
 ]
 
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # well-known SOP Instance
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
-KIND_BY_CLASS = {"1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.7": "sc"}
+KIND_BY_CLASS = {"1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.7": "sc",
+                 "1.2.840.10008.5.1.4.1.1.7.4": "cine", "1.2.840.10008.5.1.4.1.1.104.1": "pdf"}
+
+
+def result_kind(sop_class_uid: str, series_number=None) -> str:
+    """The outbox ``kind`` of a result object: its SOP class names it, except that the
+    key-results page and the PromptCAM overlays share the Secondary Capture class and
+    are told apart by their fixed series number (``page.PAGE_SERIES_NUMBER``)."""
+    from echonode.dicom.page import PAGE_SERIES_NUMBER   # lazy: page pulls in highdicom
+
+    kind = KIND_BY_CLASS.get(sop_class_uid, "")
+    if kind == "sc" and series_number is not None and str(series_number).strip() == str(PAGE_SERIES_NUMBER):
+        return "page"
+    return kind
 
 
 class DeliveryError(RuntimeError):
@@ -77,7 +90,7 @@ def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -
         cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
         final = atomic_write(root / study / f"{sop}.dcm", lambda fh: ds.save_as(fh, enforce_file_format=True))
         out.append(ob.OutboxObject(path=str(final), sop_instance_uid=sop, sop_class_uid=cls,
-                                   study_instance_uid=study, kind=KIND_BY_CLASS.get(cls, "")))
+                                   study_instance_uid=study, kind=result_kind(cls, ds.get("SeriesNumber"))))
     return out
 
 
@@ -85,7 +98,7 @@ def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
     p = Path(path)
     try:
         ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=[
-            "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+            "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "SeriesNumber"])
     except Exception as exc:  # noqa: BLE001 - any unreadable file is refused
         raise DeliveryError(f"{p}: not a readable DICOM file ({exc.__class__.__name__})") from None
     cls = check_uid(getattr(ds, "SOPClassUID", None), f"{p.name}: SOPClassUID")
@@ -94,7 +107,7 @@ def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
                            sop_class_uid=cls,
                            study_instance_uid=check_uid(getattr(ds, "StudyInstanceUID", None), f"{p.name}: StudyInstanceUID",
                                                         strict=False),
-                           kind=KIND_BY_CLASS.get(cls, ""))
+                           kind=result_kind(cls, ds.get("SeriesNumber")))
 
 
 def _dest_names(destinations: Sequence[Union[Destination, str]]) -> list[str]:
