@@ -206,3 +206,57 @@ def test_pacs_outage_longer_than_the_old_budget(node_factory, orthanc, tiny_bund
     assert code == 200 and body["status"] == "ok" and body["delivery"]["undelivered"] == 0, body
     assert node.status()["delivery"]["ok"] is True
     assert node.stop() == 0
+
+
+# --------------------------------------------------------------------------- pure parts
+
+def test_result_uids_per_study_version():
+    from echonode.dicom.result_uids import result_uid
+
+    study, w = "1.2.826.0.1.3680043.10.9.1", "ab" * 32
+    v1 = result_uid(study, w, "0.1.0", "sr", study_version=1)
+    assert v1 == result_uid(study, w, "0.1.0", "sr", study_version=1), "same version: same UID"
+    assert v1 != result_uid(study, w, "0.1.0", "sr", study_version=2), "a new version: a new object"
+    assert result_uid(study, w, "0.1.0", "sr") == result_uid(study, w, "0.1.0", "sr", study_version=0)
+    assert v1 != result_uid(study, w, "0.1.0", "sr")
+    with pytest.raises(ValueError):
+        result_uid(study, w, "0.1.0", "sr", study_version=-1)
+
+
+def test_outbox_gives_up_by_time_not_by_count(tmp_path):
+    import datetime as dt
+
+    from echonode.store import db
+    from echonode.store import outbox as ob
+
+    url = f"sqlite:///{tmp_path / 'o.sqlite3'}"
+    db.migrate(url)
+    Session = db.session_factory(db.make_engine(url))
+    t0 = dt.datetime(2030, 1, 1)
+    with Session() as s:
+        (rid,) = ob.add(s, [ob.OutboxObject("/x.dcm", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3")], ["pacs"],
+                        now=t0)
+        policy = {"max_attempts": 0, "backoff_initial_s": 5.0, "backoff_max_s": 600.0, "retry_for_s": 86400.0}
+        now = t0
+        for _ in range(100):        # far more than the old 8 attempts, spread over 16 h
+            now += dt.timedelta(minutes=10)
+            assert ob.mark_failed(s, rid, "association refused", now=now, **policy) == ob.PENDING
+        row = s.get(ob.OutboxRow, rid)
+        assert (row.next_attempt_at - now).total_seconds() == 600.0, "backoff capped at backoff_max_s"
+        assert ob.backlog(s, now=now).undelivered == 1 and ob.backlog(s, now=now).dead == 0
+        assert ob.mark_failed(s, rid, "association refused", now=t0 + dt.timedelta(hours=24, minutes=11),
+                              **policy) == ob.DEAD, "dead once failing for retry_for_s"
+        assert ob.backlog(s).dead == 1
+        assert ob.retry(s) == 1 and s.get(ob.OutboxRow, rid).failing_since is None
+        assert ob.mark_failed(s, rid, "x", now=t0 + dt.timedelta(days=3), **{**policy, "max_attempts": 1}) == ob.DEAD
+
+
+def test_delivery_settings_are_validated():
+    from echonode.config import ConfigError, load_settings
+
+    s = load_settings(env={})
+    assert (s.delivery.retry_for_s, s.delivery.backoff_max_s, s.delivery.max_attempts) == (86400.0, 600.0, 0)
+    with pytest.raises(ConfigError, match="delivery.retry_for_s"):
+        load_settings(env={}, overrides={"delivery": {"retry_for_s": 0}})
+    with pytest.raises(ConfigError, match="delivery.alert_after_s"):
+        load_settings(env={}, overrides={"delivery": {"alert_after_s": -1}})
