@@ -17,8 +17,9 @@ At the end (everything running again, given ``--settle`` seconds to finish):
 
 * every acknowledged instance is in the index, its file on disk with the indexed sha256;
 * every study version analysed has exactly one SR in Orthanc (its UID from the
-  ``interpretations`` row), no SR in Orthanc is unaccounted for, and the SR of a later
-  version names the earlier one (Predecessor Documents Sequence);
+  ``interpretations`` row; a version whose analysis ended after a later version was
+  published is superseded and sends none), no SR in Orthanc is unaccounted for, and the
+  SR of a later version names the earlier one (Predecessor Documents Sequence);
 * every outbox row is delivered (none dead).
 
 Prints one JSON line of counts (``ok`` true when all of the above hold).
@@ -288,7 +289,9 @@ def converge(db_url: str, orthanc, acked: dict, work: Path, settle: float) -> di
     for sr in srs:
         in_pacs[sr["sop_instance_uid"]] = in_pacs.get(sr["sop_instance_uid"], 0) + 1
     expected = {uid: (study, v) for study, v, uid in interps if uid}
-    done_versions = {(st, v) for st, v, state in jobs if state == "done"}
+    # a version whose job finished after a later version was published is superseded: no SR
+    superseded = {(st, v) for st, v, uid in interps if not uid}
+    done_versions = {(st, v) for st, v, state in jobs if state == "done"} - superseded
     one_each = sum(1 for (st, v) in done_versions
                    if sum(in_pacs.get(u, 0) for u, sv in expected.items() if sv == (st, v)) == 1)
     stray = [u for u in in_pacs if u not in expected]
@@ -303,7 +306,8 @@ def converge(db_url: str, orthanc, acked: dict, work: Path, settle: float) -> di
     ok = (indexed == matching == len(acked) and one_each == len(done_versions) and not stray
           and all(s == "delivered" for s in outbox) and all(st == "done" for _, _, st in jobs))
     return {"ok": ok, "acknowledged": len(acked), "indexed": indexed, "sha256_match": matching,
-            "study_versions_done": len(done_versions), "jobs": len(jobs),
+            "study_versions_published": len(done_versions), "study_versions_superseded": len(superseded),
+            "jobs": len(jobs),
             "jobs_failed": sum(1 for *_, st in jobs if st == "failed"),
             "study_versions_with_one_sr": one_each, "srs_in_pacs": len(srs), "stray_srs": len(stray),
             "later_versions": later, "later_versions_naming_predecessor": linked,

@@ -274,7 +274,9 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
     from echonode.store import interpretations, jobs, outbox
 
     interp = analysis.interp
+    superseded = False
     if study_version:
+        superseded = interpretations.later_result_exists(session, interp.study_instance_uid, study_version)
         prev = interpretations.previous_result(session, interp.study_instance_uid, study_version)
         replaces = None if prev is None else ResultRef(
             study_instance_uid=prev.study_instance_uid, series_instance_uid=prev.series_instance_uid,
@@ -285,19 +287,24 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
         session.rollback()
         raise JobTakenOver("job was taken over by another worker (lease expired); results left to it")
     session.rollback()   # end the read transaction: no lock held while the files are written
-    objects = write_results(settings.results_path,
-                            result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+    # a later version of the study was published while this one ran: its result is the
+    # current one; this one is recorded (job done) but neither written nor sent
+    objects = [] if superseded else write_results(
+        settings.results_path, result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+    if superseded:
+        log.info("study version %d superseded by a later version already published: result not sent", study_version)
     try:
-        interpretations.save_interpretation(session, job_id, interp, sr_uids(interp))
+        interpretations.save_interpretation(session, job_id, interp, None if superseded else sr_uids(interp))
         r_model = interp.longitudinal.model if interp.longitudinal is not None else None
         if analysis.embedding is not None and r_model is not None:
             interpretations.save_study_embedding(session, interp.study_instance_uid, patient_key, study_date,
                                                  r_model.weights_sha256, analysis.embedding)
         if job_id is not None and not jobs.finish_job(session, job_id, lease or ""):
             raise JobTakenOver("job was taken over by another worker (lease expired); results left to it")
-        audit.record(session, audit.analysis(interp, objects, analysis.headers))  # analysed + result created
+        events = audit.analysis(interp, objects, analysis.headers)   # analysed + result created
+        audit.record(session, events if objects else events[:1])      # superseded: analysed only
         dests = [d.name for d in settings.delivery.destinations]
-        ids = list(outbox.add(session, objects, dests)) if dests else []
+        ids = list(outbox.add(session, objects, dests)) if dests and objects else []
         session.commit()
     except BaseException:
         session.rollback()

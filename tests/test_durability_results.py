@@ -260,3 +260,26 @@ def test_delivery_settings_are_validated():
         load_settings(env={}, overrides={"delivery": {"retry_for_s": 0}})
     with pytest.raises(ConfigError, match="delivery.alert_after_s"):
         load_settings(env={}, overrides={"delivery": {"alert_after_s": -1}})
+
+
+def test_predecessor_is_the_last_published_earlier_version(tmp_path):
+    import dataclasses
+
+    from echonode.interpretation import Interpretation, ModelInfo
+    from echonode.store import db, interpretations
+
+    url = f"sqlite:///{tmp_path / 'i.sqlite3'}"
+    db.migrate(url)
+    Session = db.session_factory(db.make_engine(url))
+    base = Interpretation(study_instance_uid="1.2.3", model=ModelInfo("demo", "tiny", "c" * 64, "clip-bpe", "0.1.0"),
+                          clips=(), tasks={})
+    with Session.begin() as s:
+        for v, uids in ((1, ("1.9.1", "1.9.10")), (2, None), (3, ("1.9.3", "1.9.30"))):   # v2 superseded: no SR
+            interpretations.save_interpretation(s, None, dataclasses.replace(base, study_version=v), uids)
+    with Session() as s:
+        assert interpretations.previous_result(s, "1.2.3", 1) is None
+        assert interpretations.previous_result(s, "1.2.3", 3).sop_instance_uid == "1.9.1"
+        p = interpretations.previous_result(s, "1.2.3", 4)
+        assert (p.study_version, p.sop_instance_uid, p.series_instance_uid) == (3, "1.9.3", "1.9.30")
+        assert interpretations.later_result_exists(s, "1.2.3", 2) and not interpretations.later_result_exists(s, "1.2.3", 3)
+        assert interpretations.previous_result(s, "9.9", 5) is None

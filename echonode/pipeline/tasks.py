@@ -186,8 +186,8 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
         _fail(rt, job_id, exc, lease)
         return "failed"
     rt.analyses += 1
-    log.info("job %d done in %.1f s: SR + %d overlay(s) written, %d outbox row(s)%s", job_id,
-             time.perf_counter() - t0, len(published.objects) - 1, len(published.outbox_ids),
+    log.info("job %d done in %.1f s: %d result object(s) written, %d outbox row(s)%s", job_id,
+             time.perf_counter() - t0, len(published.objects), len(published.outbox_ids),
              "" if rt.settings.delivery.destinations else " (no delivery.destinations configured)")
     if published.outbox_ids and app is not None:
         try:

@@ -132,6 +132,17 @@ def previous_result(session: Session, study_uid: str, study_version: int) -> Opt
                        row.sr_series_instance_uid or "")
 
 
+def later_result_exists(session: Session, study_uid: str, study_version: int) -> bool:
+    """Was a result of a LATER version of ``study_uid`` published already? (Then a result of
+    ``study_version`` finishing now is superseded: sending it would put an outdated SR
+    after the current one.)"""
+    return session.execute(
+        select(InterpretationRow.id).where(InterpretationRow.study_instance_uid == study_uid,
+                                           InterpretationRow.study_version > int(study_version),
+                                           InterpretationRow.sr_sop_instance_uid.is_not(None)).limit(1)
+    ).first() is not None
+
+
 def latest_interpretation(session: Session, study_uid: str) -> Optional[dict]:
     row = session.execute(select(InterpretationRow).where(InterpretationRow.study_instance_uid == study_uid)
                           .order_by(InterpretationRow.created_at.desc(), InterpretationRow.id.desc())
