@@ -276,6 +276,8 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
     interp = analysis.interp
     superseded = False
     if study_version:
+        # held until commit: the checks below and the rows written agree for this study
+        interpretations.lock_study_results(session, interp.study_instance_uid)
         superseded = interpretations.later_result_exists(session, interp.study_instance_uid, study_version)
         prev = interpretations.previous_result(session, interp.study_instance_uid, study_version)
         replaces = None if prev is None else ResultRef(
@@ -286,14 +288,14 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
     if job_id is not None and not jobs.owns(session, job_id, lease or ""):
         session.rollback()
         raise JobTakenOver("job was taken over by another worker (lease expired); results left to it")
-    session.rollback()   # end the read transaction: no lock held while the files are written
     # a later version of the study was published while this one ran: its result is the
     # current one; this one is recorded (job done) but neither written nor sent
-    objects = [] if superseded else write_results(
-        settings.results_path, result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
-    if superseded:
-        log.info("study version %d superseded by a later version already published: result not sent", study_version)
     try:
+        objects = [] if superseded else write_results(
+            settings.results_path, result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+        if superseded:
+            log.info("study version %d superseded by a later version already published: result not sent",
+                     study_version)
         interpretations.save_interpretation(session, job_id, interp, None if superseded else sr_uids(interp))
         r_model = interp.longitudinal.model if interp.longitudinal is not None else None
         if analysis.embedding is not None and r_model is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, and_, or_, select
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, and_, or_, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
@@ -130,6 +130,18 @@ def previous_result(session: Session, study_uid: str, study_version: int) -> Opt
         return None
     return PublishedSR(row.study_instance_uid, int(row.study_version), row.sr_sop_instance_uid,
                        row.sr_series_instance_uid or "")
+
+
+def lock_study_results(session: Session, study_uid: str) -> None:
+    """Serialise the publishing of results of one study until the transaction ends, so two
+    versions finishing at once cannot both miss each other (the later one would name no
+    predecessor, the earlier one would not see it is superseded). PostgreSQL: a
+    transaction-scoped advisory lock (ingest is not blocked); SQLite serialises writers
+    by itself."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(b"echonode-results|" + study_uid.encode()).digest()[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 def later_result_exists(session: Session, study_uid: str, study_version: int) -> bool:
