@@ -303,7 +303,7 @@ def converge(db_url: str, orthanc, acked: dict, work: Path, settle: float) -> di
         if v > 1 and earlier:
             later += 1
             linked += bool(sr["predecessors"]) and sr["predecessors"][0] in earlier
-    ok = (indexed == matching == len(acked) and one_each == len(done_versions) and not stray
+    ok = (indexed == matching == len(acked) and one_each == len(done_versions) and not stray and linked == later
           and all(s == "delivered" for s in outbox) and all(st == "done" for _, _, st in jobs))
     return {"ok": ok, "acknowledged": len(acked), "indexed": indexed, "sha256_match": matching,
             "study_versions_published": len(done_versions), "study_versions_superseded": len(superseded),
