@@ -229,6 +229,11 @@ class QueueSettings:
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        for name in ("retry_for_s", "retry_backoff_s", "retry_backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"queue.{name}: must be > 0, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class MetricsSettings:

@@ -260,6 +260,8 @@ def test_delivery_settings_are_validated():
         load_settings(env={}, overrides={"delivery": {"retry_for_s": 0}})
     with pytest.raises(ConfigError, match="delivery.alert_after_s"):
         load_settings(env={}, overrides={"delivery": {"alert_after_s": -1}})
+    with pytest.raises(ConfigError, match="queue.retry_for_s"):
+        load_settings(env={}, overrides={"queue": {"retry_for_s": 0}})
 
 
 def test_predecessor_is_the_last_published_earlier_version(tmp_path):

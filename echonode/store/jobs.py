@@ -9,7 +9,11 @@ nothing, which makes every task idempotent.
 job: when it was turned into a Celery message, by which process, and the running
 worker's heartbeat. A row is *claimed* with a conditional UPDATE, so several node
 processes never send the same job twice, and a worker that died (heartbeat older than
-the lease) is detected from SQL alone, whatever the broker.
+the lease) is detected from SQL alone, whatever the broker. Owning a running job means
+holding its ``lease_token`` (revision ``0007_result_versions``): a random token set at each
+start, required by heartbeat, finish and fail, so a worker resumed after its job was
+taken over can change nothing. A transient failure puts the job back in the queue with
+``retry_at`` (backoff) and ``failing_since`` (the time bound).
 """
 
 from __future__ import annotations
