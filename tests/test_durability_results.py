@@ -181,7 +181,13 @@ def test_pacs_outage_longer_than_the_old_budget(node_factory, orthanc, tiny_bund
                                 delivery={"retry_for_s": 120.0, "alert_after_s": 3.0},
                                 metrics={"enabled": True, "port": metrics_port})).start()
     db_url = node.settings.db_url
-    assert _healthz(metrics_port)[0] == 200
+
+    def healthz_up():
+        try:
+            return _healthz(metrics_port)
+        except urllib.error.URLError:   # the metrics endpoint starts with the pipeline, after DICOM
+            return None
+    assert wait_for(healthz_up, 30, "the metrics endpoint")[0] == 200
     orthanc.stop()
     study_uid, files = phantom_factory(patient_id="OUT1", study_date="20240107", seed=51)
     node.storescu(files, storescu_ts_flag(files[0]), check=True)
