@@ -257,32 +257,58 @@ def result_datasets(interp: "Interpretation", headers: Sequence, *, pdf: bool = 
 
 
 def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional[int] = None,
-            worker: Optional[str] = None, patient_key: str = "", study_date: str = "") -> Published:
+            lease: Optional[str] = None, study_version: int = 0, patient_key: str = "",
+            study_date: str = "") -> Published:
     """Write the SR and overlays under ``settings.results_path``, then in ONE transaction on
     ``session``: the Interpretation, the EchoCLIP-R study embedding, the job done (when
-    ``job_id``), one outbox row per object and configured destination. Commits, or rolls
-    back and raises (:class:`JobTakenOver` when the job's lease went to another worker).
+    ``job_id``; ``lease`` is the token :func:`echonode.store.jobs.start_job` gave), one
+    outbox row per object and configured destination. Commits, or rolls back and raises
+    (:class:`JobTakenOver` when the job's lease went to another worker).
 
-    The UIDs are deterministic, so a re-run rewrites the same files and resets the same
-    outbox rows: a PACS never sees a duplicate.
+    ``study_version`` (the job's) enters the result UIDs: each version of a study gets an
+    SR and overlays of its own, and the SR names the last published SR of an earlier
+    version as its predecessor. The same version analysed again gets the same UIDs, so a
+    re-run rewrites the same files and resets the same outbox rows.
     """
     from echonode.dicom.scu import write_results
+    from echonode.dicom.sr import SR_SOP_CLASS_UID, sr_uids
+    from echonode.interpretation import ResultRef
     from echonode.store import interpretations, jobs, outbox
 
     interp = analysis.interp
-    objects = write_results(settings.results_path,
-                            result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+    superseded = False
+    if study_version:
+        # held until commit: the checks below and the rows written agree for this study
+        interpretations.lock_study_results(session, interp.study_instance_uid)
+        superseded = interpretations.later_result_exists(session, interp.study_instance_uid, study_version)
+        prev = interpretations.previous_result(session, interp.study_instance_uid, study_version)
+        replaces = None if prev is None else ResultRef(
+            study_instance_uid=prev.study_instance_uid, series_instance_uid=prev.series_instance_uid,
+            sop_instance_uid=prev.sop_instance_uid, sop_class_uid=SR_SOP_CLASS_UID, study_version=prev.study_version)
+        interp = dataclasses.replace(interp, study_version=int(study_version), replaces=replaces)
+        analysis.interp = interp
+    if job_id is not None and not jobs.owns(session, job_id, lease or ""):
+        session.rollback()
+        raise JobTakenOver("job was taken over by another worker (lease expired); results left to it")
+    # a later version of the study was published while this one ran: its result is the
+    # current one; this one is recorded (job done) but neither written nor sent
     try:
-        interpretations.save_interpretation(session, job_id, interp)
+        objects = [] if superseded else write_results(
+            settings.results_path, result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+        if superseded:
+            log.info("study version %d superseded by a later version already published: result not sent",
+                     study_version)
+        interpretations.save_interpretation(session, job_id, interp, None if superseded else sr_uids(interp))
         r_model = interp.longitudinal.model if interp.longitudinal is not None else None
         if analysis.embedding is not None and r_model is not None:
             interpretations.save_study_embedding(session, interp.study_instance_uid, patient_key, study_date,
                                                  r_model.weights_sha256, analysis.embedding)
-        if job_id is not None and not jobs.finish_job(session, job_id, worker or ""):
+        if job_id is not None and not jobs.finish_job(session, job_id, lease or ""):
             raise JobTakenOver("job was taken over by another worker (lease expired); results left to it")
-        audit.record(session, audit.analysis(interp, objects, analysis.headers))  # analysed + result created
+        events = audit.analysis(interp, objects, analysis.headers)   # analysed + result created
+        audit.record(session, events if objects else events[:1])      # superseded: analysed only
         dests = [d.name for d in settings.delivery.destinations]
-        ids = list(outbox.add(session, objects, dests)) if dests else []
+        ids = list(outbox.add(session, objects, dests)) if dests and objects else []
         session.commit()
     except BaseException:
         session.rollback()

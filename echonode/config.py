@@ -224,10 +224,32 @@ class Destination:
 @dataclass(frozen=True)
 class DeliverySettings:
     destinations: tuple[Destination, ...] = ()
-    max_attempts: int = 8
+    # A failing row is retried with exponential backoff (backoff_initial_s doubling up to
+    # backoff_max_s) until it has been failing for retry_for_s (default one day: a PACS
+    # outage of a day loses nothing); max_attempts > 0 adds a bound by count (0: none).
+    max_attempts: int = 0
     backoff_initial_s: float = 5.0
-    backoff_max_s: float = 900.0
+    backoff_max_s: float = 600.0
+    retry_for_s: float = 86400.0
     commitment_timeout_s: float = 60.0
+    # /healthz, `echonode status` and the metrics report trouble while an outbox row is
+    # dead or the oldest undelivered object is older than this
+    alert_after_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("backoff_initial_s", "backoff_max_s", "retry_for_s", "alert_after_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"delivery.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.max_attempts < 0:
+            raise ConfigError(f"delivery.max_attempts: must be >= 0, got {self.max_attempts!r}")
+        if self.max_attempts == 0 and self.retry_for_s == 0:
+            raise ConfigError("delivery.retry_for_s: 0 together with delivery.max_attempts = 0 would retry forever; "
+                              "set one of them")
+
+    def retry_policy(self) -> dict:
+        """The keyword arguments of :func:`echonode.store.outbox.mark_failed`."""
+        return {"max_attempts": self.max_attempts, "backoff_initial_s": self.backoff_initial_s,
+                "backoff_max_s": self.backoff_max_s, "retry_for_s": self.retry_for_s}
 
 
 @dataclass(frozen=True)
@@ -318,6 +340,17 @@ class QueueSettings:
     lease_s: float = 120.0
     heartbeat_s: float = 10.0
     max_attempts: int = 3
+    # A job that meets a transient failure (database or broker unreachable) goes back to
+    # the queue with backoff (retry_backoff_s doubling up to retry_backoff_max_s) and
+    # fails only once it has been failing for retry_for_s.
+    retry_for_s: float = 3600.0
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("retry_for_s", "retry_backoff_s", "retry_backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"queue.{name}: must be > 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

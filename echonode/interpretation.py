@@ -191,8 +191,26 @@ class PromptCam:
 
 
 @dataclass(frozen=True)
+class ResultRef:
+    """A result SR already published for an earlier version of the same study: the one a
+    new SR replaces (its Predecessor Documents Sequence, PS3.3 C.17.2)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_version: int = 0
+
+
+@dataclass(frozen=True)
 class Interpretation:
-    """Everything echonode concluded about one study."""
+    """Everything echonode concluded about one study.
+
+    ``study_version``: which version of the study (it grows when an instance arrives after
+    the study was analysed) the result covers; 0 when there is none (offline analysis).
+    It enters the UIDs of the SR, page and overlays, so every version is a new object.
+    ``replaces``: the SR of the earlier version this result supersedes, if any.
+    """
 
     study_instance_uid: str
     model: ModelInfo
@@ -203,6 +221,8 @@ class Interpretation:
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
     warnings: tuple[str, ...] = ()
     disclaimer: str = DISCLAIMER
+    study_version: int = 0
+    replaces: Optional[ResultRef] = None
 
     @property
     def demo(self) -> bool:
@@ -276,6 +296,8 @@ class Interpretation:
             timings=dict(d.get("timings", {})),
             warnings=tuple(d.get("warnings", ())),
             disclaimer=d.get("disclaimer", DISCLAIMER),
+            study_version=int(d.get("study_version") or 0),
+            replaces=None if not d.get("replaces") else ResultRef(**d["replaces"]),
         )
 
     @classmethod

@@ -69,9 +69,15 @@ class LocalOrthanc:
             "DicomModalities": {"echonode": [node_aet, "127.0.0.1", node_port]}, "DeidentifyLogs": True,
         }
         (folder / "orthanc.json").write_text(json.dumps(cfg, indent=1))
-        self.log = open(folder / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([exe, "--no-jobs", str(folder / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
+        self.exe = exe
+        self.log = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) on the same ports and storage: its defaults, OverwriteInstances false."""
+        self.log = open(self.folder / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([self.exe, "--no-jobs", str(self.folder / "orthanc.json")], stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True)
 
     def get(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -105,10 +111,28 @@ class LocalOrthanc:
     def count_instances(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
 
+    def find_sr(self) -> list[dict]:
+        """Every SR instance held: SOP Instance UID, study UID and the Predecessor Documents
+        Sequence's referenced SOP Instance UIDs (from the stored tags)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
+                                     data=json.dumps({"Level": "Instance", "Query": {"Modality": "SR"}}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            ids = json.loads(r.read())
+        out = []
+        for oid in ids:
+            tags = self.get(f"/instances/{oid}/tags?short")
+            preds = [sop.get("0008,1155") for item in tags.get("0040,a360") or []
+                     for ser in item.get("0008,1115") or [] for sop in ser.get("0008,1199") or []]
+            out.append({"sop_instance_uid": tags.get("0008,0018", ""), "study_instance_uid": tags.get("0020,000d", ""),
+                        "predecessors": [p for p in preds if p]})
+        return out
+
     def stop(self) -> None:
         from echonode.pipeline.service import terminate
         terminate(self.proc, 15)
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 def send(port: int, files: list[Path]) -> list[int]:

@@ -7,6 +7,7 @@ for a model, priors from SQL, the Celery configuration and the metrics endpoint.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -79,12 +80,14 @@ def test_job_transitions_are_conditional(db_url):
     Session = db.session_factory(db.get_engine(db_url))
     jid = make_job(Session, 1)
     with Session.begin() as s:
-        assert jobs.start_job(s, jid, "w1")
+        lease = jobs.start_job(s, jid, "w1")
+    assert lease and len(lease) == 32
     with Session.begin() as s:
         assert not jobs.start_job(s, jid, "w2"), "a running job must not be claimed twice"
     with Session.begin() as s:
-        assert not jobs.finish_job(s, jid, "w2"), "only the owner may finish"
-        assert jobs.finish_job(s, jid, "w1")
+        assert not jobs.finish_job(s, jid, "w1"), "a worker name is not a lease"
+        assert not jobs.finish_job(s, jid, "0" * 32), "only the owner's lease may finish"
+        assert jobs.finish_job(s, jid, lease)
     assert job_state(Session, jid)[:2] == ("done", 1)
     with Session.begin() as s:
         assert not jobs.start_job(s, jid, "w3"), "a done job is never re-run by a re-delivered message"
@@ -119,6 +122,73 @@ def test_reaper_requeues_then_fails(db_url):
         assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=2) == ([], [jid])
     state, attempts, err = job_state(Session, jid)
     assert state == "failed" and attempts == 2 and "max_attempts=2" in err
+
+
+def test_stale_lease_changes_nothing(db_url):
+    """A worker paused past its lease resumes after the reaper gave the job to another:
+    its heartbeat, finish and fail are refused, the takeover's are not."""
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    with Session.begin() as s:
+        stale = jobs.start_job(s, jid, "w1")
+    old = utcnow() - dt.timedelta(seconds=600)
+    with Session.begin() as s:
+        s.query(AnalysisJob).filter_by(id=jid).update({"updated_at": old})
+        s.query(JobDispatch).filter_by(job_id=jid).update({"heartbeat_at": old})
+    with Session.begin() as s:
+        assert jobs.reap_stale_jobs(s, lease_s=60, max_attempts=3) == ([jid], [])
+    with Session.begin() as s:   # the stale worker resumes before the job is taken again
+        assert not jobs.heartbeat(s, jid, stale)
+        assert not jobs.fail_job(s, jid, "boom", stale), "a stale lease must not fail the queued job"
+        assert not jobs.owns(s, jid, stale)
+    assert job_state(Session, jid)[0] == "queued"
+    with Session.begin() as s:
+        fresh = jobs.start_job(s, jid, "w2")
+    with Session.begin() as s:
+        assert not jobs.heartbeat(s, jid, stale) and jobs.heartbeat(s, jid, fresh)
+        assert not jobs.finish_job(s, jid, stale) and not jobs.fail_job(s, jid, "boom", stale)
+        assert jobs.finish_job(s, jid, fresh)
+    assert job_state(Session, jid)[0] == "done"
+
+
+def test_transient_failure_requeues_with_backoff_then_fails_by_time(db_url):
+    Session = db.session_factory(db.get_engine(db_url))
+    jid = make_job(Session, 1)
+    with Session.begin() as s:
+        lease = jobs.start_job(s, jid, "w1")
+    with Session.begin() as s:
+        assert jobs.retry_transient(s, jid, lease, "OperationalError", retry_for_s=3600, backoff_s=30,
+                                    backoff_max_s=300) == "queued"
+    state, attempts, err = job_state(Session, jid)
+    assert state == "queued" and attempts == 0 and "transient" in err, "a transient failure spends no attempt"
+    with Session.begin() as s:
+        assert not jobs.start_job(s, jid, "w2"), "not before the backoff"
+        assert jid not in [j for j, _ in jobs.jobs_to_dispatch(s, redispatch_after_s=60)]
+        s.query(JobDispatch).filter_by(job_id=jid).update({"retry_at": utcnow() - dt.timedelta(seconds=1)})
+    with Session.begin() as s:
+        assert jid in [j for j, _ in jobs.jobs_to_dispatch(s, redispatch_after_s=60)]
+        lease = jobs.start_job(s, jid, "w2")
+    with Session.begin() as s:   # failing for longer than retry_for_s: permanent now
+        s.query(JobDispatch).filter_by(job_id=jid).update({"failing_since": utcnow() - dt.timedelta(seconds=4000)})
+    with Session.begin() as s:
+        assert jobs.retry_transient(s, jid, lease, "OperationalError", retry_for_s=3600, backoff_s=30,
+                                    backoff_max_s=300) == "failed"
+    state, _, err = job_state(Session, jid)
+    assert state == "failed" and "queue.retry_for_s" in err
+
+
+def test_transient_classes():
+    from sqlalchemy.exc import OperationalError
+
+    from echonode.analysis import AnalysisError
+    from echonode.pipeline.tasks import is_transient
+
+    assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
+    import redis.exceptions
+    assert is_transient(redis.exceptions.ConnectionError("down"))
+    assert not is_transient(AnalysisError("no clip of the study could be decoded"))
+    assert not is_transient(ValueError("an SR that cannot be built"))
 
 
 def test_priors_same_patient_earlier_same_model(db_url):
@@ -276,8 +346,7 @@ def test_metrics_and_health(db_url, tmp_path):
     Session = db.session_factory(db.get_engine(db_url))
     jid = make_job(Session, 1)
     with Session.begin() as s:
-        jobs.start_job(s, jid, "w")
-        jobs.finish_job(s, jid, "w")
+        jobs.finish_job(s, jid, jobs.start_job(s, jid, "w"))
     REGISTRY.inc("echonode_deliveries_total", outcome="delivered")
 
     class _SCP:
@@ -294,7 +363,8 @@ def test_metrics_and_health(db_url, tmp_path):
         assert 'echonode_deliveries_total{outcome="delivered"}' in body
         names = [ln.split()[2] for ln in body.splitlines() if ln.startswith("# TYPE")]
         assert len(names) == len(set(names)), "each metric family declared once"
-        assert urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10).read() == b"ok\n"
+        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=10).read()) \
+            == {"status": "ok", "reasons": []}
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/nope", timeout=10)
     finally:

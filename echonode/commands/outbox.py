@@ -11,7 +11,8 @@ STATE_CHOICES = ("pending", "sending", "committing", "delivered", "dead")
 def register(sub, parents):
     p = sub.add_parser("outbox", parents=parents, help="list, retry, purge or send results waiting for the PACS",
                        description="The outbox holds one row per result object and destination. "
-                                   "Rows become 'dead' after delivery.max_attempts failed attempts.")
+                                   "Rows become 'dead' once failing for delivery.retry_for_s (a day by "
+                                   "default), or after delivery.max_attempts attempts when that is set.")
     osub = p.add_subparsers(dest="outbox_command", metavar="ACTION")
 
     lp = osub.add_parser("list", parents=parents, help="list outbox rows (newest first)")

@@ -29,7 +29,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from echonode import __version__
-from echonode.dicom.result_uids import result_uid
+from echonode.dicom.result_uids import object_uid
 from echonode.dicom.sr import MANUFACTURER, check_sources
 from echonode.interpretation import (
     DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_PUBLISHED, Interpretation, PromptCam,
@@ -250,10 +250,9 @@ def secondary_capture(interp: Interpretation, ref: Dataset, pixels: np.ndarray, 
         bits_allocated=8,
         coordinate_system="PATIENT",
         patient_orientation=("L", "F"),   # replaced below: no orientation for a US view
-        series_instance_uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version,
-                                       series_kind),
+        series_instance_uid=object_uid(interp, series_kind),
         series_number=series_number,
-        sop_instance_uid=result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, kind, index),
+        sop_instance_uid=object_uid(interp, kind, index),
         instance_number=index + 1,
         manufacturer=MANUFACTURER,
         series_description=description[:64],

@@ -33,7 +33,7 @@ from pydicom import Dataset
 from echonode import __version__
 from echonode.dicom.findings import Section, calibration_split, comparison_lines, key_findings
 from echonode.dicom.overlays import secondary_capture
-from echonode.dicom.result_uids import result_uid
+from echonode.dicom.result_uids import object_uid
 from echonode.dicom.sr import MANUFACTURER, check_sources, algorithm_name
 from echonode.interpretation import DEMO_BANNER, Interpretation
 
@@ -58,9 +58,7 @@ LVEF_SIZE = 80
 
 def page_uids(interp: Interpretation) -> dict[str, str]:
     """The derived UIDs of the page and PDF objects (kind → UID)."""
-    m = interp.model
-    return {k: result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, k)
-            for k in ("page", "page-series", "pdf", "pdf-series")}
+    return {k: object_uid(interp, k) for k in ("page", "page-series", "pdf", "pdf-series")}
 
 
 # ------------------------------------------------------------------ text helpers

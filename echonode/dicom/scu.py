@@ -13,7 +13,8 @@ Flow (every step durable, so a crash repeats nothing visible and loses nothing):
    (0xB000, 0xB006, 0xB007) counts as stored and is recorded; a Failure status, a
    refused/aborted association or a timeout → retry with exponential backoff
    (``delivery.backoff_initial_s`` doubling up to ``delivery.backoff_max_s``) and
-   ``dead`` after ``delivery.max_attempts``.
+   ``dead`` once failing for ``delivery.retry_for_s`` (default a day; or after
+   ``delivery.max_attempts`` when set).
 4. Storage commitment (per destination ``storage_commitment = true``): after the
    stores, an N-ACTION (Storage Commitment Push Model, PS3.4 Annex J) lists the sent
    instances under a new Transaction UID. The PACS answers with an N-EVENT-REPORT on a
@@ -210,12 +211,11 @@ class _Delivery:
         """Retry later with backoff, or ``dead`` after ``delivery.max_attempts``."""
         d = self.settings.delivery
         state = ob.mark_failed(self.session, row.id, error, status, now=self.now_fn(), count_attempt=count,
-                               max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-                               backoff_max_s=d.backoff_max_s)
+                               **d.retry_policy())
         if state == ob.DEAD:
             self.summary.dead += 1
-            log.error("outbox %d (%s to %s) is dead after %d attempts: %s", row.id, row.kind or "object",
-                      self.dest.name, d.max_attempts, error)
+            log.error("outbox %d (%s to %s) is dead (delivery.retry_for_s=%g, max_attempts=%d): %s", row.id,
+                      row.kind or "object", self.dest.name, d.retry_for_s, d.max_attempts, error)
         else:
             self.summary.retrying += 1
             log.warning("outbox %d to %s failed (%s); will retry", row.id, self.dest.name, error)
@@ -232,7 +232,7 @@ class _Delivery:
                 sendable.append(row)
                 continue
             ob.mark_failed(self.session, row.id, f"result file missing: {row.path}", None, now=self.now_fn(),
-                           max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0)
+                           max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0, retry_for_s=0)
             self.summary.dead += 1
         return sendable
 
@@ -292,7 +292,15 @@ class _Delivery:
                     self.summary.warnings += 1
                     log.warning("outbox %d: %s stored with warning status 0x%04X", row.id, self.dest.name, status)
                 stored.append((row, status))
-            else:
+            elif status & 0xFF00 == 0xA900:
+                # "Data Set does not match SOP Class": the same bytes will be refused again;
+                # dead at once (healthz alerts; `echonode outbox retry` after a fix)
+                self.summary.dead += 1
+                log.error("outbox %d refused by %s with status 0x%04X (permanent)", row.id, self.dest.name, status)
+                ob.mark_failed(self.session, row.id, f"C-STORE refused with status 0x{status:04X} (permanent)", status,
+                               now=self.now_fn(), max_attempts=row.attempts + 1, backoff_initial_s=0,
+                               backoff_max_s=0, retry_for_s=0)
+            else:  # 0xA7xx out of resources, 0xCxxx, ...: the PACS may accept it later
                 self.failed(row, f"C-STORE failed with status 0x{status:04X}", status)
         return stored
 
@@ -380,8 +388,7 @@ def deliver_pending(settings: Settings, session_factory, now: Optional[dt.dateti
         commitment_handler = commitment_report_handler(settings, session_factory)
     with session_factory() as session:
         summary.expired_commitments = ob.expire_commitments(
-            session, d.commitment_timeout_s, max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-            backoff_max_s=d.backoff_max_s, now=now_fn())
+            session, d.commitment_timeout_s, now=now_fn(), **d.retry_policy())
         rows = ob.claim_due(session, now=now_fn(), limit=limit)
         summary.claimed = len(rows)
         by_dest: dict[str, list[ob.OutboxRow]] = {}
@@ -392,8 +399,7 @@ def deliver_pending(settings: Settings, session_factory, now: Optional[dt.dateti
             if dest is None:
                 for row in dest_rows:
                     ob.mark_failed(session, row.id, f"destination {name!r} is not configured", None,
-                                   max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-                                   backoff_max_s=d.backoff_max_s, now=now_fn())
+                                   now=now_fn(), **d.retry_policy())
                     summary.retrying += 1
                 summary.errors.append(f"destination {name!r} is not configured")
                 continue
@@ -407,8 +413,7 @@ def deliver_pending(settings: Settings, session_factory, now: Optional[dt.dateti
                     r = session.get(ob.OutboxRow, row.id)
                     if r is not None and r.state == ob.SENDING:
                         ob.mark_failed(session, row.id, f"internal error: {exc.__class__.__name__}", None,
-                                       max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-                                       backoff_max_s=d.backoff_max_s, now=now_fn())
+                                       now=now_fn(), **d.retry_policy())
     return summary
 
 
@@ -432,9 +437,7 @@ def commitment_report_handler(settings: Settings, session_factory):
             log.warning("malformed storage commitment report: %s", exc.__class__.__name__)
             return 0x0110, None
         with session_factory() as session:
-            n_ok, n_bad = ob.apply_commitment(session, tx, ok, bad, max_attempts=d.max_attempts,
-                                              backoff_initial_s=d.backoff_initial_s,
-                                              backoff_max_s=d.backoff_max_s)
+            n_ok, n_bad = ob.apply_commitment(session, tx, ok, bad, **d.retry_policy())
         log.info("storage commitment %s: %d committed, %d failed", tx, n_ok, n_bad)
         return 0x0000, None
 

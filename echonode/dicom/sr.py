@@ -47,7 +47,7 @@ from pydicom.sr.codedict import codes
 
 from echonode import __version__
 from echonode.dicom import sr_codes as C
-from echonode.dicom.result_uids import result_uid
+from echonode.dicom.result_uids import object_uid, result_uid
 from echonode.dicom.uids import check_uid, derived_uid
 from echonode.interpretation import (
     CALL_ABSENT, CALL_PRESENT, DEMO_BANNER, THRESHOLD_CALIBRATED, THRESHOLD_NONE,
@@ -60,6 +60,8 @@ __all__ = ["build_sr", "check_sources", "SRBuildError", "MANUFACTURER", "SR_SERI
 
 MANUFACTURER = "echonode"
 SR_SERIES_NUMBER = 9901
+#: Comprehensive 3D SR Storage: the class of every result SR (what a predecessor reference names)
+SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"
 CONTAINS = RelationshipTypeValues.CONTAINS
 
 
@@ -78,9 +80,7 @@ def algorithm_name(architecture: str) -> str:
 
 def sr_uids(interp: Interpretation) -> tuple[str, str]:
     """(SOP Instance UID, Series Instance UID) of the SR for ``interp``."""
-    m = interp.model
-    return (result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sr"),
-            result_uid(interp.study_instance_uid, m.weights_sha256, m.echonode_version, "sr-series"))
+    return object_uid(interp, "sr"), object_uid(interp, "sr-series")
 
 
 def device_uid(weights_sha256: str, version: str) -> str:
@@ -367,6 +367,41 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     return out
 
 
+def result_version_note(interp: Interpretation) -> str:
+    """The SR's statement of which study version and which clips it covers, and which
+    earlier SR it replaces ("" for a result without a study version)."""
+    if not interp.study_version:
+        return ""
+    uids = ", ".join(c.sop_instance_uid for c in interp.clips)
+    note = (f"This result covers version {interp.study_version} of the study: "
+            f"{len(interp.clips)} clip(s) analysed ({uids}).")
+    if interp.replaces is not None:
+        note += (f" It replaces the result SR {interp.replaces.sop_instance_uid} of study version "
+                 f"{interp.replaces.study_version}.")
+    return note
+
+
+def predecessor_item(ref, study_uid: str) -> Dataset:
+    """One item of the Predecessor Documents Sequence (0040,A360), PS3.3 C.17.2.1: the
+    Hierarchical SOP Instance Reference Macro (Table C.17-3) of the SR replaced."""
+    check_uid(ref.sop_instance_uid, "replaced SR SOPInstanceUID", strict=False)
+    check_uid(ref.series_instance_uid, "replaced SR SeriesInstanceUID", strict=False)
+    check_uid(ref.sop_class_uid, "replaced SR SOPClassUID", strict=False)
+    if ref.study_instance_uid != study_uid:
+        raise SRBuildError("build_sr: the replaced SR belongs to another study "
+                           f"({ref.study_instance_uid} != {study_uid})")
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = ref.sop_class_uid
+    sop.ReferencedSOPInstanceUID = ref.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = ref.series_instance_uid
+    series.ReferencedSOPSequence = [sop]
+    item = Dataset()
+    item.StudyInstanceUID = ref.study_instance_uid
+    item.ReferencedSeriesSequence = [series]
+    return item
+
+
 def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
     """The TID 1500 Comprehensive 3D SR for ``interp`` (a pydicom Dataset, not yet written).
 
@@ -417,6 +452,9 @@ def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
     items.append(_text(C.DISCLAIMER, interp.disclaimer))
     for w in interp.warnings:
         items.append(_text(C.PROCESSING_NOTE, w))
+    version_note = result_version_note(interp)
+    if version_note:
+        items.append(_text(C.PROCESSING_NOTE, version_note))
     qe.ContentSequence = items
     report[0].ContentSequence.append(qe)
 
@@ -438,6 +476,8 @@ def build_sr(interp: Interpretation, sources: list[Dataset]) -> Dataset:
             designator=C.PRIVATE_SCHEME, name=C.PRIVATE_SCHEME_NAME,
             responsible_organization=C.PRIVATE_SCHEME_ORG)],
     )
+    if interp.replaces is not None:
+        sr.PredecessorDocumentsSequence = [predecessor_item(interp.replaces, interp.study_instance_uid)]
     sr.SpecificCharacterSet = "ISO_IR 192"
     sr.ManufacturerModelName = "echonode"
     sr.SoftwareVersions = [__version__, m.weights_sha256[:16]]

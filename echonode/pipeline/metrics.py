@@ -9,13 +9,15 @@ Two kinds of numbers:
   (the node, an embedded worker, or GPU workers on other machines).
 
 ``serve_metrics(settings, stop)`` runs the HTTP endpoint on ``metrics.host:metrics.port``
-(loopback by default): ``GET /metrics`` and ``GET /healthz`` (200 ``ok`` when the
-database answers, else 503 with the reason).
+(loopback by default): ``GET /metrics`` and ``GET /healthz`` (JSON; 200 when the database
+answers and delivery is healthy, else 503 with the reasons: a dead outbox row, or an
+undelivered object older than ``delivery.alert_after_s``).
 """
 
 from __future__ import annotations
 
 import logging
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Optional
@@ -114,7 +116,7 @@ def _histogram(lines: list[str], name: str, help_text: str, samples: list[float]
     lines.append(f"{name}_count {len(samples)}")
 
 
-def sql_metrics(session_factory) -> list[str]:
+def sql_metrics(session_factory, alert_after_s: Optional[float] = None) -> list[str]:
     """Gauges and the job-duration histogram, read from SQL."""
     from echonode.store import status as queries
 
@@ -124,6 +126,10 @@ def sql_metrics(session_factory) -> list[str]:
         totals = queries.ingest_totals(s)
         durations = queries.job_durations(s)
         outbox = _outbox_counts(s)
+        dh = None
+        if alert_after_s is not None:
+            from echonode.store.status import delivery_health
+            dh = delivery_health(s, alert_after_s)
     _gauge(lines, "echonode_jobs", "Analysis jobs by state", [({"state": k}, v) for k, v in sorted(counts.items())])
     _gauge(lines, "echonode_instances_stored", "Instances in the index", [({}, totals["instances"])])
     _gauge(lines, "echonode_stored_bytes", "Bytes of stored instances", [({}, totals["bytes"])])
@@ -132,6 +138,12 @@ def sql_metrics(session_factory) -> list[str]:
     if outbox is not None:
         _gauge(lines, "echonode_outbox", "Result objects in the outbox by state",
                [({"state": k}, v) for k, v in sorted(outbox.items())])
+    if dh is not None:
+        _gauge(lines, "echonode_outbox_oldest_undelivered_seconds",
+               "Age of the oldest result object not yet delivered (0: none)", [({}, dh["oldest_undelivered_s"] or 0)])
+        _gauge(lines, "echonode_delivery_alert",
+               "1 while an outbox row is dead or the oldest undelivered object is older than delivery.alert_after_s",
+               [({}, 0 if dh["ok"] else 1)])
     return lines
 
 
@@ -145,45 +157,64 @@ def _outbox_counts(session) -> Optional[dict[str, int]]:
         return None
 
 
-def render(session_factory=None, extra: Optional[Callable[[], list[str]]] = None) -> str:
+def render(session_factory=None, extra: Optional[Callable[[], list[str]]] = None,
+           alert_after_s: Optional[float] = None) -> str:
     lines = REGISTRY.render()
     if session_factory is not None:
-        lines += sql_metrics(session_factory)
+        lines += sql_metrics(session_factory, alert_after_s)
     if extra is not None:
         lines += extra()
     return "\n".join(lines) + "\n"
 
 
-def health(session_factory) -> tuple[bool, str]:
+def health(session_factory, alert_after_s: Optional[float] = None) -> tuple[bool, dict]:
+    """``(ok, body)`` for ``/healthz``: the database answers and, with ``alert_after_s``,
+    delivery is healthy (:func:`echonode.store.status.delivery_health`)."""
     from echonode.store.db import ping
     try:
         ping(session_factory)
-        return True, "ok"
     except Exception as exc:
-        return False, f"database unavailable: {type(exc).__name__}"
+        return False, {"status": "unavailable", "reasons": [f"database unavailable: {type(exc).__name__}"]}
+    body: dict = {"status": "ok", "reasons": []}
+    if alert_after_s is not None:
+        from echonode.store.status import delivery_health
+        try:
+            with session_factory() as s:
+                dh = delivery_health(s, alert_after_s)
+        except Exception as exc:
+            return False, {"status": "unavailable", "reasons": [f"database unavailable: {type(exc).__name__}"]}
+        body["delivery"] = dh
+        if not dh["ok"]:
+            body["status"] = "degraded"
+            body["reasons"] += dh["reasons"]
+    return body["status"] == "ok", body
 
 
 class MetricsServer:
     """``/metrics`` and ``/healthz`` in a background thread."""
 
     def __init__(self, host: str, port: int, session_factory, extra: Optional[Callable[[], list[str]]] = None,
-                 health_extra: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
-        sf, ex, hx = session_factory, extra, health_extra
+                 health_extra: Optional[Callable[[], tuple[bool, str]]] = None,
+                 alert_after_s: Optional[float] = None) -> None:
+        sf, ex, hx, alert = session_factory, extra, health_extra, alert_after_s
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server API
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     try:
-                        body, code = render(sf, ex).encode(), 200
+                        body, code = render(sf, ex, alert).encode(), 200
                     except Exception as exc:
                         body, code = f"# metrics unavailable: {type(exc).__name__}\n".encode(), 500
                     ctype = "text/plain; version=0.0.4; charset=utf-8"
                 elif path == "/healthz":
-                    ok, msg = health(sf)
+                    ok, doc = health(sf, alert)
                     if ok and hx is not None:
                         ok, msg = hx()
-                    body, code, ctype = (msg + "\n").encode(), (200 if ok else 503), "text/plain; charset=utf-8"
+                        if not ok:
+                            doc = {"status": "degraded", "reasons": [msg]}
+                    body = (json.dumps(doc, sort_keys=True) + "\n").encode()
+                    code, ctype = (200 if ok else 503), "application/json"
                 else:
                     body, code, ctype = b"not found\n", 404, "text/plain; charset=utf-8"
                 self.send_response(code)

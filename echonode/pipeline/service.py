@@ -290,7 +290,7 @@ class PipelineService:
             from echonode.pipeline.metrics import MetricsServer
             try:
                 self.metrics = MetricsServer(settings.metrics.host, settings.metrics.port, self.Session,
-                                             extra=extra_metrics)
+                                             extra=extra_metrics, alert_after_s=settings.delivery.alert_after_s)
             except OSError as exc:  # the node still serves DICOM without its metrics endpoint
                 log.error("metrics endpoint %s:%d not started: %s (set metrics.port, or metrics.enabled = false)",
                           settings.metrics.host, settings.metrics.port, exc)

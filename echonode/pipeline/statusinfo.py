@@ -16,6 +16,7 @@ def pipeline_status(settings: Settings, session, *, recent: int = 10) -> dict:
         "waiting_model": queries.waiting_model_message(session),
         "recent_results": queries.recent_results(session, limit=recent),
         "failed_jobs": queries.failed_jobs(session, limit=recent),
+        "delivery": queries.delivery_health(session, settings.delivery.alert_after_s),
     }
 
 
@@ -25,6 +26,13 @@ def format_pipeline(status: dict) -> list[str]:
     q = status.get("queue") or {}
     depth = "  ".join(f"{k} {'?' if q.get(k) is None else q.get(k)}" for k in ("analyze", "deliver"))
     lines.append(f"queue ({q.get('broker', '?')}): {depth}")
+    d = status.get("delivery")
+    if d is not None:
+        age = "-" if d.get("oldest_undelivered_s") is None else f"{d['oldest_undelivered_s']:.0f} s"
+        lines.append(f"delivery: {'ok' if d['ok'] else 'ALERT'}  undelivered {d['undelivered']}  dead {d['dead']}  "
+                     f"oldest undelivered {age}")
+        for r in d.get("reasons") or ():
+            lines.append(f"DELIVERY ALERT: {r}")
     if status.get("waiting_model"):
         lines.append(f"WAITING FOR A MODEL: {status['waiting_model']}")
     for f in status.get("failed_jobs") or ():

@@ -83,8 +83,11 @@ class WorkerRuntime:
 
 
 class _Heartbeat:
-    def __init__(self, rt: WorkerRuntime, job_id: int) -> None:
-        self.rt, self.job_id = rt, job_id
+    """Refreshes the job's lease while it runs; notices when the lease went to another worker."""
+
+    def __init__(self, rt: WorkerRuntime, job_id: int, lease: str) -> None:
+        self.rt, self.job_id, self.lease = rt, job_id, lease
+        self.lost = False
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -95,9 +98,14 @@ class _Heartbeat:
         while not self._stop.wait(every):
             try:
                 with self.rt.Session.begin() as s:
-                    jobs.heartbeat(s, self.job_id, self.rt.worker_id)
+                    owned = jobs.heartbeat(s, self.job_id, self.lease)
             except Exception as exc:  # the next beat retries
-                log.warning("job %d: heartbeat failed: %s", self.job_id, exc)
+                log.warning("job %d: heartbeat failed: %s", self.job_id, describe_error(exc))
+                continue
+            if not owned and not self.lost:
+                self.lost = True
+                log.info("job %d: lease lost (another worker took the job over); this run will publish nothing",
+                         self.job_id)
 
     def __enter__(self) -> "_Heartbeat":
         self._t.start()
@@ -108,10 +116,38 @@ class _Heartbeat:
         self._t.join(timeout=5)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """A failure that a later try may not meet: the database or the broker unreachable, a
+    connection lost or timed out. Anything else (no decodable clip, an SR that cannot be
+    built, a bug) is permanent: the job fails with the reason."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeout
+
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from kombu.exceptions import OperationalError as BrokerError
+        if isinstance(exc, BrokerError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import redis.exceptions as rx
+        if isinstance(exc, (rx.ConnectionError, rx.TimeoutError)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
 # --------------------------------------------------------------------------- analysis
 
 def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     """The body of ``echonode.analyse_study``. Returns a short outcome word."""
+    from echonode.analysis import JobTakenOver
     from echonode.pipeline.modelsel import choose_models
     from echonode.store import jobs
 
@@ -130,20 +166,28 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
         log.warning("job %d waits for a model: %s", job_id, choice.message)
         return "waiting_model"
     with rt.Session.begin() as s:
-        if not jobs.start_job(s, job_id, rt.worker_id):
-            return "skipped-claimed"
+        lease = jobs.start_job(s, job_id, rt.worker_id)
+    if not lease:
+        return "skipped-claimed"
     log.info("job %d: analysing %d clip(s)%s", job_id, len(ctx.clips),
              " with the DEMO MODEL — NOT FOR CLINICAL USE" if choice.demo else "")
     t0 = time.perf_counter()
     try:
-        with _Heartbeat(rt, job_id):
-            published = _analyse_and_publish(rt, ctx, choice)
+        with _Heartbeat(rt, job_id, lease):
+            published = _analyse_and_publish(rt, ctx, choice, lease)
+    except JobTakenOver:
+        # paused past the lease (SIGSTOP, VM pause) and resumed: the job is another
+        # worker's now; this one stops quietly, publishing and failing nothing
+        log.info("job %d: taken over by another worker while this one was stalled; left to it", job_id)
+        return "taken-over"
     except Exception as exc:
-        _fail(rt, job_id, exc)
+        if is_transient(exc):
+            return _retry_later(rt, job_id, lease, exc)
+        _fail(rt, job_id, exc, lease)
         return "failed"
     rt.analyses += 1
-    log.info("job %d done in %.1f s: SR + %d overlay(s) written, %d outbox row(s)%s", job_id,
-             time.perf_counter() - t0, len(published.objects) - 1, len(published.outbox_ids),
+    log.info("job %d done in %.1f s: %d result object(s) written, %d outbox row(s)%s", job_id,
+             time.perf_counter() - t0, len(published.objects), len(published.outbox_ids),
              "" if rt.settings.delivery.destinations else " (no delivery.destinations configured)")
     if published.outbox_ids and app is not None:
         try:
@@ -154,7 +198,40 @@ def analyse_job(rt: WorkerRuntime, job_id: int, app=None) -> str:
     return "done"
 
 
-def _fail(rt: WorkerRuntime, job_id: int, exc: Exception) -> None:
+def _retry_later(rt: WorkerRuntime, job_id: int, lease: str, exc: BaseException) -> str:
+    """Give a transiently failed job back to the queue with backoff (``queue.retry_*``).
+
+    The database may be the thing that is down: recording that is itself retried for up
+    to ``queue.lease_s``; past that the job is still ``running`` under a lease nobody
+    refreshes, and the dispatcher's reaper re-queues it."""
+    from echonode.store import jobs
+
+    q = rt.settings.queue
+    reason = describe_error(exc) if isinstance(exc, SQLAlchemyError) else f"{type(exc).__name__}"
+    deadline = time.monotonic() + q.lease_s
+    pause = min(1.0, q.retry_backoff_s)
+    while True:
+        try:
+            with rt.Session.begin() as s:
+                state = jobs.retry_transient(s, job_id, lease, reason, retry_for_s=q.retry_for_s,
+                                             backoff_s=q.retry_backoff_s, backoff_max_s=q.retry_backoff_max_s)
+        except Exception as exc2:
+            if time.monotonic() + pause > deadline:
+                log.error("job %d: transient failure (%s) and the database stays unreachable (%s); "
+                          "the reaper re-queues it", job_id, reason, describe_error(exc2))
+                return "retrying"
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
+            continue
+        if state == "failed":
+            log.error("job %d failed: transient failure outlasted queue.retry_for_s=%g: %s", job_id, q.retry_for_s,
+                      reason)
+            return "failed"
+        log.warning("job %d: transient failure (%s); re-queued with backoff", job_id, reason)
+        return "retrying" if state else "taken-over"
+
+
+def _fail(rt: WorkerRuntime, job_id: int, exc: Exception, lease: str) -> None:
     """Record the job as failed with a reason that carries no patient data."""
     from echonode.store import jobs
 
@@ -172,7 +249,8 @@ def _fail(rt: WorkerRuntime, job_id: int, exc: Exception) -> None:
         reason = f"{type(exc).__name__} (unexpected; traceback in the worker log)"
         log.error("job %d failed: %s\n%s", job_id, type(exc).__name__, _traceback_without_message(exc))
     with rt.Session.begin() as s:
-        jobs.fail_job(s, job_id, reason, rt.worker_id)
+        if not jobs.fail_job(s, job_id, reason, lease):
+            log.info("job %d: not marked failed: its lease went to another worker", job_id)
 
 
 def _traceback_without_message(exc: BaseException) -> str:
@@ -181,7 +259,7 @@ def _traceback_without_message(exc: BaseException) -> str:
     return "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__))).rstrip()
 
 
-def _analyse_and_publish(rt: WorkerRuntime, ctx, choice):
+def _analyse_and_publish(rt: WorkerRuntime, ctx, choice, lease: str):
     """The study's clips as the SQL index knows them -> :mod:`echonode.analysis`."""
     from echonode import analysis
     from echonode.interpret.engine import PriorEmbedding
@@ -206,8 +284,9 @@ def _analyse_and_publish(rt: WorkerRuntime, ctx, choice):
                                  embedding=r.embedding, weights_sha256=r.model_sha256) for r in rows]
     result = analysis.analyse(rt.settings, interpreter, ctx.study_instance_uid, clips, priors, notes)
     with rt.Session() as s:
-        return analysis.publish(rt.settings, s, result, job_id=ctx.job_id, worker=rt.worker_id,
-                                patient_key=ctx.patient_key, study_date=ctx.study_date)
+        return analysis.publish(rt.settings, s, result, job_id=ctx.job_id, lease=lease,
+                                study_version=ctx.study_version, patient_key=ctx.patient_key,
+                                study_date=ctx.study_date)
 
 
 def deliver_due(settings: Settings, session_factory):

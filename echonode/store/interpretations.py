@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, and_, or_, select
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, and_, or_, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
@@ -34,6 +34,11 @@ class InterpretationRow(Base):
     model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     demo: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     interpretation: Mapped[str] = mapped_column(Text, nullable=False)   # Interpretation.to_json()
+    # revision 0007_result_versions: which study version this result covers and its SR,
+    # so the SR of a later version can reference it (Predecessor Documents Sequence)
+    study_version: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    sr_sop_instance_uid: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    sr_series_instance_uid: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
 
 
@@ -73,25 +78,81 @@ def _bytes_to_vec(b: bytes, dim: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- results
 
-def save_interpretation(session: Session, job_id: Optional[int], interp: Any) -> int:
-    """Insert or replace the Interpretation of ``job_id`` (idempotent on re-runs)."""
+def save_interpretation(session: Session, job_id: Optional[int], interp: Any,
+                        sr_uids: Optional[tuple[str, str]] = None) -> int:
+    """Insert or replace the Interpretation of ``job_id`` (idempotent on re-runs), with the
+    study version it covers and its SR's ``(SOP Instance UID, Series Instance UID)``."""
     payload = interp.to_json()
+    version = int(getattr(interp, "study_version", 0) or 0) or None
+    sop_uid, series_uid = sr_uids or (None, None)
     row = None
     if job_id is not None:
         row = session.execute(select(InterpretationRow).where(InterpretationRow.job_id == job_id)).scalar_one_or_none()
     if row is None:
         row = InterpretationRow(job_id=job_id, study_instance_uid=interp.study_instance_uid,
                                 model_sha256=interp.model.weights_sha256, demo=bool(interp.model.demo),
-                                interpretation=payload)
+                                interpretation=payload, study_version=version, sr_sop_instance_uid=sop_uid,
+                                sr_series_instance_uid=series_uid)
         session.add(row)
     else:
         row.study_instance_uid = interp.study_instance_uid
         row.model_sha256 = interp.model.weights_sha256
         row.demo = bool(interp.model.demo)
         row.interpretation = payload
+        row.study_version, row.sr_sop_instance_uid, row.sr_series_instance_uid = version, sop_uid, series_uid
         row.created_at = utcnow()
     session.flush()
     return row.id
+
+
+@dataclass(frozen=True)
+class PublishedSR:
+    """The SR published for one version of a study (from ``interpretations``)."""
+
+    study_instance_uid: str
+    study_version: int
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+def previous_result(session: Session, study_uid: str, study_version: int) -> Optional[PublishedSR]:
+    """The last published SR of an EARLIER version of ``study_uid`` (what a new SR replaces):
+    the highest version below ``study_version``, its newest row. A row is written in the
+    transaction that publishes its objects, so a row here is a published result."""
+    row = session.execute(
+        select(InterpretationRow).where(InterpretationRow.study_instance_uid == study_uid,
+                                        InterpretationRow.study_version.is_not(None),
+                                        InterpretationRow.study_version < int(study_version),
+                                        InterpretationRow.sr_sop_instance_uid.is_not(None))
+        .order_by(InterpretationRow.study_version.desc(), InterpretationRow.created_at.desc(),
+                  InterpretationRow.id.desc()).limit(1)).scalar_one_or_none()
+    if row is None:
+        return None
+    return PublishedSR(row.study_instance_uid, int(row.study_version), row.sr_sop_instance_uid,
+                       row.sr_series_instance_uid or "")
+
+
+def lock_study_results(session: Session, study_uid: str) -> None:
+    """Serialise the publishing of results of one study until the transaction ends, so two
+    versions finishing at once cannot both miss each other (the later one would name no
+    predecessor, the earlier one would not see it is superseded). PostgreSQL: a
+    transaction-scoped advisory lock (ingest is not blocked); SQLite serialises writers
+    by itself."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(b"echonode-results|" + study_uid.encode()).digest()[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+
+def later_result_exists(session: Session, study_uid: str, study_version: int) -> bool:
+    """Was a result of a LATER version of ``study_uid`` published already? (Then a result of
+    ``study_version`` finishing now is superseded: sending it would put an outdated SR
+    after the current one.)"""
+    return session.execute(
+        select(InterpretationRow.id).where(InterpretationRow.study_instance_uid == study_uid,
+                                           InterpretationRow.study_version > int(study_version),
+                                           InterpretationRow.sr_sop_instance_uid.is_not(None)).limit(1)
+    ).first() is not None
 
 
 def latest_interpretation(session: Session, study_uid: str) -> Optional[dict]:

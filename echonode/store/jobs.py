@@ -9,12 +9,17 @@ nothing, which makes every task idempotent.
 job: when it was turned into a Celery message, by which process, and the running
 worker's heartbeat. A row is *claimed* with a conditional UPDATE, so several node
 processes never send the same job twice, and a worker that died (heartbeat older than
-the lease) is detected from SQL alone, whatever the broker.
+the lease) is detected from SQL alone, whatever the broker. Owning a running job means
+holding its ``lease_token`` (revision ``0007_result_versions``): a random token set at each
+start, required by heartbeat, finish and fail, so a worker resumed after its job was
+taken over can change nothing. A transient failure puts the job back in the queue with
+``retry_at`` (backoff) and ``failing_since`` (the time bound).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -37,6 +42,10 @@ class JobDispatch(Base):
     task_id: Mapped[Optional[str]] = mapped_column(String(64))
     worker: Mapped[Optional[str]] = mapped_column(String(128))
     heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+    # revision 0007_result_versions
+    lease_token: Mapped[Optional[str]] = mapped_column(String(32))   # owner of the running job
+    retry_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)     # transient failure: not before
+    failing_since: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
 
 
 # --------------------------------------------------------------------------- study context
@@ -132,7 +141,8 @@ def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int 
         select(JobDispatch.job_id, JobDispatch.dispatches)
         .join(AnalysisJob, AnalysisJob.id == JobDispatch.job_id)
         .where(AnalysisJob.state == JOB_QUEUED,
-               or_(JobDispatch.dispatched_at.is_(None), JobDispatch.dispatched_at < cutoff))
+               or_(JobDispatch.dispatched_at.is_(None), JobDispatch.dispatched_at < cutoff),
+               or_(JobDispatch.retry_at.is_(None), JobDispatch.retry_at <= utcnow()))
         .order_by(AnalysisJob.id).limit(limit)
     ).all()
     return [(r[0], r[1]) for r in rows]
@@ -163,56 +173,113 @@ def reset_dispatch(session: Session, job_ids: Iterable[int]) -> None:
     ids = list(job_ids)
     if ids:
         session.execute(update(JobDispatch).where(JobDispatch.job_id.in_(ids))
-                        .values(dispatched_at=None, worker=None, heartbeat_at=None))
+                        .values(dispatched_at=None, worker=None, heartbeat_at=None, lease_token=None))
 
 
 # --------------------------------------------------------------------------- job transitions
 
-def start_job(session: Session, job_id: int, worker: str) -> bool:
-    """queued → running (attempts + 1). False if the job is not queued (done, running elsewhere…)."""
+def start_job(session: Session, job_id: int, worker: str) -> Optional[str]:
+    """queued → running (attempts + 1). Returns the job's lease token, None if the job is
+    not queued (done, running elsewhere…).
+
+    The token (random, new at every start) is what owning the job means: heartbeat, finish
+    and fail need it. A worker that was paused past ``queue.lease_s`` (SIGSTOP, a VM pause)
+    and resumes after the reaper gave the job to another worker holds a token that no
+    longer matches: it can change nothing."""
     now = utcnow()
+    if session.execute(select(AnalysisJob.id).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_QUEUED,
+                                                    AnalysisJob.id.not_in(_retry_later(now)))).first() is None:
+        return None
     res = session.execute(
         update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_QUEUED)
         .values(state=JOB_RUNNING, attempts=AnalysisJob.attempts + 1, started_at=now,
                 updated_at=now, error=None, finished_at=None)
     )
     if res.rowcount != 1:
-        return False
+        return None
+    token = secrets.token_hex(16)
     row = _dispatch_row(session, job_id)
     row.worker = worker[:128]
     row.heartbeat_at = now
-    return True
+    row.lease_token = token
+    return token
 
 
-def heartbeat(session: Session, job_id: int, worker: str) -> bool:
-    res = session.execute(update(JobDispatch).where(JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128])
+def _retry_later(now: dt.datetime):
+    """Jobs waiting out the backoff of a transient failure."""
+    return select(JobDispatch.job_id).where(JobDispatch.retry_at.is_not(None), JobDispatch.retry_at > now)
+
+
+def _owned(job_id: int, lease: str):
+    return select(JobDispatch.job_id).where(JobDispatch.job_id == job_id, JobDispatch.lease_token == lease)
+
+
+def owns(session: Session, job_id: int, lease: str) -> bool:
+    """Does ``lease`` still own the running job?"""
+    return session.execute(select(AnalysisJob.id).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_RUNNING,
+                                                        AnalysisJob.id.in_(_owned(job_id, lease)))).first() is not None
+
+
+def heartbeat(session: Session, job_id: int, lease: str) -> bool:
+    """Refresh the lease; False when the job is no longer this lease's (taken over)."""
+    res = session.execute(update(JobDispatch).where(JobDispatch.job_id == job_id, JobDispatch.lease_token == lease)
                           .values(heartbeat_at=utcnow()))
     return res.rowcount == 1
 
 
-def finish_job(session: Session, job_id: int, worker: str) -> bool:
-    """running → done, only by the worker that runs it."""
+def finish_job(session: Session, job_id: int, lease: str) -> bool:
+    """running → done, only by the lease that runs it."""
     now = utcnow()
-    owned = select(JobDispatch.job_id).where(JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128])
     res = session.execute(
         update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_RUNNING,
-                                  AnalysisJob.id.in_(owned))
+                                  AnalysisJob.id.in_(_owned(job_id, lease)))
         .values(state=JOB_DONE, finished_at=now, updated_at=now, error=None)
     )
+    if res.rowcount == 1:
+        session.execute(update(JobDispatch).where(JobDispatch.job_id == job_id)
+                        .values(retry_at=None, failing_since=None))
     return res.rowcount == 1
 
 
-def fail_job(session: Session, job_id: int, error: str, worker: Optional[str] = None) -> bool:
-    """running (or queued) → failed with an error message."""
+def fail_job(session: Session, job_id: int, error: str, lease: Optional[str] = None) -> bool:
+    """→ failed with an error message: the running job of ``lease``, or (no lease: an
+    operator, the dispatcher) a running or queued job."""
     now = utcnow()
-    cond = [AnalysisJob.id == job_id, AnalysisJob.state.in_((JOB_RUNNING, JOB_QUEUED))]
-    if worker is not None:
-        cond.append(or_(AnalysisJob.state == JOB_QUEUED,
-                        AnalysisJob.id.in_(select(JobDispatch.job_id).where(
-                            JobDispatch.job_id == job_id, JobDispatch.worker == worker[:128]))))
+    if lease is not None:
+        cond = [AnalysisJob.id == job_id, AnalysisJob.state == JOB_RUNNING, AnalysisJob.id.in_(_owned(job_id, lease))]
+    else:
+        cond = [AnalysisJob.id == job_id, AnalysisJob.state.in_((JOB_RUNNING, JOB_QUEUED))]
     res = session.execute(update(AnalysisJob).where(*cond)
                           .values(state=JOB_FAILED, error=error[:4000], finished_at=now, updated_at=now))
     return res.rowcount == 1
+
+
+def retry_transient(session: Session, job_id: int, lease: str, error: str, *, retry_for_s: float,
+                    backoff_s: float, backoff_max_s: float) -> str:
+    """A transient failure (database or broker unreachable, a timeout) of the running job of
+    ``lease``: back to ``queued``, not before a backoff, without spending one of the
+    ``queue.max_attempts`` worker losses; ``failed`` once it has been failing for
+    ``retry_for_s``. Returns the new state ("" when the lease no longer owns the job)."""
+    now = utcnow()
+    if not owns(session, job_id, lease):
+        return ""
+    row = _dispatch_row(session, job_id)
+    since = row.failing_since or now
+    failing = (now - since).total_seconds()
+    if failing >= retry_for_s:
+        fail_job(session, job_id, f"transient failure for {failing:.0f} s (queue.retry_for_s = {retry_for_s:g}); "
+                                  f"last: {error}", lease)
+        return JOB_FAILED
+    job = session.get(AnalysisJob, job_id)
+    n = max(1, int(failing // max(backoff_s, 1e-3)).bit_length())   # doubling with time spent failing
+    delay = min(backoff_max_s, backoff_s * (2 ** min(n - 1, 30)))
+    session.execute(update(AnalysisJob).where(AnalysisJob.id == job_id, AnalysisJob.state == JOB_RUNNING)
+                    .values(state=JOB_QUEUED, attempts=max(0, (job.attempts or 1) - 1), updated_at=now,
+                            error=f"transient failure, retrying: {error}"[:4000]))
+    session.execute(update(JobDispatch).where(JobDispatch.job_id == job_id).values(
+        dispatched_at=None, worker=None, heartbeat_at=None, lease_token=None, failing_since=since,
+        retry_at=now + dt.timedelta(seconds=delay)))
+    return JOB_QUEUED
 
 
 def set_waiting_model(session: Session, message: str, job_ids: Optional[Sequence[int]] = None) -> int:
@@ -284,6 +351,7 @@ def retry_failed(session: Session, job_ids: Optional[Sequence[int]] = None) -> i
     res = session.execute(update(AnalysisJob).where(AnalysisJob.id.in_(ids)).values(
         state=JOB_QUEUED, attempts=0, error=None, updated_at=utcnow()))
     reset_dispatch(session, ids)
+    session.execute(update(JobDispatch).where(JobDispatch.job_id.in_(ids)).values(retry_at=None, failing_since=None))
     return res.rowcount
 
 

@@ -43,7 +43,7 @@ STATES = (PENDING, SENDING, COMMITTING, DELIVERED, DEAD)
 __all__ = [
     "OutboxRow", "OutboxObject", "PENDING", "SENDING", "COMMITTING", "DELIVERED", "DEAD", "STATES",
     "add", "claim_due", "mark_delivered", "mark_failed", "mark_committing", "apply_commitment",
-    "expire_commitments", "list_rows", "counts", "retry", "purge", "backoff_delay", "utcnow",
+    "expire_commitments", "list_rows", "counts", "retry", "purge", "backoff_delay", "utcnow", "backlog", "Backlog",
 ]
 
 
@@ -68,6 +68,8 @@ class OutboxRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     sent_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
+    # revision 0007_result_versions: first failure since the row was last made due
+    failing_since: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
     delivered_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime)
 
     def as_dict(self) -> dict:
@@ -129,6 +131,7 @@ def add(session: Session, objects: Iterable[OutboxObject], destinations: Sequenc
                 row.lease_until = None
                 row.transaction_uid = None
                 row.last_error = ""
+                row.failing_since = None
                 row.updated_at = now
             session.flush()
             ids.append(row.id)
@@ -191,8 +194,12 @@ def mark_committing(session: Session, row_ids: Sequence[int], transaction_uid: s
 
 def mark_failed(session: Session, row_id: int, error: str, status: Optional[int] = None, *,
                 max_attempts: int, backoff_initial_s: float, backoff_max_s: float,
-                now: Optional[dt.datetime] = None, count_attempt: bool = True) -> str:
-    """Record a failed attempt; back to ``pending`` with backoff, or ``dead``. Returns the new state."""
+                now: Optional[dt.datetime] = None, count_attempt: bool = True, retry_for_s: float = 0.0) -> str:
+    """Record a failed attempt; back to ``pending`` with backoff, or ``dead``. Returns the new state.
+
+    A row is given up (``dead``) once it has been failing for ``retry_for_s`` seconds
+    (time bound: a day-long PACS outage is outlived whatever the backoff), or after
+    ``max_attempts`` attempts; a bound of 0 is no bound."""
     now = now or utcnow()
     row = session.get(OutboxRow, row_id)
     if row is None:
@@ -204,7 +211,11 @@ def mark_failed(session: Session, row_id: int, error: str, status: Optional[int]
     row.lease_until = None
     row.transaction_uid = None
     row.updated_at = now
-    if row.attempts >= max_attempts:
+    if row.failing_since is None:
+        row.failing_since = now
+    by_count = max_attempts > 0 and row.attempts >= max_attempts
+    by_time = retry_for_s > 0 and (now - row.failing_since).total_seconds() >= retry_for_s
+    if by_count or by_time:
         row.state = DEAD
         audit.record(session, audit.result_sent(
             row, state=DEAD, status=status, error=row.last_error, session=session,
@@ -219,7 +230,8 @@ def mark_failed(session: Session, row_id: int, error: str, status: Optional[int]
 
 def apply_commitment(session: Session, transaction_uid: str, committed: Sequence[str],
                      failed: Sequence[tuple[str, int]], *, max_attempts: int, backoff_initial_s: float,
-                     backoff_max_s: float, now: Optional[dt.datetime] = None) -> tuple[int, int]:
+                     backoff_max_s: float, now: Optional[dt.datetime] = None,
+                     retry_for_s: float = 0.0) -> tuple[int, int]:
     """An N-EVENT-REPORT arrived: committed SOP Instance UIDs become ``delivered``; failed
     ones (uid, failure reason) go back to pending (or dead). Returns (delivered, failed)."""
     now = now or utcnow()
@@ -243,13 +255,13 @@ def apply_commitment(session: Session, transaction_uid: str, committed: Sequence
         if r is not None:
             mark_failed(session, r.id, f"storage commitment failed (reason 0x{reason:04X})", reason,
                         max_attempts=max_attempts, backoff_initial_s=backoff_initial_s,
-                        backoff_max_s=backoff_max_s, now=now, count_attempt=False)
+                        backoff_max_s=backoff_max_s, now=now, count_attempt=False, retry_for_s=retry_for_s)
             n_bad += 1
     return n_ok, n_bad
 
 
 def expire_commitments(session: Session, timeout_s: float, *, max_attempts: int, backoff_initial_s: float,
-                       backoff_max_s: float, now: Optional[dt.datetime] = None) -> int:
+                       backoff_max_s: float, now: Optional[dt.datetime] = None, retry_for_s: float = 0.0) -> int:
     """Rows waiting for a commitment report longer than ``timeout_s`` are sent again."""
     now = now or utcnow()
     limit = now - dt.timedelta(seconds=timeout_s)
@@ -258,7 +270,7 @@ def expire_commitments(session: Session, timeout_s: float, *, max_attempts: int,
     for row_id in rows:
         mark_failed(session, row_id, f"no storage commitment report within {timeout_s:g} s", None,
                     max_attempts=max_attempts, backoff_initial_s=backoff_initial_s,
-                    backoff_max_s=backoff_max_s, now=now, count_attempt=False)
+                    backoff_max_s=backoff_max_s, now=now, count_attempt=False, retry_for_s=retry_for_s)
     return len(rows)
 
 
@@ -288,7 +300,7 @@ def retry(session: Session, ids: Optional[Sequence[int]] = None, states: Sequenc
     if ids:
         q = q.where(OutboxRow.id.in_(list(ids)))
     res = session.execute(q.values(state=PENDING, attempts=0, next_attempt_at=now, lease_until=None,
-                                   transaction_uid=None, updated_at=now))
+                                   transaction_uid=None, failing_since=None, updated_at=now))
     audit.record(session, audit.outbox_admin("retry", count=res.rowcount or 0, ids=ids or (), states=states))
     session.commit()
     return res.rowcount or 0
@@ -317,3 +329,22 @@ def due_count(session: Session) -> int:
         and_(OutboxRow.state == SENDING, OutboxRow.lease_until < now),
         OutboxRow.state == COMMITTING,
     ))).scalar() or 0)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What an operator must know about the outbox: dead rows and the oldest undelivered one."""
+
+    dead: int
+    undelivered: int
+    oldest_undelivered_s: Optional[float]    # age of the oldest row not delivered (nor dead)
+
+
+def backlog(session: Session, now: Optional[dt.datetime] = None) -> Backlog:
+    now = now or utcnow()
+    dead = int(session.execute(select(func.count()).select_from(OutboxRow)
+                               .where(OutboxRow.state == DEAD)).scalar() or 0)
+    n, oldest = session.execute(select(func.count(), func.min(OutboxRow.created_at)).where(
+        OutboxRow.state.in_((PENDING, SENDING, COMMITTING)))).one()
+    age = None if oldest is None else max(0.0, (now - oldest).total_seconds())
+    return Backlog(dead=dead, undelivered=int(n or 0), oldest_undelivered_s=age)

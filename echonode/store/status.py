@@ -17,6 +17,25 @@ from echonode.store.models import (JOB_DONE, JOB_FAILED, JOB_STATES, JOB_WAITING
 
 # --------------------------------------------------------------------------- status / metrics
 
+def delivery_health(session: Session, alert_after_s: float) -> dict:
+    """Is delivery healthy? Not while an outbox row is dead or the oldest undelivered
+    object is older than ``alert_after_s`` (``delivery.alert_after_s``). The one answer
+    ``/healthz``, ``echonode status`` and the metrics give."""
+    from echonode.store.outbox import backlog
+
+    b = backlog(session)
+    reasons = []
+    if b.dead:
+        reasons.append(f"{b.dead} result object(s) dead in the outbox (gave up delivering; "
+                       f"`echonode outbox retry` sends them again)")
+    if b.oldest_undelivered_s is not None and alert_after_s > 0 and b.oldest_undelivered_s > alert_after_s:
+        reasons.append(f"the oldest undelivered result object waits for {b.oldest_undelivered_s:.0f} s "
+                       f"(delivery.alert_after_s = {alert_after_s:g})")
+    return {"ok": not reasons, "reasons": reasons, "dead": b.dead, "undelivered": b.undelivered,
+            "oldest_undelivered_s": None if b.oldest_undelivered_s is None else round(b.oldest_undelivered_s, 1),
+            "alert_after_s": alert_after_s}
+
+
 def job_counts(session: Session) -> dict[str, int]:
     counts = {s: 0 for s in JOB_STATES}
     for state, n in session.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all():
