@@ -37,6 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.datadirs import default_data_dir  # noqa: E402
+from echonode.sandbox import dcmtk, free_port  # noqa: E402
+
 US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
 VERIFICATION = "1.2.840.10008.1.1"
 APP_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -44,22 +47,6 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
-def default_clips() -> Path:
-    local = ROOT / "tests" / "data" / "realworld"
-    return local if local.is_dir() else (ROOT.parent / "shared" / "data" / "realworld")
-
-
-def dcmtk(tool: str) -> str:
-    for cand in (f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
-        if os.access(cand, os.X_OK):
-            return cand
-    raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -333,7 +320,7 @@ class DatasetSender:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--clips", default=str(default_clips()))
+    ap.add_argument("--clips", default=str(default_data_dir("realworld")))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-mb", type=float, default=1.0, help="use real files up to this size")
     ap.add_argument("--case-timeout", type=float, default=5.0)

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,18 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def dcmtk(tool: str) -> str:
-    for cand in (f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
-        if os.access(cand, os.X_OK):
-            return cand
-    raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from echonode.sandbox import dcmtk, free_port  # noqa: E402
 
 
 def make_clips(out: Path, n: int, mb: float) -> list[Path]:

@@ -23,6 +23,14 @@ def find_orthanc() -> Optional[str]:
     return next((c for c in ORTHANC_CANDIDATES if os.access(c, os.X_OK)), shutil.which("Orthanc"))
 
 
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK tool (never pynetdicom's console script of the same name)."""
+    for cand in (f"/usr/bin/{tool}", f"/usr/local/bin/{tool}"):
+        if os.access(cand, os.X_OK):
+            return cand
+    raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
