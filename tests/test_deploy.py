@@ -29,10 +29,10 @@ def _parses(argv: list[str]) -> None:
 
 
 def _tool(name: str) -> str:
-    """The validator's path; missing it fails (`.ci/run` installs it), never skips silently."""
+    """The validator's path; missing it fails (`tests/setup.sh` installs it), never skips silently."""
     exe = shutil.which(name)
     if exe is None:
-        pytest.fail(f"{name} not installed (Debian package; .ci/run installs it)")
+        pytest.fail(f"{name} not installed (Debian package; tests/setup.sh installs it)")
     return exe
 
 
@@ -121,7 +121,7 @@ def test_systemd_units(tmp_path):
 
 
 def test_dockerfiles():
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / "tests" / "setup.sh").read_text()   # what CI and the README install
     torch_pin = re.search(r"torch==([\d.]+)", ci).group(1)
     for name, cmd in (("Dockerfile.cpu", ["serve"]), ("Dockerfile.cuda", ["worker", "--queues", "analyze",
                                                                            "--device", "cuda:0"])):
