@@ -136,11 +136,28 @@ class _BoundedReader(io.RawIOBase):
         return self._fh.tell()
 
 
+#: Binary values stay deferred (never read): a private blob or an icon is not needed by anyone.
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
 def read_header(path: Path):
-    """The dataset header (no pixel data; large values deferred), reading at most
-    :data:`MAX_HEADER_BYTES`."""
+    """The dataset header (no pixel data), reading at most :data:`MAX_HEADER_BYTES`.
+
+    Values above 4 KiB are deferred while parsing; the text ones among them (a long Series
+    Description, Image Comments) are then read while the file is still open, because a
+    deferred value cannot be read once it is closed and selection, the index and the audit
+    read them. Binary values stay unread and read as absent."""
     with open(path, "rb") as fh:
-        return dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True, defer_size=4096)
+        ds = dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True, defer_size=4096)
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag)
+            if raw is None or getattr(raw, "value", 0) is not None or raw.VR in _BINARY_VRS:
+                continue
+            try:
+                ds[tag]   # reads the deferred value from the open file (within MAX_HEADER_BYTES)
+            except Exception:
+                del ds[tag]   # beyond the bound or malformed: absent, as a binary value would be
+    return ds
 
 
 def _mkdirs(path: Path, base: Path) -> list[Path]:
