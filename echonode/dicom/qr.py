@@ -399,24 +399,11 @@ def c_get(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[s
     a = session.assoc_for("C-GET")
     session.store_handler = on_store
     try:
-        final = None
         try:
             responses = a.assoc.send_c_get(_retrieve_identifier(study_uid, series_uid, list(sop_uids)), GET)
         except ValueError:
             raise QRError(f"C-GET not accepted by {peer.ae_title}") from None
-        for status, _ident in responses:
-            st = _status(status)
-            if st in PENDING:
-                _count(out, status)
-                why = _expired(deadline, cancel)
-                if why:
-                    a.abort()
-                    raise QRError(f"C-GET from {peer.ae_title}: {why}")
-                continue
-            final = st
-            if status is not None:
-                _count(out, status)
-            break
+        final, _ = _drain_retrieve(responses, out, a, deadline, cancel, f"C-GET from {peer.ae_title}")
         out.status = final
         if final is None:
             raise QRError(f"C-GET from {peer.ae_title}: no final response (timeout or connection lost)")
@@ -429,6 +416,29 @@ def c_get(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[s
     return out
 
 
+def _drain_retrieve(responses, out: "RetrieveResult", a, deadline: Optional[float],
+                    cancel: Optional[threading.Event], what: str) -> tuple[Optional[int], int]:
+    """Read a C-GET/C-MOVE's responses up to the final one, counting sub-operations;
+    aborts when ``deadline`` passes or ``cancel`` is set. Returns (final status or None,
+    number of pending responses)."""
+    final, pending = None, 0
+    for status, _ident in responses:
+        st = _status(status)
+        if st in PENDING:
+            pending += 1
+            _count(out, status)
+            why = _expired(deadline, cancel)
+            if why:
+                a.abort()
+                raise QRError(f"{what}: {why}")
+            continue
+        final = st
+        if status is not None:
+            _count(out, status)
+        break
+    return final, pending
+
+
 def c_move(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[str], destination: str, *,
            deadline: Optional[float] = None, cancel: Optional[threading.Event] = None) -> RetrieveResult:
     """C-MOVE the given instances to AE ``destination`` (the node's own SCP). Returns
@@ -436,28 +446,13 @@ def c_move(peer: DimsePeer, study_uid: str, series_uid: str, sop_uids: Sequence[
     out = RetrieveResult()
     a = _Assoc(peer, [MOVE], cancel=cancel)
     t0 = time.monotonic()
-    pending = 0
     try:
-        final = None
         try:
             responses = a.assoc.send_c_move(_retrieve_identifier(study_uid, series_uid, list(sop_uids)),
                                             destination, MOVE)
         except ValueError:  # no accepted presentation context: the PACS offers no C-MOVE
             raise MoveRefused(f"C-MOVE not accepted by {peer.ae_title}") from None
-        for status, _ident in responses:
-            st = _status(status)
-            if st in PENDING:
-                pending += 1
-                _count(out, status)
-                why = _expired(deadline, cancel)
-                if why:
-                    a.abort()
-                    raise QRError(f"C-MOVE from {peer.ae_title}: {why}")
-                continue
-            final = st
-            if status is not None:
-                _count(out, status)
-            break
+        final, pending = _drain_retrieve(responses, out, a, deadline, cancel, f"C-MOVE from {peer.ae_title}")
         out.status = final
         if final is None:
             # Some PACS (Orthanc among them) answer a C-MOVE they do not allow by closing the
