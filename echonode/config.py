@@ -400,6 +400,48 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    """Where instances, results and quarantine live. Empty ``url``: the data directory.
+    ``s3://bucket/prefix``: S3-compatible object storage, written through (docs/scale-out.md).
+    Credentials never come from this file: ``access_key_file``/``secret_key_file`` or the
+    environment variables ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``."""
+
+    url: str = ""
+    endpoint: str = ""     # http(s)://host:port of an S3-compatible server; empty = AWS
+    region: str = "us-east-1"
+    access_key_file: str = ""
+    secret_key_file: str = ""
+    ca: str = ""           # CA bundle for an https endpoint with a private CA
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        import re
+        from urllib.parse import urlsplit
+
+        if self.url:
+            if not self.url.startswith("s3://"):
+                raise ConfigError(f"storage.url: must be empty (the data directory) or s3://bucket/prefix, got {self.url!r}")
+            bucket, _, prefix = self.url[len("s3://"):].partition("/")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ConfigError(f"storage.url: {bucket!r} is not an S3 bucket name")
+            if prefix.strip("/") and not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", prefix.strip("/")):
+                raise ConfigError(f"storage.url: prefix {prefix!r} may hold only letters, digits, '.', '_', '-' and '/'")
+        if self.endpoint:
+            u = urlsplit(self.endpoint)
+            if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password:
+                raise ConfigError("storage.endpoint: must be http(s)://host[:port] without credentials")
+        if bool(self.access_key_file) != bool(self.secret_key_file):
+            raise ConfigError("storage.access_key_file and storage.secret_key_file go together")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"storage.timeout_s: must be positive, got {self.timeout_s!r}")
+
+
+#: keys that would put a credential in clear in the config file
+_SECRET_KEYS = ("access_key", "secret_key", "access_key_id", "secret_access_key", "aws_access_key_id",
+                "aws_secret_access_key", "password", "session_token")
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: str = "./echonode-data"
     database_url: str = ""  # default: sqlite:///<data_dir>/echonode.sqlite3
@@ -414,6 +456,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     results: ResultsSettings = field(default_factory=ResultsSettings)
     priors: PriorsSettings = field(default_factory=PriorsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     # ---- derived paths (never stored, always computed from data_dir) ----
     @property
@@ -554,6 +597,10 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
         # relative data_dir in a file is relative to the file
         if "data_dir" in data and not Path(str(data["data_dir"])).is_absolute():
             data["data_dir"] = str((p.parent / str(data["data_dir"])).resolve())
+    for key in _SECRET_KEYS:
+        if isinstance(data.get("storage"), Mapping) and key in data["storage"]:
+            raise ConfigError(f"storage.{key}: credentials are never read from the config file; use "
+                              "storage.access_key_file/secret_key_file or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     data = _merge(data, _env_tree(env))
     if overrides:
         data = _merge(data, overrides)

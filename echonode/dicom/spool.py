@@ -48,6 +48,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from echonode import __version__
+from echonode.storage import QUARANTINE, Storage, StorageUnavailable, open_storage
+from echonode.storage.local import file_sha256
 from echonode.config import Settings
 from echonode.dicom import select as selection
 from echonode.dicom.uids import UIDError, check_uid, is_valid_uid
@@ -160,26 +162,6 @@ def read_header(path: Path):
     return ds
 
 
-def _mkdirs(path: Path, base: Path) -> list[Path]:
-    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask).
-    Returns the directories it created (their parents need an fsync for them to last)."""
-    if path.is_dir():
-        return []
-    missing = []
-    p = path
-    while p != base and not p.is_dir():
-        missing.append(p)
-        p = p.parent
-    created = []
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=DIR_MODE)
-            created.append(d)
-        except FileExistsError:
-            pass
-    return created
-
-
 def version_name_ok(name: str, sop: str) -> bool:
     """``name`` is one the spool gives a version of ``sop``: ``<SOP>.dcm`` (the first),
     ``<SOP>.<sha256[:16]>.dcm`` (later ones), ``<SOP>.<sha256[:16]>-<8 hex>.dcm`` (a prefix clash)."""
@@ -190,12 +172,6 @@ def version_name_ok(name: str, sop: str) -> bool:
     tag = name[len(sop) + 1:-4]
     hexdigits = set("0123456789abcdef")
     return (len(tag) == 16 or (len(tag) == 25 and tag[16] == "-")) and set(tag.replace("-", "")) <= hexdigits
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 class Incoming(io.BytesIO):
@@ -334,14 +310,6 @@ def _wait_quietly(fut: Future) -> None:
         pass
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -455,13 +423,15 @@ class Spool:
     """
 
     def __init__(self, settings: Settings, session_factory, *,
-                 on_stored: Optional[Callable[[StoreResult], None]] = None, clean_incoming: bool = True):
+                 on_stored: Optional[Callable[[StoreResult], None]] = None, clean_incoming: bool = True,
+                 store: Optional[Storage] = None):
         self.settings = settings
         self.sessions = session_factory
         self.root = settings.data_path
         self.storage = settings.storage_path
-        self.incoming = self.storage / ".incoming"
+        self.incoming = self.storage / ".incoming"   # local in every deployment: temp files only
         self.quarantine_dir = settings.quarantine_path
+        self.objects: Storage = store if store is not None else open_storage(settings)
         self.min_free = int(settings.node.min_free_mb) * 1024 * 1024
         self.on_stored = on_stored
         self._locks = [threading.Lock() for _ in range(64)]
@@ -502,21 +472,28 @@ class Spool:
         """Where the first version of an instance goes (later versions: :func:`version_name_ok`)."""
         return Path("instances") / study / series / f"{sop}.dcm"
 
-    def quarantine(self, meta: bytes, data, reason: str) -> Optional[Path]:
-        """Keep a copy of rejected input; the name is a timestamp + random, never DICOM-derived."""
+    def quarantine(self, meta: bytes, data, reason: str, tmp: Optional[Path] = None) -> Optional[Path]:
+        """Keep rejected input (``tmp``: the received file, moved; else ``meta`` + ``data``)
+        in the store's ``quarantine/`` with its reason beside it. The name is a timestamp +
+        random, never DICOM-derived. Returns where it went (a key for object storage)."""
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
-        target = self.quarantine_dir / f"{name}.dcm"
+        key = f"{QUARANTINE}/{name}.dcm"
         try:
-            with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
-                fh.write(meta)
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _write_private(self.quarantine_dir / f"{name}.txt", reason + "\n")
-            return target
+            if tmp is None:
+                tmp = self.incoming / f"{name}.part"
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
+                    fh.write(meta)
+                    fh.write(data)
+                    if self.objects.needs_synced_source:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            self.objects.put(key, tmp, move=True)
+            self.objects.put_bytes(f"{QUARANTINE}/{name}.txt", (reason + "\n").encode("utf-8"))
         except OSError as exc:
-            LOG.error("could not write quarantine copy: %s", exc)
+            LOG.error("could not write quarantine copy: %s", exc.strerror or exc)
             return None
+        local = self.objects.local_path(key)
+        return local if local is not None else Path(key)
 
     @staticmethod
     def _fsync_close(fd: int) -> None:
@@ -695,15 +672,16 @@ class Spool:
             if inflated is not None:
                 inflated.unlink(missing_ok=True)
 
-    def index_file(self, path: Path) -> StoreResult:
+    def index_file(self, path: Path, key: Optional[str] = None) -> StoreResult:
         """Index a file found under ``instances/`` that no row names (the reconciler).
 
+        ``key``: the object's key when ``path`` is a fetched copy (object storage).
         The same parse and the same SQL path as a received instance, but the file stays
         where it is and never becomes the current version of an instance that has one.
         Raises (UIDError, ValueError, OSError, pydicom errors) when it cannot be indexed:
         unreadable, no file meta written by a DICOM writer, or not at the place its header names."""
         path = Path(path)
-        rel = path.relative_to(self.root)
+        rel = Path(key) if key is not None else path.relative_to(self.root)
         with open(path, "rb") as fh:
             ds = dcmread(_BoundedReader(fh, MAX_HEADER_BYTES), stop_before_pixels=True,
                          specific_tags=["SOPInstanceUID"])
@@ -728,70 +706,51 @@ class Spool:
 
     def _reject(self, status: int, reason: str, meta: bytes, data, tmp: Optional[Path] = None,
                 log_reason: str = "") -> StoreResult:
-        q = None
-        if tmp is not None and tmp.exists():
-            name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
-            q = self.quarantine_dir / f"{name}.dcm"
-            try:
-                os.replace(tmp, q)
-                _write_private(self.quarantine_dir / f"{name}.txt", reason + "\n")
-            except OSError:
-                q = None
-        else:
-            q = self.quarantine(meta, data, reason)
+        q = self.quarantine(meta, data, reason, tmp if tmp is not None and tmp.exists() else None)
         LOG.warning("rejected instance with status 0x%04X: %s (quarantine: %s)", status, log_reason or reason,
                     q.name if q else "none")
         return StoreResult(status, reason, quarantine=q)
 
+    def _where(self, key: str) -> Path:
+        local = self.objects.local_path(key)
+        return local if local is not None else Path(key)
+
     def _commit(self, tmp: Optional[Path], synced: Optional[Future], rel: Path, sha: str, size: int, attrs: dict,
                 decision, study_uid: str, series_uid: str, sop_uid: str, sop_class: str, ts: str,
                 calling_ae: str, *, adopt: bool = False) -> StoreResult:
-        series_dir = self.root / rel.parent
-        final = self.root / rel
-        dir_synced: list[Future] = []
-        linked: list[Path] = []  # the file this store put in place (kept on an earlier try's retry)
-
-        def wait_dir() -> None:
-            for fut in dir_synced:
-                fut.result()
+        series_key = rel.parent.as_posix()
+        placed: list[str] = []  # the key this store put in place (kept on an earlier try's retry)
 
         def place_file(versioned: bool, reuse: Optional[str]):
-            # Runs inside the SQL transaction. Order: temp file durable → link into place
-            # (never over an existing file) → fsync of the directory and of the parent of
-            # every directory created (in the background while the SQL statements run) →
-            # wait_dir() → COMMIT. A committed row therefore never points at a file that is
-            # not durably in place, and acknowledged bytes are never overwritten.
-            nonlocal final
+            # Runs inside the SQL transaction. Order: the object durable in the store (local:
+            # temp file fsynced, linked, never over an existing file, directories fsynced in
+            # the background while the SQL statements run; S3: conditional PUT acknowledged)
+            # → wait() → COMMIT. A committed row therefore never names an object that is not
+            # durably there, and acknowledged bytes are never overwritten.
             if adopt:
                 return str(rel), None
             if reuse is not None:
-                final = self.root / reuse
                 return reuse, None
             assert tmp is not None and synced is not None
-            synced.result()
-            created = _mkdirs(series_dir, self.storage)
+            if self.objects.needs_synced_source:
+                synced.result()
             names = ([] if versioned else [f"{sop_uid}.dcm"]) + [f"{sop_uid}.{sha[:16]}.dcm"]
-            target = None
             for name in names:
-                cand = series_dir / name
+                key = f"{series_key}/{name}"
                 try:
-                    os.link(tmp, cand)
-                    linked.append(cand)
+                    wait = self.objects.put_new(key, tmp, sha)
+                    placed.append(key)
+                    return key, wait
                 except FileExistsError:
-                    # our own link from an earlier try, or the same bytes left by a commit that
-                    # failed: use it; anything else there is another object: leave it alone
-                    if cand not in linked and file_sha256(cand) != sha:
-                        continue
-                target = cand
-                break
-            if target is None:  # a 64-bit name prefix shared by different bytes
-                target = series_dir / f"{sop_uid}.{sha[:16]}-{secrets.token_hex(4)}.dcm"
-                os.link(tmp, target)
-                linked.append(target)
-            final = target
-            for d in {series_dir, *(c.parent for c in created)}:
-                dir_synced.append(self._io.submit(_fsync_dir, d))
-            return str(target.relative_to(self.root)), wait_dir
+                    # our own object from an earlier try, or the same bytes left by a commit
+                    # that failed: use it; anything else there is another object: leave it
+                    if key in placed or self.objects.sha256(key) == sha:
+                        return key, None
+            # a 64-bit name prefix shared by different bytes
+            key = f"{series_key}/{sop_uid}.{sha[:16]}-{secrets.token_hex(4)}.dcm"
+            wait = self.objects.put_new(key, tmp, sha)
+            placed.append(key)
+            return key, wait
 
         rec = InstanceRecord(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
@@ -800,8 +759,12 @@ class Spool:
             view_code=decision.view_code, view_name=(decision.view_name or None) and decision.view_name[:128],
             attrs=attrs)
         try:
-            outcome = record_instance(self.sessions, rec, place_file, exists=lambda p: (self.root / p).is_file(),
+            outcome = record_instance(self.sessions, rec, place_file, exists=self.objects.exists,
                                       on_conflict=self.settings.node.on_conflict, adopt=adopt)
+        except StorageUnavailable as exc:
+            # the cart sends again later; nothing was acknowledged
+            LOG.error("could not store instance: %s", exc)
+            return StoreResult(OUT_OF_RESOURCES, f"storage unavailable: {exc}", sop_uid)
         except OSError as exc:
             status = OUT_OF_RESOURCES if exc.errno in (errno.ENOSPC, errno.EDQUOT) else PROCESSING_FAILURE
             LOG.error("could not store instance: %s", exc.strerror or exc)
@@ -811,7 +774,7 @@ class Spool:
             return StoreResult(PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", sop_uid)
         if outcome.duplicate:
             return StoreResult(SUCCESS, "already indexed" if outcome.known_path else "duplicate with identical bytes",
-                               sop_uid, study_uid, duplicate=True, path=self.root / outcome.path)
+                               sop_uid, study_uid, duplicate=True, path=self._where(outcome.path))
         # nothing is deleted here: the version that is no longer current keeps its file and
         # its history row until `echonode retention` removes it
         if outcome.replaced:
@@ -823,7 +786,7 @@ class Spool:
                         "found by the reconciler" if adopt else "node.on_conflict = keep-first")
         reason = "replaced" if outcome.replaced else "kept as a version" if outcome.kept_first else "stored"
         res = StoreResult(SUCCESS, reason, sop_uid, study_uid, replaced=outcome.replaced,
-                          path=self.root / outcome.path)
+                          path=self._where(outcome.path))
         if self.on_stored:
             try:
                 self.on_stored(res)

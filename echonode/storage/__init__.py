@@ -1,0 +1,119 @@
+"""Where the node's bytes live: received instances, results, quarantine.
+
+Two backends behind one interface, chosen by ``storage.url``:
+
+* ``""`` (default): the local data directory (:class:`LocalStorage`). A key is a path
+  relative to ``data_dir``; an object is durable once its file is fsynced and linked in
+  place and its directory fsynced.
+* ``s3://bucket/prefix``: S3-compatible object storage (:class:`S3Storage`). A key is an
+  object name under the prefix; an object is durable once the PUT is acknowledged.
+
+The invariant both keep (docs/scale-out.md): the node answers a C-STORE with Success only
+when the instance is durable in the configured store AND its SQL row is committed. With
+S3 that is write-through: the received temp file is PUT before the row commits; if the
+store cannot be reached the cart gets 0xA700 and sends again later. Nothing is
+acknowledged that lives only on one machine's disk, so receivers and workers keep no
+state of their own and any of them can be lost.
+
+Keys are built by the node from validated UIDs and fixed words, never from free text;
+:func:`check_key` refuses anything else before a key touches a path or a URL.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    from echonode.config import Settings
+
+__all__ = ["Storage", "StorageUnavailable", "StoredObject", "check_key", "open_storage", "INSTANCES",
+           "RESULTS", "QUARANTINE"]
+
+INSTANCES = "instances"
+RESULTS = "results"
+QUARANTINE = "quarantine"
+
+# one component: UIDs, hex names, timestamps and the node's own words; no "..", no "/"
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class StorageUnavailable(OSError):
+    """The store did not take or give an object (network, server, credentials). Transient:
+    a C-STORE is answered 0xA700, a worker re-queues, a delivery retries."""
+
+
+class StoredObject(NamedTuple):
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a relative key of safe components (at most 8), else ValueError."""
+    parts = str(key).split("/")
+    if not key or len(parts) > 8 or not all(_COMPONENT.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ValueError(f"not a storage key: {str(key)[:80]!r}")
+    return key
+
+
+class Storage:
+    """The interface. Every method raises :class:`StorageUnavailable` when the store
+    cannot be reached; ``FileExistsError``/``FileNotFoundError`` keep their meaning."""
+
+    kind = "abstract"
+    #: the spool must fsync its temp file before :meth:`put_new` (local links the file itself)
+    needs_synced_source = False
+
+    def describe(self) -> str:
+        """Where objects go, for logs and ``status`` (never a credential)."""
+        raise NotImplementedError
+
+    def put_new(self, key: str, src: Path, sha256: str) -> Optional[Callable[[], None]]:
+        """Store ``src``'s bytes at ``key`` unless an object is there (``FileExistsError``).
+        Returns ``None`` when the object is durable already, or a ``wait()`` to call before
+        relying on it (local: directory fsyncs run meanwhile)."""
+        raise NotImplementedError
+
+    def put(self, key: str, src: Path, *, move: bool = False) -> None:
+        """Store ``src`` at ``key``, replacing what is there; durable on return. For objects
+        whose bytes are a function of the key (results: same UIDs, same content) and for
+        names never used twice (quarantine). ``move``: ``src`` is gone afterwards (local:
+        renamed, same file system)."""
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def sha256(self, key: str) -> Optional[str]:
+        """SHA-256 of the stored bytes, ``None`` when there is no object."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def fetch(self, key: str) -> ContextManager[Path]:
+        """A local file holding the object, for the duration of the ``with`` block."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix/``."""
+        raise NotImplementedError
+
+    def local_path(self, key: str) -> Optional[Path]:
+        """The file of ``key`` when objects are local files (local backend), else ``None``."""
+        return None
+
+
+def open_storage(settings: "Settings") -> Storage:
+    """The store ``settings.storage`` names (one per process is enough; cheap to make)."""
+    st = settings.storage
+    if not st.url:
+        from echonode.storage.local import LocalStorage
+        return LocalStorage(settings.data_path)
+    from echonode.storage.s3 import S3Storage
+    return S3Storage.from_settings(settings)

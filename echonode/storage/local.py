@@ -1,0 +1,162 @@
+"""The default store: files under the data directory, as the node always kept them.
+
+A new object is hard-linked into place from a temp file the caller fsynced, never renamed
+over an existing file, and every directory created on the way is fsynced with its parent,
+so a committed row never names a file a power cut can take back (docs/durability.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from echonode.files import DIR_MODE, FILE_MODE, ensure_dir, fsync_dir
+from echonode.storage import Storage, StoredObject, check_key
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_dirs(path: Path, base: Path) -> list[Path]:
+    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask).
+    Returns the directories it created (their parents need an fsync for them to last)."""
+    if path.is_dir():
+        return []
+    missing = []
+    p = path
+    while p != base and not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+            os.chmod(d, DIR_MODE)
+            created.append(d)
+        except FileExistsError:
+            pass
+    return created
+
+
+class LocalStorage(Storage):
+    kind = "local"
+    needs_synced_source = True
+
+    def __init__(self, root: Path, *, fsync_workers: int = 4):
+        self.root = Path(root)
+        ensure_dir(self.root)
+        self._io: Optional[ThreadPoolExecutor] = None
+        self._workers = fsync_workers
+
+    def describe(self) -> str:
+        return f"local directory {self.root}"
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="storage-fsync")
+        return self._io
+
+    def path(self, key: str) -> Path:
+        """The file of ``key``. Rows written before keys may hold an absolute path: accepted
+        when it lies under the data directory, refused otherwise."""
+        if key.startswith("/"):
+            p = Path(key).resolve()
+            if self.root.resolve() not in p.parents:
+                raise ValueError("path outside the data directory refused")
+            return p
+        return self.root / check_key(key)
+
+    local_path = path
+
+    def put_new(self, key: str, src: Path, sha256: str) -> Optional[Callable[[], None]]:
+        final = self.path(key)
+        created = make_dirs(final.parent, self.root)
+        os.link(src, final)  # FileExistsError: never over an existing object
+        futures: list[Future] = [self._pool().submit(fsync_dir, d)
+                                 for d in {final.parent, *(c.parent for c in created)}]
+
+        def wait() -> None:
+            for f in futures:
+                f.result()
+        return wait
+
+    def put(self, key: str, src: Path, *, move: bool = False) -> None:
+        final = self.path(key)
+        if Path(src).resolve() == final.resolve():
+            return
+        created = make_dirs(final.parent, self.root)
+        if move:
+            os.chmod(src, FILE_MODE)
+            os.replace(src, final)
+            for d in {final.parent, *(c.parent for c in created)}:
+                fsync_dir(d)
+            return
+        tmp = final.parent / f".tmp-{secrets.token_hex(8)}{final.suffix}"
+        with open(src, "rb") as fin, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE),
+                                              "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, final)
+        for d in {final.parent, *(c.parent for c in created)}:
+            fsync_dir(d)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        from echonode.files import atomic_write_bytes
+        final = self.path(key)
+        make_dirs(final.parent, self.root)
+        atomic_write_bytes(final, data)
+
+    def sha256(self, key: str) -> Optional[str]:
+        try:
+            return file_sha256(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    @contextlib.contextmanager
+    def fetch(self, key: str) -> Iterator[Path]:
+        p = self.path(key)
+        if not p.is_file():
+            raise FileNotFoundError(f"no object {key}")
+        yield p
+
+    def delete(self, key: str) -> None:
+        p = self.path(key)
+        p.unlink(missing_ok=True)
+        fsync_dir(p.parent)
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        base = self.root / check_key(prefix)
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                p = Path(dirpath) / name
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    continue
+                yield StoredObject(str(p.relative_to(self.root)), st.st_size, st.st_mtime)
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
