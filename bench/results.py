@@ -59,6 +59,7 @@ def main() -> int:
     from echonode import analysis
     from echonode.config import load_settings
     from echonode.dicom import scu
+    from echonode.storage import open_storage
     from echonode.dicom.overlays import build_overlays
     from echonode.dicom.sr import build_sr
     from echonode.dicom.uids import derived_uid
@@ -129,7 +130,7 @@ def main() -> int:
             engine = db.make_engine(settings.db_url)
             sf = db.session_factory(engine)
             with sf() as s:
-                scu.enqueue(s, paths, settings.delivery.destinations)
+                scu.enqueue(s, paths, settings.delivery.destinations, store=open_storage(settings))
             listener = scu.CommitmentListener(settings, sf).start() if commitment else None
             t = time.perf_counter()
             summary = scu.deliver_pending(settings, sf)

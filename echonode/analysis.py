@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("echonode.analysis")
 
 __all__ = ["AnalysisError", "JobTakenOver", "ClipSource", "Analysis", "Published", "load_task_catalog",
-           "make_interpreter", "read_instance", "instance_path", "load_clips", "analyse", "result_datasets", "publish",
+           "make_interpreter", "read_instance", "load_clips", "analyse", "result_datasets", "publish",
            "pseudo_study_uid"]
 
 #: pixel data above this size is not read by the header parse; the decoder reads only the
@@ -65,12 +65,13 @@ class JobTakenOver(RuntimeError):
 class ClipSource:
     """One clip to analyse: a file and what is already known about it.
 
-    The worker fills the UIDs and frame count from the SQL index (what the receive side
-    parsed); ``echonode analyze`` passes the ``header`` it read while grouping files by
+    The worker fills the store key, the UIDs and frame count from the SQL index (what the
+    receive side parsed; the bytes are fetched from the store while the clip decodes); ``echonode analyze`` passes the ``header`` it read while grouping files by
     study. Whatever is missing is read from the file, once.
     """
 
     path: Path
+    key: str = ""                 # the object's key in the node's store (the worker); "" = ``path`` is a local file
     sop_instance_uid: str = ""
     series_instance_uid: str = ""
     sop_class_uid: str = ""
@@ -130,16 +131,6 @@ def read_instance(path) -> "Dataset":
         return pydicom.dcmread(path, defer_size=_DEFER_BYTES)
 
 
-def instance_path(settings: Settings, rel: str) -> Path:
-    """An instance path from SQL, resolved and checked to lie under the data directory."""
-    base = settings.data_path
-    p = Path(rel)
-    p = (p if p.is_absolute() else base / p).resolve()
-    if base != p and base not in p.parents:
-        raise AnalysisError(f"instance path outside the data directory refused: {rel}")
-    return p
-
-
 def pseudo_study_uid(path: Path) -> str:
     """A deterministic UID for a video file (no DICOM study), derived from its resolved path."""
     from echonode.dicom.uids import derived_uid
@@ -153,15 +144,14 @@ def _is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def _load_clip(settings: Settings, src: ClipSource):
-    """(ClipInput, header or None) for one clip; raises whatever decoding raises."""
+def _load_clip(settings: Settings, src: ClipSource, path: Path):
+    """(ClipInput, header or None) for one clip read from ``path``; raises whatever decoding raises."""
     from echonode.dicom.frames import count_frames, load_clip
     from echonode.interpret.engine import ClipInput
     from echonode.interpretation import ClipRef
     from echonode.model.preprocess import sample_indices
 
     m = settings.model
-    path = Path(src.path)
     if _is_video(path):
         n = count_frames(path)
         clip = load_clip(path, indices=sample_indices(n, limit=m.frames * m.frame_stride, stride=m.frame_stride),
@@ -179,7 +169,7 @@ def _load_clip(settings: Settings, src: ClipSource):
             del header[tag]
         ref = ClipRef(sop_instance_uid=src.sop_instance_uid or str(header.SOPInstanceUID),
                       series_instance_uid=src.series_instance_uid or str(header.get("SeriesInstanceUID", "")),
-                      sop_class_uid=src.sop_class_uid or str(header.SOPClassUID), path=str(src.path),
+                      sop_class_uid=src.sop_class_uid or str(header.SOPClassUID), path=src.key or str(src.path),
                       n_frames=clip.n_frames, frames_used=tuple(int(i) for i in clip.indices))
     if len(clip.frames) == 0:
         raise ValueError("no frames")
@@ -188,13 +178,21 @@ def _load_clip(settings: Settings, src: ClipSource):
 
 def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, list, list[str]]:
     """Decode every clip: ``(clip inputs, headers, warnings)``. One bad clip is one bad clip."""
-    from echonode.dicom.frames import FrameDecodeError
+    import contextlib
 
+    from echonode.dicom.frames import FrameDecodeError
+    from echonode.storage import StorageUnavailable, open_storage
+
+    store = open_storage(settings) if any(c.key for c in clips) else None
     inputs, headers, warnings = [], [], []
     for src in clips:
         name = src.sop_instance_uid or Path(src.path).name
         try:
-            ci, header = _load_clip(settings, src)
+            with (store.fetch(src.key) if store is not None and src.key
+                  else contextlib.nullcontext(Path(src.path))) as path:
+                ci, header = _load_clip(settings, src, path)
+        except StorageUnavailable:
+            raise  # the store is down, not the clip: the job is tried again later
         except FrameDecodeError as exc:
             reason = logged = exc.reason
         except Exception as exc:  # any damage in a peer's file: struct.error, ValueError, KeyError, ...
@@ -259,7 +257,7 @@ def result_datasets(interp: "Interpretation", headers: Sequence, *, pdf: bool = 
 def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional[int] = None,
             lease: Optional[str] = None, study_version: int = 0, patient_key: str = "",
             study_date: str = "") -> Published:
-    """Write the SR and overlays under ``settings.results_path``, then in ONE transaction on
+    """Write the SR and overlays to the node's store (``results/<study>/<SOP>.dcm``), then in ONE transaction on
     ``session``: the Interpretation, the EchoCLIP-R study embedding, the job done (when
     ``job_id``; ``lease`` is the token :func:`echonode.store.jobs.start_job` gave), one
     outbox row per object and configured destination. Commits, or rolls back and raises
@@ -272,6 +270,7 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
     """
     from echonode.dicom.scu import write_results
     from echonode.dicom.sr import SR_SOP_CLASS_UID, sr_uids
+    from echonode.storage import open_storage
     from echonode.interpretation import ResultRef
     from echonode.store import interpretations, jobs, outbox
 
@@ -294,7 +293,7 @@ def publish(settings: Settings, session, analysis: Analysis, *, job_id: Optional
     # current one; this one is recorded (job done) but neither written nor sent
     try:
         objects = [] if superseded else write_results(
-            settings.results_path, result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
+            open_storage(settings), result_datasets(interp, analysis.headers, pdf=settings.results.pdf))
         if superseded:
             log.info("study version %d superseded by a later version already published: result not sent",
                      study_version)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from echonode.dicom.uids import check_uid
 from echonode.config import PriorSource, Settings
 
 log = logging.getLogger("echonode.priors")
@@ -70,7 +71,7 @@ class FetchedPrior:
     model_sha256: str
     owner: str
     files: list[Path]
-    folder: Optional[Path]       # our own folder (purged unless keep_pixels); None for C-MOVE (node spool)
+    folder: Optional[Path]       # our own folder (purged unless keep_pixels); C-MOVE: copies from object storage, if any
     seconds: float = 0.0
     presampled: frozenset = frozenset()  # files holding only the frames the model uses (WADO-RS frames)
 
@@ -293,6 +294,24 @@ def _wado_frames(settings: Settings, client, study: str, series: str, sop: str, 
     return web.instance_from_frames(md, files, ts, folder / f"{sop}.dcm")
 
 
+def _local_copies(settings: Settings, keys: dict[str, str], folder: Path) -> list[Path]:
+    """Files for instances the node holds (moved in by C-MOVE): the instance files of a local
+    store as they are, copies in ``folder`` from object storage."""
+    from echonode.storage import open_storage
+
+    store = open_storage(settings)
+    files = []
+    for sop, key in keys.items():
+        local = store.local_path(key)
+        if local is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            local = folder / f"{check_uid(sop, 'SOP Instance UID', strict=False)}.dcm"
+            with store.fetch(key) as tmp:
+                shutil.move(tmp, local)
+        files.append(local)
+    return files
+
+
 def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], folder: Path,
               deadline: float, cancel: threading.Event,
               presampled: Optional[set] = None, qs=None) -> tuple[list[Path], Optional[Path], list[str]]:
@@ -336,8 +355,7 @@ def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], 
             missing = len(clips) - len(paths)
             if missing:
                 statements.append(f"{src.name}: {missing} moved instance(s) did not arrive")
-            base = settings.data_path
-            return [(Path(v) if Path(v).is_absolute() else base / v) for v in paths.values()], None, statements
+            return _local_copies(settings, paths, folder), folder, statements
         except qr.MoveRefused as exc:
             statements.append(f"{src.name}: C-MOVE refused, retrieved by C-GET instead")
             log.warning("priors: %s; falling back to C-GET", exc)

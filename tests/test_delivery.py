@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import update as sa_update
 
 from echonode.config import load_settings
+from echonode.storage import open_storage
 from echonode.dicom import scu
 from echonode.store import db
 from echonode.store import outbox as ob
@@ -256,20 +257,20 @@ def test_enqueue_validates_and_writes_under_results(tmp_path, sources):
     from echonode.dicom.sr import build_sr
     ds = build_sr(interp, sources)
     with sf() as s:
-        with pytest.raises(scu.DeliveryError, match="results_path"):
+        with pytest.raises(scu.DeliveryError, match="store"):
             scu.enqueue(s, [ds], settings.delivery.destinations)
-        ids = scu.enqueue(s, [ds], settings.delivery.destinations, results_path=settings.results_path)
+        ids = scu.enqueue(s, [ds], settings.delivery.destinations, store=open_storage(settings))
     assert len(ids) == 1
     path = settings.results_path / interp.study_instance_uid / f"{ds.SOPInstanceUID}.dcm"
     assert path.is_file()
     bad = pydicom.dcmread(path)
     bad.StudyInstanceUID = "1.2.3/../../etc"
     with pytest.raises(ValueError, match="StudyInstanceUID"):
-        scu.write_results(settings.results_path, [bad])
+        scu.write_results(open_storage(settings), [bad])
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
     with sf() as s, pytest.raises(scu.DeliveryError, match="not a readable DICOM file"):
-        scu.enqueue(s, [junk], ["pacs"])
+        scu.enqueue(s, [junk], ["pacs"], store=open_storage(settings))
     engine.dispose()
 
 

@@ -468,6 +468,7 @@ def test_results_write_on_full_disk_leaves_nothing_partial(tmpfs):
     """The atomic write used for results (echonode.dicom.scu.write_results) on a full disk:
     raises ENOSPC, leaves no temp file and no partial result; works once space returns."""
     from echonode.dicom.scu import write_results
+    from echonode.storage.local import LocalStorage
 
     d = tmpfs("results", "4m")
     ds = Dataset()
@@ -481,14 +482,14 @@ def test_results_write_on_full_disk_leaves_nothing_partial(tmpfs):
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     filler = fill_bytes(d, leave=64 << 10)
     with pytest.raises(OSError) as err:
-        write_results(d / "out", [ds])
+        write_results(LocalStorage(d / "out"), [ds])
     # pydicom re-raises the write error as a plain OSError naming the tag (errno None), so
     # the errno is only in the message
     assert err.value.errno == errno.ENOSPC or "No space left on device" in str(err.value), repr(err.value)
     assert [p for p in (d / "out").rglob("*") if p.is_file()] == []
     filler.unlink()
-    [obj] = write_results(d / "out", [ds])
-    assert Path(obj.path).stat().st_size > 256 << 10
+    [obj] = write_results(LocalStorage(d / "out"), [ds])
+    assert (d / "out" / obj.path).stat().st_size > 256 << 10
 
 
 # --------------------------------------------------------------------------- kill -9 at one chosen step

@@ -291,6 +291,7 @@ def test_stow_rs_delivery_lands_in_same_study(tmp_path):
     """A destination kind = "dicomweb": outbox rows are sent by STOW-RS and land in the study."""
     from echonode.config import load_settings
     from echonode.dicom import scu
+    from echonode.storage import open_storage
     from echonode.store import outbox as ob
 
     pacs = _pacs(tmp_path, _free_port())
@@ -310,7 +311,7 @@ def test_stow_rs_delivery_lands_in_same_study(tmp_path):
                                            "auth": "none"}], "backoff_initial_s": 0},
         })
         sessions = _sessions(settings)
-        objs = scu.write_results(settings.results_path, [ds])
+        objs = scu.write_results(open_storage(settings), [ds])
         with sessions() as s:
             scu.enqueue(s, objs, settings.delivery.destinations)
             s.commit()
@@ -325,7 +326,7 @@ def test_stow_rs_delivery_lands_in_same_study(tmp_path):
         pacs.stop()
         ds.SOPInstanceUID = uid("stow-result-2")
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        objs = scu.write_results(settings.results_path, [ds])
+        objs = scu.write_results(open_storage(settings), [ds])
         with sessions() as s:
             scu.enqueue(s, objs, settings.delivery.destinations)
             s.commit()
@@ -390,6 +391,7 @@ def test_dicomweb_tls_and_basic_auth(tmp_path, tiny_bundle, tiny_bundle_r, inter
 
     from echonode.config import load_settings
     from echonode.dicom import scu
+    from echonode.storage import open_storage
     from echonode.store import outbox as ob
     from tests.fixtures.orthanc import make_test_pki
 
@@ -435,7 +437,7 @@ def test_dicomweb_tls_and_basic_auth(tmp_path, tiny_bundle, tiny_bundle_r, inter
                  "password": "s3cret"}]}})
         sessions = _sessions(settings)
         with sessions() as s:
-            scu.enqueue(s, [files[0]], settings.delivery.destinations)
+            scu.enqueue(s, [files[0]], settings.delivery.destinations, store=open_storage(settings))
         summary = scu.deliver_pending(settings, sessions)
         assert summary.delivered == 1 and summary.retrying == 2, summary
         with sessions() as s:

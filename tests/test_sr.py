@@ -243,6 +243,7 @@ def test_cart_uids_with_leading_zero_components_get_results(realworld_dir, tmp_p
     ``...768994.0104484``); the SR, the overlays and the result files must follow."""
     from echonode.dicom.overlays import build_overlays
     from echonode.dicom.scu import write_results
+    from echonode.storage.local import LocalStorage
     from tests.fixtures.interp import make_interpretation
     study = "1.2.826.0.1.3680043.2.0123.77"
     sources = make_sources(realworld_dir, study_uid=study)
@@ -251,9 +252,9 @@ def test_cart_uids_with_leading_zero_components_get_results(realworld_dir, tmp_p
     sr = build_sr(interp, sources)
     scs = build_overlays(interp, sources)
     assert sr.StudyInstanceUID == study and all(sc.StudyInstanceUID == study for sc in scs)
-    written = write_results(tmp_path, [sr, *scs])
+    written = write_results(LocalStorage(tmp_path), [sr, *scs])
     assert [o.study_instance_uid for o in written] == [study] * (1 + len(scs))
-    assert all(Path(o.path).parent == tmp_path / study for o in written)
+    assert all((tmp_path / o.path).parent == tmp_path / "results" / study for o in written)
     with pytest.raises(ValueError):
         result_uid("1.2.03/4", "ab" * 32, "0.1.0", "sr")  # still path-safe only
 

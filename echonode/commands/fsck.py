@@ -21,7 +21,7 @@ def register(sub, parents):
     p.add_argument("--quick", action="store_true", help="compare sizes only, do not hash every file")
     p.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
                    help="leave files younger than this alone (default: 0, or 600 while echonode serve "
-                        "runs on this data directory)")
+                        "runs on this data directory or with object storage, which every receiver shares)")
     p.set_defaults(func=run)
 
 
@@ -35,7 +35,8 @@ def run(args) -> int:
     setup_logging(settings.log_level)
     quiet_libraries()
     running = serve_running(settings.data_path)
-    min_age = args.min_age if args.min_age is not None else (600.0 if running else 0.0)
+    shared = bool(settings.storage.url)   # object storage: other receivers may be placing objects now
+    min_age = args.min_age if args.min_age is not None else (600.0 if running or shared else 0.0)
     spool = None
     try:
         db.migrate(settings.db_url)

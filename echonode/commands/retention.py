@@ -30,6 +30,7 @@ def run(args) -> int:
     import datetime as dt
 
     from echonode.cli import settings_from_args, setup_logging
+    from echonode.storage import open_storage
     from echonode.store import db
     from echonode.store.index import expire_instance_history
     from echonode.store.models import utcnow
@@ -47,20 +48,20 @@ def run(args) -> int:
     finally:
         engine.dispose()
     removed, freed, failed = [], 0, []
-    root = settings.data_path.resolve()
+    store = open_storage(settings)
     for rel in paths:
-        p = (root / rel).resolve()
-        if root not in p.parents:  # only ever below the data directory
+        try:
+            size = store.size(rel) or 0
+            if args.apply:
+                store.delete(rel)
+        except ValueError:  # not a key of the store: never touched
             failed.append(rel)
             continue
-        size = p.stat().st_size if p.is_file() else 0
+        except OSError as exc:
+            LOG.error("retention: could not remove %s: %s", rel, exc.strerror or exc)
+            failed.append(rel)
+            continue
         if args.apply:
-            try:
-                p.unlink(missing_ok=True)
-            except OSError as exc:
-                LOG.error("retention: could not remove %s: %s", rel, exc.strerror or exc)
-                failed.append(rel)
-                continue
             LOG.info("retention: removed non-current instance version %s (%d bytes)", rel, size)
         removed.append(rel)
         freed += size

@@ -61,7 +61,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     audit.record(sessions, [audit.application_start("serve"), audit.configuration_loaded(settings)])
     audit_sender = audit.start_sender(settings, sessions, engine)
     # temp files left by a crash are removed (and counted) by the reconciler below
-    ctx.spool = Spool(settings, sessions, clean_incoming=False)
+    ctx.spool = Spool(settings, sessions, clean_incoming=False, store=open_store(settings))
     services: list[Stoppable] = []
     _reconcile_at_start(settings, sessions, ctx)
     ctx.scp = EchoSCP(settings, ctx.spool)
@@ -78,6 +78,26 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     return ctx, services
 
 
+def open_store(settings):
+    """The node's store, checked: a bucket that does not exist or credentials it refuses stop
+    the command (exit 3, like a config error); a store that is down only delays (C-STOREs
+    get 0xA700, jobs and deliveries retry)."""
+    from echonode.config import ConfigError
+    from echonode.storage import StorageUnavailable, open_storage
+
+    try:
+        store = open_storage(settings)
+        check = getattr(store, "check", None)
+        if check is not None:
+            check()
+    except StorageUnavailable as exc:
+        LOG.warning("%s; instances are refused (0xA700) until it answers", exc)
+    except ValueError as exc:   # storage.s3.StorageConfigError
+        raise ConfigError(f"storage: {exc}") from None
+    LOG.info("storage: %s", store.describe())
+    return store
+
+
 def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:
     """Before the SCP listens: index files left without a row by a crash, report rows without
     a file (echonode.dicom.reconcile; sizes only, `echonode fsck` hashes)."""
@@ -91,8 +111,12 @@ def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:
         LOG.warning("the data directory's serve lock is held by another process: the reconciler "
                     "leaves files younger than 600 s alone")
         min_age = 600.0
+    # object storage is shared by every receiver: an object without a row may be another
+    # node's instance between its PUT and its commit, so listing the bucket is fsck's job
+    # (with its age guard), not every start's
     try:
-        rep = reconcile(settings, sessions, ctx.spool, repair=True, verify=False, min_age_s=min_age)
+        rep = reconcile(settings, sessions, ctx.spool, repair=True, verify=False, min_age_s=min_age,
+                        objects=ctx.spool.objects.kind == "local")
     except Exception:  # the node still serves; `echonode fsck` shows the details
         LOG.exception("reconciler failed at start")
         return

@@ -1,4 +1,7 @@
-"""Reconciler: the index and the files under ``instances/`` agree, and nothing is lost silently.
+"""Reconciler: the index and the objects under ``instances/`` agree, and nothing is lost silently.
+
+The objects are those of the node's store (``echonode.storage``): files under the data
+directory, or an S3 bucket, where every receiver puts its instances.
 
 Run by ``echonode serve`` before it accepts associations (repair, no hashing) and by
 ``echonode fsck`` (read-only unless ``--repair``; hashes every indexed file unless ``--quick``).
@@ -8,7 +11,7 @@ Run by ``echonode serve`` before it accepts associations (repair, no hashing) an
   (:meth:`echonode.dicom.spool.Spool.index_file`); as a new instance, or, when the SOP
   Instance UID is already indexed, as a non-current version (it was never acknowledged);
 * a file that cannot be indexed (unparseable, not where its header says, a second copy of
-  indexed bytes, not a regular file) is moved to ``<data_dir>/orphans/`` with a ``.txt``
+  indexed bytes, not a regular file) is moved to ``orphans/`` in the store with a ``.txt``
   giving the reason and where it was; never deleted;
 * a row whose file is missing, or whose size or sha256 disagrees with the file, is reported
   (nothing can repair it; the report names it);
@@ -30,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from echonode.dicom.spool import DIR_MODE, FILE_MODE, Spool, _fsync_dir, file_sha256
+from echonode.dicom.spool import FILE_MODE, Spool
+from echonode.storage import INSTANCES, Storage, StorageUnavailable, open_storage
+from echonode.storage.local import file_sha256
 from echonode.store.index import indexed_files
 
 LOG = logging.getLogger("echonode.reconcile")
@@ -101,36 +106,31 @@ class Report:
                 f"{len(self.recent)} recent files left alone")
 
 
-def _move_to_orphans(root: Path, path: Path, reason: str) -> Path:
-    """Rename ``path`` into ``<root>/orphans/`` (name: timestamp + random, never DICOM-derived)."""
-    folder = root / ORPHANS
-    if not folder.is_dir():
-        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        _fsync_dir(folder.parent)
+def _move_to_orphans(store: Storage, rel: str, reason: str) -> str:
+    """Move the object ``rel`` to ``orphans/`` (name: timestamp + random, never DICOM-derived)
+    with a ``.txt`` naming where it was and why; returns the new key."""
     name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
-    target = folder / f"{name}.dcm"
-    note = folder / f"{name}.txt"
-    fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(f"was: {path.relative_to(root)}\nreason: {reason}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(path, target)
-    _fsync_dir(folder)
-    _fsync_dir(path.parent)
+    target = f"{ORPHANS}/{name}.dcm"
+    store.put_bytes(f"{ORPHANS}/{name}.txt", f"was: {rel}\nreason: {reason}\n".encode("utf-8"))
+    local = store.local_path(rel)
+    if local is not None:
+        store.put(target, local, move=True)   # a rename: the file itself, not a copy
+    else:
+        with store.fetch(rel) as tmp:
+            store.put(target, tmp, move=True)
+    store.delete(rel)
     return target
 
 
 def reconcile(settings, sessions, spool: Optional[Spool], *, repair: bool, verify: bool,
-              min_age_s: float = 0.0) -> Report:
-    """Compare ``instances/`` with the index; with ``repair`` (needs ``spool``) fix what can be."""
-    root = Path(settings.data_path)
-    storage = Path(settings.storage_path)
-    incoming = storage / ".incoming"
+              min_age_s: float = 0.0, objects: bool = True) -> Report:
+    """Compare ``instances/`` in the node's store with the index; with ``repair`` (needs
+    ``spool``) fix what can be. ``objects=False``: only the local temp files (``serve`` on
+    object storage, where listing the bucket is ``echonode fsck``'s job)."""
+    store = spool.objects if spool is not None else open_storage(settings)
+    incoming = Path(settings.storage_path) / ".incoming"
     rep = Report(repair=repair, verify=verify)
     now = time.time()
-    known = indexed_files(sessions)
-    rep.indexed_rows = len(known)
 
     if incoming.is_dir():
         for p in sorted(incoming.iterdir()):
@@ -143,51 +143,51 @@ def reconcile(settings, sessions, spool: Optional[Spool], *, repair: bool, verif
             rep.incoming.append(p.name)
             if repair:
                 p.unlink(missing_ok=True)
+    if not objects:
+        return rep
 
+    known = indexed_files(sessions)
+    rep.indexed_rows = len(known)
     seen: set[str] = set()
-    if storage.is_dir():
-        for dirpath, dirnames, filenames in os.walk(storage):
-            here = Path(dirpath)
-            if here == storage:
-                dirnames[:] = [d for d in dirnames if d != ".incoming"]
-            dirnames.sort()
-            for fname in sorted(filenames):
-                path = here / fname
-                rel = str(path.relative_to(root))
-                try:
-                    st = path.lstat()
-                except FileNotFoundError:
-                    continue
-                rep.files += 1
-                entry = known.get(rel)
-                if entry is not None:
-                    seen.add(rel)
-                    if entry.size is not None and st.st_size != entry.size:
-                        rep.size_mismatch.append(rel)
-                    elif verify and file_sha256(path) != entry.sha256:
+    for obj in store.list(INSTANCES):
+        rel = obj.key
+        rep.files += 1
+        entry = known.get(rel)
+        if entry is not None:
+            seen.add(rel)
+            if entry.size is not None and obj.size != entry.size:
+                rep.size_mismatch.append(rel)
+            elif verify:
+                with store.fetch(rel) as path:
+                    if file_sha256(path) != entry.sha256:
                         rep.sha_mismatch.append(rel)
-                    continue
-                if now - st.st_mtime < min_age_s:
-                    rep.recent.append(rel)
-                    continue
-                if not repair:
-                    rep.unindexed.append(rel)
-                    continue
-                _adopt(rep, root, spool, path, rel, st)
+            continue
+        if now - obj.mtime < min_age_s:
+            rep.recent.append(rel)
+            continue
+        if not repair:
+            rep.unindexed.append(rel)
+            continue
+        _adopt(rep, store, spool, rel)
     for rel in sorted(set(known) - seen):
-        if not (root / rel).is_file():
+        if not store.exists(rel):
             rep.missing.append(rel)
     return rep
 
 
-def _adopt(rep: Report, root: Path, spool: Optional[Spool], path: Path, rel: str, st: os.stat_result) -> None:
+def _adopt(rep: Report, store: Storage, spool: Optional[Spool], rel: str) -> None:
     assert spool is not None, "repair needs the spool"
     reason = ""
-    if not stat.S_ISREG(st.st_mode):
+    local = store.local_path(rel)
+    if local is not None and not stat.S_ISREG(local.lstat().st_mode):
         reason = "not a regular file"
     else:
         try:
-            res = spool.index_file(path)
+            with store.fetch(rel) as path:
+                res = spool.index_file(path, key=rel)
+        except StorageUnavailable as exc:
+            rep.index_failed.append({"path": rel, "reason": str(exc)})
+            return
         except Exception as exc:  # unreadable, not DICOM, not where its header says
             reason = f"cannot be indexed: {type(exc).__name__}: {str(exc)[:200]}"
         else:
@@ -200,9 +200,9 @@ def _adopt(rep: Report, root: Path, spool: Optional[Spool], path: Path, rel: str
                 rep.indexed.append(rel)
                 return
     try:
-        target = _move_to_orphans(root, path, reason)
+        target = _move_to_orphans(store, rel, reason)
     except OSError as exc:
         rep.index_failed.append({"path": rel, "reason": f"{reason}; not moved: {exc.strerror or exc}"})
         return
-    LOG.warning("file without a row moved to %s/%s: %s", ORPHANS, target.name, reason)
-    rep.orphaned.append({"path": rel, "orphan": str(target.relative_to(root)), "reason": reason})
+    LOG.warning("file without a row moved to %s: %s", target, reason)
+    rep.orphaned.append({"path": rel, "orphan": target, "reason": reason})

@@ -2,8 +2,8 @@
 
 Flow (every step durable, so a crash repeats nothing visible and loses nothing):
 
-1. :func:`write_results` writes each SR/SC to ``<results_path>/<study UID>/<SOP UID>.dcm``
-   (UIDs validated first; temp file → fsync → rename).
+1. :func:`write_results` writes each SR/SC to the node's store as
+   ``results/<study UID>/<SOP UID>.dcm`` (UIDs validated first; atomic, durable).
 2. :func:`enqueue` adds one outbox row per (object, destination) *before* anything is
    sent (``echonode.store.outbox``; re-enqueueing the same SOP Instance UID resets its
    row, it never duplicates it).
@@ -28,13 +28,15 @@ This module never imports torch; it writes no SQL itself (``echonode.store.outbo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import ssl
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import pydicom
 from pydicom import Dataset
@@ -42,7 +44,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from echonode.config import Destination, Settings
 from echonode.dicom.uids import check_uid
+from echonode.storage import RESULTS
 from echonode.store import outbox as ob
+
+if TYPE_CHECKING:
+    from echonode.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +81,40 @@ class DeliveryError(RuntimeError):
 
 
 # ------------------------------------------------------------------ result files
-def write_results(results_path: Union[str, Path], datasets: Iterable[Dataset]) -> list[ob.OutboxObject]:
-    """Write each dataset to ``<results_path>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+def write_results(store: "Storage", datasets: Iterable[Dataset]) -> list[ob.OutboxObject]:
+    """Write each dataset to the node's store as ``results/<StudyInstanceUID>/<SOPInstanceUID>.dcm``
+    (the outbox row's ``path`` is that key).
 
-    UIDs are validated before they become path components; the write is atomic
-    (:func:`echonode.files.atomic_write`) so a reader never sees half a file.
+    UIDs are validated before they become key components; the write is atomic (a reader
+    sees the old object or the new one, never half of one) and durable on return.
     """
-    from echonode.files import atomic_write
-
-    root = Path(results_path)
     out = []
     for ds in datasets:
         study = check_uid(getattr(ds, "StudyInstanceUID", None), "result StudyInstanceUID", strict=False)
         sop = check_uid(getattr(ds, "SOPInstanceUID", None), "result SOPInstanceUID")
         cls = check_uid(getattr(ds, "SOPClassUID", None), "result SOPClassUID")
-        final = atomic_write(root / study / f"{sop}.dcm", lambda fh: ds.save_as(fh, enforce_file_format=True))
-        out.append(ob.OutboxObject(path=str(final), sop_instance_uid=sop, sop_class_uid=cls,
+        key = f"{RESULTS}/{study}/{sop}.dcm"
+        store.write(key, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
+        out.append(ob.OutboxObject(path=key, sop_instance_uid=sop, sop_class_uid=cls,
                                    study_instance_uid=study, kind=result_kind(cls, ds.get("SeriesNumber"))))
     return out
+
+
+def fetch_results(store: "Storage", rows, stack: contextlib.ExitStack):
+    """Local files for the rows' objects, open until ``stack`` closes: ``(files by row id,
+    rows whose object is gone, (row, reason) for rows the store could not give now)``."""
+    from echonode.storage import StorageUnavailable
+
+    files: dict[int, Path] = {}
+    missing, unavailable = [], []
+    for row in rows:
+        try:
+            files[row.id] = stack.enter_context(store.fetch(row.path))
+        except FileNotFoundError:
+            missing.append(row)
+        except (StorageUnavailable, ValueError) as exc:
+            unavailable.append((row, str(exc)))
+    return files, missing, unavailable
 
 
 def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
@@ -123,24 +145,29 @@ def _dest_names(destinations: Sequence[Union[Destination, str]]) -> list[str]:
 
 def enqueue(session, objects: Sequence[Union[Dataset, str, Path, ob.OutboxObject]],
             destinations: Sequence[Union[Destination, str]], *,
-            results_path: Union[str, Path, None] = None,
+            store: Optional["Storage"] = None,
             now: Optional[dt.datetime] = None) -> list[int]:
     """Outbox rows for every object × destination; returns the row ids. Commits.
 
-    ``objects``: Datasets (written under ``results_path`` first, which is then
-    required), paths of DICOM files already written, or :class:`OutboxObject`.
+    ``objects``: Datasets, or paths of DICOM files (both are written to ``store`` first,
+    which is then required: the delivery may run on another machine), or
+    :class:`OutboxObject` already in the store.
     """
     items: list[ob.OutboxObject] = []
     datasets = [o for o in objects if isinstance(o, Dataset)]
+    files = [o for o in objects if isinstance(o, (str, Path))]
+    if (datasets or files) and store is None:
+        raise DeliveryError("enqueue: Datasets and files need the node's store to be written to before they are enqueued")
     if datasets:
-        if results_path is None:
-            raise DeliveryError("enqueue: Datasets need results_path to be written before they are enqueued")
-        items.extend(write_results(results_path, datasets))
+        items.extend(write_results(store, datasets))
     for o in objects:
         if isinstance(o, ob.OutboxObject):
             items.append(o)
-        elif isinstance(o, (str, Path)):
-            items.append(_object_from_path(o))
+    for f in files:
+        obj = _object_from_path(f)
+        key = f"{RESULTS}/{obj.study_instance_uid}/{obj.sop_instance_uid}.dcm"
+        store.put(key, Path(f))
+        items.append(dataclasses.replace(obj, path=key))
     names = _dest_names(destinations)
     if not names or not items:
         return []
@@ -224,17 +251,20 @@ class _Delivery:
         for row in rows:
             self.failed(row, error)
 
-    def files_present(self, rows: list[ob.OutboxRow]) -> list[ob.OutboxRow]:
-        """The rows whose file exists; a missing file cannot come back, so its row is dead at once."""
-        sendable = []
-        for row in rows:
-            if Path(row.path).is_file():
-                sendable.append(row)
-                continue
+    def files_present(self, rows: list[ob.OutboxRow], stack: contextlib.ExitStack) -> list[ob.OutboxRow]:
+        """The rows whose object the store gives (``self.files``: their local files). A missing
+        object cannot come back, so its row is dead at once; a store that cannot answer now
+        is a failure like a PACS that cannot: retried."""
+        from echonode.storage import open_storage
+
+        self.files, missing, unavailable = fetch_results(open_storage(self.settings), rows, stack)
+        for row in missing:
             ob.mark_failed(self.session, row.id, f"result file missing: {row.path}", None, now=self.now_fn(),
                            max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0, retry_for_s=0)
             self.summary.dead += 1
-        return sendable
+        for row, why in unavailable:
+            self.failed(row, why)
+        return [row for row in rows if row.id in self.files]
 
     def associate(self, rows: list[ob.OutboxRow], commitment_handler):
         """An established association with a context per (SOP class, transfer syntaxes) of the
@@ -245,7 +275,7 @@ class _Delivery:
         ae = _make_ae(self.settings, dest)
         contexts = []
         for row in rows:
-            key = (row.sop_class_uid, tuple(_transfer_syntaxes(row.path)))
+            key = (row.sop_class_uid, tuple(_transfer_syntaxes(self.files[row.id])))
             if key not in contexts:
                 contexts.append(key)
         for cls, syntaxes in contexts[:120]:     # PS3.8: at most 128 presentation contexts
@@ -280,7 +310,7 @@ class _Delivery:
                 self.failed(row, "association lost")
                 continue
             try:
-                rsp = assoc.send_c_store(row.path, msg_id=(i % 65535) + 1)
+                rsp = assoc.send_c_store(str(self.files[row.id]), msg_id=(i % 65535) + 1)
             except ValueError as exc:  # no accepted presentation context for this SOP class
                 self.failed(row, f"not accepted by {self.dest.ae_title}: {exc}")
                 continue
@@ -350,23 +380,24 @@ def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow],
         from echonode.dicom import web
         return web.stow_rows(settings, dest, rows, session, summary, now_fn)
     run = _Delivery(settings, dest, session, summary, now_fn)
-    sendable = run.files_present(rows)
-    if not sendable:
-        return
-    assoc = run.associate(sendable, commitment_handler)
-    if assoc is None:
-        return
-    try:
-        stored = run.store_all(assoc, sendable)
-        if not stored:
+    with contextlib.ExitStack() as stack:
+        sendable = run.files_present(rows, stack)
+        if not sendable:
             return
-        if dest.storage_commitment:
-            run.request_commitment(assoc, stored)
-        else:
-            run.mark_delivered(stored)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc = run.associate(sendable, commitment_handler)
+        if assoc is None:
+            return
+        try:
+            stored = run.store_all(assoc, sendable)
+            if not stored:
+                return
+            if dest.storage_commitment:
+                run.request_commitment(assoc, stored)
+            else:
+                run.mark_delivered(stored)
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
 
 def deliver_pending(settings: Settings, session_factory, now: Optional[dt.datetime] = None, *,

@@ -16,6 +16,7 @@ Answers carry patient identifiers; nothing here logs an answer's content.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -381,6 +382,8 @@ def values(obj: dict, tag: str, limit: int = 64) -> list[str]:
 def stow_rows(settings, dest, rows, session, summary, now_fn: Callable) -> None:
     """Deliver outbox rows to a ``kind = "dicomweb"`` destination by STOW-RS, grouped by
     study (one request per study). Same outbox transitions as the C-STORE path."""
+    from echonode.dicom.scu import fetch_results
+    from echonode.storage import open_storage
     from echonode.store import outbox as ob
 
     d = settings.delivery
@@ -397,35 +400,39 @@ def stow_rows(settings, dest, rows, session, summary, now_fn: Callable) -> None:
             summary.retrying += 1
             log.warning("outbox %d to %s failed (%s); will retry", row.id, dest.name, error)
 
-    by_study: dict[str, list] = {}
-    for row in rows:
-        if not Path(row.path).is_file():
+    with contextlib.ExitStack() as stack:
+        files, missing, unavailable = fetch_results(open_storage(settings), rows, stack)
+        for row in missing:
             ob.mark_failed(session, row.id, f"result file missing: {row.path}", None, now=now_fn(),
                            max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0)
             summary.dead += 1
-            continue
-        by_study.setdefault(row.study_instance_uid or "", []).append(row)
-    client = DicomWebClient(WebTarget.of(dest))
-    for study, group in by_study.items():
-        try:
-            res = client.stow([Path(r.path) for r in group], study)
-        except DicomWebError as exc:
+        for row, why in unavailable:
+            failed(row, why)
+        by_study: dict[str, list] = {}
+        for row in rows:
+            if row.id in files:
+                by_study.setdefault(row.study_instance_uid or "", []).append(row)
+        client = DicomWebClient(WebTarget.of(dest))
+        for study, group in by_study.items():
+            try:
+                res = client.stow([files[r.id] for r in group], study)
+            except DicomWebError as exc:
+                for row in group:
+                    failed(row, f"STOW-RS: {exc}", exc.status)
+                continue
+            failed_uids: dict[str, str] = {}
+            for item in (res["answer"].get("00081198", {}) or {}).get("Value", []) or []:
+                if isinstance(item, dict):
+                    failed_uids[value(item, "00081155")] = value(item, "00081197") or "failed"
             for row in group:
-                failed(row, f"STOW-RS: {exc}", exc.status)
-            continue
-        failed_uids: dict[str, str] = {}
-        for item in (res["answer"].get("00081198", {}) or {}).get("Value", []) or []:
-            if isinstance(item, dict):
-                failed_uids[value(item, "00081155")] = value(item, "00081197") or "failed"
-        for row in group:
-            if row.sop_instance_uid in failed_uids:
-                reason = failed_uids[row.sop_instance_uid]
-                failed(row, f"STOW-RS refused the instance (failure reason {reason})")
-            elif res["status"] == 202 and not failed_uids:
-                failed(row, "STOW-RS answered 202 without saying which instances failed")
-            else:
-                ob.mark_delivered(session, row.id, 0, now=now_fn(), note="STOW-RS")
-                summary.delivered += 1
+                if row.sop_instance_uid in failed_uids:
+                    reason = failed_uids[row.sop_instance_uid]
+                    failed(row, f"STOW-RS refused the instance (failure reason {reason})")
+                elif res["status"] == 202 and not failed_uids:
+                    failed(row, "STOW-RS answered 202 without saying which instances failed")
+                else:
+                    ob.mark_delivered(session, row.id, 0, now=now_fn(), note="STOW-RS")
+                    summary.delivered += 1
 
 
 # --------------------------------------------------------------------------- frames -> instance

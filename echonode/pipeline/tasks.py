@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -117,8 +118,8 @@ class _Heartbeat:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A failure that a later try may not meet: the database or the broker unreachable, a
-    connection lost or timed out. Anything else (no decodable clip, an SR that cannot be
+    """A failure that a later try may not meet: the database, the broker or the object store
+    unreachable, a connection lost or timed out. Anything else (no decodable clip, an SR that cannot be
     built, a bug) is permanent: the job fails with the reason."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeout
 
@@ -127,6 +128,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    from echonode.storage import StorageUnavailable
+    if isinstance(exc, StorageUnavailable):   # the object store down or unreachable
         return True
     try:
         from kombu.exceptions import OperationalError as BrokerError
@@ -266,7 +270,7 @@ def _analyse_and_publish(rt: WorkerRuntime, ctx, choice, lease: str):
     from echonode.store import interpretations
 
     interpreter = rt.interpreter(choice)
-    clips = [analysis.ClipSource(path=analysis.instance_path(rt.settings, c.path),
+    clips = [analysis.ClipSource(path=Path(c.path), key=c.path,
                                  sop_instance_uid=c.sop_instance_uid, series_instance_uid=c.series_instance_uid,
                                  sop_class_uid=c.sop_class_uid, number_of_frames=c.number_of_frames)
              for c in ctx.clips]

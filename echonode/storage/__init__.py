@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterator, NamedTuple, Optional
 
 if TYPE_CHECKING:
     from echonode.config import Settings
@@ -83,14 +83,23 @@ class Storage:
         renamed, same file system)."""
         raise NotImplementedError
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def write(self, key: str, write: Callable[[BinaryIO], None]) -> None:
+        """Store what ``write(fh)`` writes at ``key``, atomically, replacing what is there;
+        durable on return."""
         raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.write(key, lambda fh: fh.write(data))
 
     def sha256(self, key: str) -> Optional[str]:
         """SHA-256 of the stored bytes, ``None`` when there is no object."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> Optional[int]:
+        """Bytes of the object, ``None`` when there is none."""
         raise NotImplementedError
 
     def fetch(self, key: str) -> ContextManager[Path]:

@@ -13,9 +13,9 @@ import os
 import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
-from echonode.files import DIR_MODE, FILE_MODE, ensure_dir, fsync_dir
+from echonode.files import DIR_MODE, FILE_MODE, atomic_write, ensure_dir, fsync_dir
 from echonode.storage import Storage, StoredObject, check_key
 
 _CHUNK = 1 << 20
@@ -114,11 +114,10 @@ class LocalStorage(Storage):
         for d in {final.parent, *(c.parent for c in created)}:
             fsync_dir(d)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        from echonode.files import atomic_write_bytes
+    def write(self, key: str, write: Callable[[BinaryIO], None]) -> None:
         final = self.path(key)
         make_dirs(final.parent, self.root)
-        atomic_write_bytes(final, data)
+        atomic_write(final, write)
 
     def sha256(self, key: str) -> Optional[str]:
         try:
@@ -128,6 +127,10 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def size(self, key: str) -> Optional[int]:
+        p = self.path(key)
+        return p.stat().st_size if p.is_file() else None
 
     @contextlib.contextmanager
     def fetch(self, key: str) -> Iterator[Path]:

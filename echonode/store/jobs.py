@@ -55,7 +55,7 @@ class ClipRow:
     sop_instance_uid: str
     series_instance_uid: str
     sop_class_uid: str
-    path: str                 # relative to data_dir (as stored by ingest)
+    path: str                 # the key in the node's store (for the local store: relative to data_dir)
     number_of_frames: Optional[int]
 
 
