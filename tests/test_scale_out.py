@@ -245,3 +245,37 @@ def test_two_nodes_one_study_one_job_one_sr_and_kill9(pg_url, redis_url, s3, nod
 
 def meta_of(path) -> str:
     return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+
+def _echonode(args, env, timeout=60):
+    import subprocess
+    import sys
+
+    from tests.fixtures.node import ROOT
+    return subprocess.run([sys.executable, "-m", "echonode", *args], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_credentials_never_in_the_config_file_and_urls_checked(node_factory, tmp_path):
+    node = node_factory()   # a config file and an environment; not started
+    cfg = tmp_path / "s3.toml"
+    base = node.settings_path.read_text()
+    cfg.write_text(base + '\n[storage]\nurl = "s3://echonode/a"\nsecret_key = "hunter2"\n')
+    res = _echonode(["status", "--config", str(cfg)], node.env)
+    assert res.returncode == 3 and "storage.secret_key: credentials are never read from the config file" in res.stderr
+    assert "hunter2" not in res.stderr + res.stdout
+    for url, msg in (("s3://Not_A_Bucket", "not an S3 bucket name"), ("file:///srv/x", "must be empty")):
+        cfg.write_text(base + f'\n[storage]\nurl = "{url}"\n')
+        res = _echonode(["status", "--config", str(cfg)], node.env)
+        assert res.returncode == 3 and msg in res.stderr, res.stderr
+
+
+def test_serve_and_worker_refuse_a_missing_bucket_or_a_wrong_key(s3, node_factory):
+    node = node_factory()
+    for change, why in (({"ECHONODE_STORAGE__URL": "s3://no-such-bucket/x"}, "does not exist"),
+                        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "refused")):
+        env = {**node.env, **s3.env(), **change}
+        for cmd in (["serve"], ["worker", "--queues", "deliver"]):
+            res = _echonode([*cmd, "--config", str(node.settings_path)], env, timeout=120)
+            assert res.returncode == 3, (cmd, res.stderr[-2000:])
+            assert why in res.stderr, res.stderr[-2000:]

@@ -49,6 +49,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     from echonode.dicom.scp import EchoSCP
     from echonode.dicom.spool import Spool
     from echonode.pipeline.stable import StableScheduler
+    from echonode.storage import open_checked
     from echonode.store import db
 
     from echonode.files import ensure_dir
@@ -61,7 +62,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     audit.record(sessions, [audit.application_start("serve"), audit.configuration_loaded(settings)])
     audit_sender = audit.start_sender(settings, sessions, engine)
     # temp files left by a crash are removed (and counted) by the reconciler below
-    ctx.spool = Spool(settings, sessions, clean_incoming=False, store=open_store(settings))
+    ctx.spool = Spool(settings, sessions, clean_incoming=False, store=open_checked(settings))
     services: list[Stoppable] = []
     _reconcile_at_start(settings, sessions, ctx)
     ctx.scp = EchoSCP(settings, ctx.spool)
@@ -76,26 +77,6 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     services.append(_Stop(lambda: audit.stop(sessions, audit_sender), "audit"))
     services.append(_Stop(engine.dispose, "database"))
     return ctx, services
-
-
-def open_store(settings):
-    """The node's store, checked: a bucket that does not exist or credentials it refuses stop
-    the command (exit 3, like a config error); a store that is down only delays (C-STOREs
-    get 0xA700, jobs and deliveries retry)."""
-    from echonode.config import ConfigError
-    from echonode.storage import StorageUnavailable, open_storage
-
-    try:
-        store = open_storage(settings)
-        check = getattr(store, "check", None)
-        if check is not None:
-            check()
-    except StorageUnavailable as exc:
-        LOG.warning("%s; instances are refused (0xA700) until it answers", exc)
-    except ValueError as exc:   # storage.s3.StorageConfigError
-        raise ConfigError(f"storage: {exc}") from None
-    LOG.info("storage: %s", store.describe())
-    return store
 
 
 def _reconcile_at_start(settings, sessions, ctx: ServeContext) -> None:

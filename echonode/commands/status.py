@@ -30,6 +30,8 @@ def collect_status(settings, *, study_limit: int = 200) -> dict:
     finally:
         engine.dispose()
     out["data_dir"] = str(settings.data_path)
+    from echonode.storage import describe
+    out["storage"] = describe(settings)
     out["open_node"] = settings.node.is_open
     return out
 
@@ -54,6 +56,7 @@ def run(args) -> int:
     if status.get("open_node"):
         from echonode.config import OPEN_NODE_WARNING
         print(OPEN_NODE_WARNING)
+    print(f"storage: {status['storage']}")
     print(f"patients {status['patients']}  studies {status['study_count']}  series {status['series']}  "
           f"instances {status['instances']}")
     print("jobs: " + "  ".join(f"{k} {v}" for k, v in status["jobs"].items()))

@@ -67,6 +67,9 @@ def run(args) -> int:
         print(f"echonode worker: cannot open the database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
+    from echonode.storage import open_checked
+    open_checked(settings)   # a missing bucket or refused credentials: exit 3 now, not a failed job later
+
     if device.startswith("cuda"):
         import torch  # CUDA is initialised in this process only
         if not torch.cuda.is_available():

@@ -22,13 +22,14 @@ Keys are built by the node from validated UIDs and fixed words, never from free 
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterator, NamedTuple, Optional
 
 if TYPE_CHECKING:
     from echonode.config import Settings
 
-__all__ = ["Storage", "StorageUnavailable", "StoredObject", "check_key", "open_storage", "INSTANCES",
+__all__ = ["Storage", "StorageUnavailable", "StoredObject", "check_key", "describe", "open_checked", "open_storage", "INSTANCES",
            "RESULTS", "QUARANTINE"]
 
 INSTANCES = "instances"
@@ -65,10 +66,6 @@ class Storage:
     kind = "abstract"
     #: the spool must fsync its temp file before :meth:`put_new` (local links the file itself)
     needs_synced_source = False
-
-    def describe(self) -> str:
-        """Where objects go, for logs and ``status`` (never a credential)."""
-        raise NotImplementedError
 
     def put_new(self, key: str, src: Path, sha256: str) -> Optional[Callable[[], None]]:
         """Store ``src``'s bytes at ``key`` unless an object is there (``FileExistsError``).
@@ -118,11 +115,54 @@ class Storage:
         return None
 
 
-def open_storage(settings: "Settings") -> Storage:
-    """The store ``settings.storage`` names (one per process is enough; cheap to make)."""
+def describe(settings: "Settings") -> str:
+    """Where objects go, for logs and ``status`` (never a credential; no connection made)."""
     st = settings.storage
     if not st.url:
-        from echonode.storage.local import LocalStorage
-        return LocalStorage(settings.data_path)
-    from echonode.storage.s3 import S3Storage
-    return S3Storage.from_settings(settings)
+        return f"local directory {settings.data_path}"
+    return f"{st.url} at {st.endpoint}" if st.endpoint else st.url
+
+
+_OPEN: dict = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_storage(settings: "Settings") -> Storage:
+    """The store ``settings.storage`` names. One per process and configuration: an S3
+    client keeps its connection pool, and is safe to share between threads."""
+    st = settings.storage
+    key = (st, str(settings.data_path))
+    with _OPEN_LOCK:
+        store = _OPEN.get(key)
+        if store is None:
+            if not st.url:
+                from echonode.storage.local import LocalStorage
+                store = LocalStorage(settings.data_path)
+            else:
+                from echonode.storage.s3 import S3Storage
+                store = S3Storage.from_settings(settings)
+            _OPEN[key] = store
+        return store
+
+
+def open_checked(settings: "Settings") -> Storage:
+    """:func:`open_storage`, checked at a process's start: a bucket that does not exist or
+    credentials the store refuses are a configuration error (``ConfigError``: exit 3); a
+    store that is down only delays (C-STOREs get 0xA700, jobs and deliveries retry)."""
+    import logging
+
+    from echonode.config import ConfigError
+
+    log = logging.getLogger("echonode.storage")
+    try:
+        store = open_storage(settings)
+        check = getattr(store, "check", None)
+        if check is not None:
+            check()
+    except StorageUnavailable as exc:
+        log.warning("%s; instances are refused (0xA700) and jobs wait until it answers", exc)
+        return open_storage(settings)
+    except ValueError as exc:   # storage.s3.StorageConfigError
+        raise ConfigError(f"storage: {exc}") from None
+    log.info("storage: %s", describe(settings))
+    return store

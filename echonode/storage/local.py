@@ -34,6 +34,8 @@ def make_dirs(path: Path, base: Path) -> list[Path]:
     Returns the directories it created (their parents need an fsync for them to last)."""
     if path.is_dir():
         return []
+    if not base.is_dir():
+        ensure_dir(base)
     missing = []
     p = path
     while p != base and not p.is_dir():
@@ -56,12 +58,8 @@ class LocalStorage(Storage):
 
     def __init__(self, root: Path, *, fsync_workers: int = 4):
         self.root = Path(root)
-        ensure_dir(self.root)
         self._io: Optional[ThreadPoolExecutor] = None
         self._workers = fsync_workers
-
-    def describe(self) -> str:
-        return f"local directory {self.root}"
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._io is None:
@@ -115,9 +113,7 @@ class LocalStorage(Storage):
             fsync_dir(d)
 
     def write(self, key: str, write: Callable[[BinaryIO], None]) -> None:
-        final = self.path(key)
-        make_dirs(final.parent, self.root)
-        atomic_write(final, write)
+        atomic_write(self.path(key), write)
 
     def sha256(self, key: str) -> Optional[str]:
         try:

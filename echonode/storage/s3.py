@@ -74,10 +74,6 @@ class S3Storage(Storage):
         return cls(bucket, prefix, endpoint=st.endpoint, region=st.region, access_key=access, secret_key=secret,
                    ca=st.ca, tmp_dir=settings.data_path / ".fetch", timeout_s=st.timeout_s)
 
-    def describe(self) -> str:
-        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        return f"{where} at {self.endpoint}" if self.endpoint else where
-
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
