@@ -262,6 +262,33 @@ def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
     w2.legit()
 
 
+def test_cut_deflate_stream_is_quarantined(node, realworld_dir, tmp_path):
+    """A Deflated dataset cut inside its deflate stream (bench/fuzz.py --seed 5, case 668:
+    the dcm4che SR cut to 417 of 1678 bytes) inflates to a prefix whose header parses, UIDs
+    included, but the file can never be read whole: answered 0xC210 and quarantined with
+    the exact bytes received; the whole dataset is still stored."""
+    from pynetdicom.dsutils import split_dataset
+
+    w = Watch(node, tmp_path)
+    src = realworld_dir / "sr" / "dcm4che__report_dfl.dcm"
+    meta, off = split_dataset(src)
+    assert str(meta.TransferSyntaxUID) == DEFLATED
+    blob = src.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(blob[:off + 417])
+    t0 = time.monotonic()
+    assert send_raw(node.port, [cut]) == [0xC210]
+    assert time.monotonic() - t0 < 10
+    q = list((node.data_dir / "quarantine").glob("*.dcm"))
+    assert len(q) == 1 and q[0].read_bytes().endswith(blob[off:off + 417])
+    assert "deflate stream ends before its final block" in q[0].with_suffix(".txt").read_text()
+    assert not list((node.data_dir / "instances").rglob("*.dcm"))
+
+    assert send_raw(node.port, [src]) == [0]
+    assert len(list((node.data_dir / "instances").rglob("*.dcm"))) == 1
+    w.legit()
+
+
 # --------------------------------------------------------------------------- 3. TLS
 
 def _tls_client(port: int, *, max_version=None, min_version=None, timeout: float = 10) -> None:
