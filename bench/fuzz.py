@@ -6,16 +6,28 @@ huge or odd length fields, inserted garbage, removed chunks), sent as C-STORE wi
 bytes exactly as mutated; the other half are mutated PDUs on raw sockets (unknown PDU
 types, lengths claiming up to 4 GiB, A-ASSOCIATE-RQ with mutated items, truncated
 streams, P-DATA with broken PDVs inside an association). Every case gets the same bytes
-at both receivers.
+at both receivers; the cases depend on ``--seed`` and the clips only (not on the workers).
+
+Cases run concurrently, most of their time being spent waiting on a peer: per receiver,
+``--dataset-workers`` associations send the dataset cases (each association reused until
+it breaks) and ``--pdu-workers`` connections run the PDU cases. echonode is one process
+serving all of them; storescp serves one association at a time, so it runs as one process
+per worker (peak RSS: the largest of them; alive: all of them).
 
 A dataset whose SOP class / transfer syntax a receiver did not accept at negotiation
-(storescp knows fewer) counts as *not_negotiated* for it. A case is *answered* (a DIMSE response, an A-ASSOCIATE-AC/RJ) or *aborted* (A-ABORT, or
-the connection closed) within ``--case-timeout`` seconds (default 5), else it counts as
-*unanswered*. ``bad_success``: Success for a dataset whose header pydicom cannot parse
-(it must never happen). At the end: peak RSS (VmHWM) and whether the receiver still
-answers a C-ECHO (``alive``). One JSON line per receiver and a summary.
+(storescp knows fewer) counts as *not_negotiated* for it. A case is *answered* (a DIMSE
+response, an A-ASSOCIATE-AC/RJ) or *aborted* (A-ABORT, or the connection closed) within
+``--case-timeout`` seconds (default 5, timed per case), else it counts as *unanswered*.
+``bad_success``: Success for a dataset whose header pydicom cannot parse as the node
+does (up to the pixel data; a Deflated dataset inflated whole), or that lacks one of the
+four identifying UIDs (it must never happen). At the end: peak RSS (VmHWM) and whether
+the receiver still answers a C-ECHO (``alive``). One JSON line per receiver and a summary.
+``--keep-failures DIR`` writes every unanswered, refused or bad-Success case there as sent;
+``--only echonode`` replays a seed's cases against one receiver.
 
     python3 bench/fuzz.py [--n 10000] [--clips DIR] [--seed 1] [--max-mb 1]
+                          [--dataset-workers 2] [--pdu-workers 6] [--only echonode|storescp]
+                          [--keep-failures DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -31,6 +44,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.datadirs import default_data_dir  # noqa: E402
+from echonode.commands.serve import quiet_libraries  # noqa: E402
 from echonode.sandbox import dcmtk, free_port  # noqa: E402
 
 US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -73,6 +88,7 @@ class Receiver:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self.peak_mb = 0.0
+        self._lock = threading.Lock()  # workers sharing a process restart it once
 
     def cmd(self) -> list[str]:
         raise NotImplementedError
@@ -93,9 +109,10 @@ class Receiver:
         raise SystemExit(f"{self.name} did not answer C-ECHO")
 
     def ensure_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.restarts += 1
-            self.start()
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.restarts += 1
+                self.start()
 
     def sample(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -113,7 +130,7 @@ class Receiver:
 
 class StoreSCP(Receiver):
     def cmd(self) -> list[str]:
-        out = self.work / "storescp-out"
+        out = self.work / f"{self.name}-out"  # one folder per process: the same UID may arrive at two at once
         out.mkdir(exist_ok=True)
         # +xa: accept every transfer syntax it knows (the mutated clips use many)
         return [dcmtk("storescp"), "+xa", "-aet", self.aet, "-od", str(out), str(self.port)]
@@ -158,7 +175,9 @@ def _mutate(body: bytes, rng: random.Random) -> bytes:
 
 
 def header_parses(path: Path) -> bool:
-    """pydicom can read the header and the four identifying UIDs (the node's minimum)."""
+    """pydicom can read the header and the four identifying UIDs (the node's minimum).
+    Deferred values stay unread (a header-only parse never needs them); pydicom inflates
+    a Deflated dataset whole, so a cut deflate stream does not parse."""
     from pydicom import dcmread
 
     try:
@@ -317,6 +336,143 @@ class DatasetSender:
         self.ae.shutdown()
 
 
+class Case:
+    """One generated case. Every receiver gets the same bytes; a dataset case's file is
+    removed when the last receiver is done with it."""
+
+    def __init__(self, index: int, kind: str, users: int, *, path: Path | None = None, sop: str = "",
+                 ts: str = "", parses: bool = True, chunks: list[bytes] | None = None, assoc_first: bool = False):
+        self.index, self.kind, self.path, self.sop, self.ts, self.parses = index, kind, path, sop, ts, parses
+        self.chunks, self.assoc_first = chunks or [], assoc_first
+        self._left = users
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last and self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class Failures:
+    """``--keep-failures DIR``: each case that a receiver left unanswered, refused or answered
+    with a bad Success is written there as sent (``case<N>.dcm``: file meta + mutated dataset;
+    ``case<N>.<receiver>.json``: the PDU chunks in hex), one line per failure in failures.jsonl."""
+
+    def __init__(self, folder: str):
+        self.dir = Path(folder) if folder else None
+        self._lock = threading.Lock()
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def record(self, case: Case, receiver: str, outcome: str, seconds: float, chunks: list[bytes]) -> None:
+        if self.dir is None:
+            return
+        with self._lock:
+            if case.path is not None:
+                name = f"case{case.index:05d}.dcm"
+                if not (self.dir / name).exists():
+                    shutil.copyfile(case.path, self.dir / name)
+            else:
+                name = f"case{case.index:05d}.{receiver}.json"
+                (self.dir / name).write_text(json.dumps({"assoc_first": case.assoc_first,
+                                                         "chunks": [c.hex() for c in chunks]}) + "\n")
+            with open(self.dir / "failures.jsonl", "a") as fh:
+                fh.write(json.dumps({"case": case.index, "kind": case.kind, "receiver": receiver,
+                                     "outcome": outcome, "seconds": round(seconds, 3), "file": name}) + "\n")
+
+
+class Target:
+    """One receiver as reported: echonode is one process that every worker shares; storescp
+    (one association at a time) is one process per worker, so no case waits in its backlog."""
+
+    def __init__(self, name: str, aet: str, procs: list[Receiver]):
+        self.name, self.aet, self.procs = name, aet, procs
+        self.lock = threading.Lock()
+        self.stats = {"cases": 0, "answered": 0, "aborted": 0, "unanswered": 0, "refused": 0, "success": 0,
+                      "bad_success": 0, "not_negotiated": 0, "slowest_s": 0.0, "by_kind": {}}
+
+    def proc(self, worker: int) -> Receiver:
+        return self.procs[worker % len(self.procs)]
+
+    def count(self, case: Case, out: str | int, dt: float, timeout: float) -> str:
+        """Adds one outcome; returns it as counted ('bad_success' where that applies)."""
+        with self.lock:
+            st = self.stats
+            st["cases"] += 1
+            st["slowest_s"] = max(st["slowest_s"], round(dt, 3))
+            if case.path is None:  # a PDU case
+                st[out] += 1
+                bk = st["by_kind"].setdefault(case.kind, {})
+                bk[out] = bk.get(out, 0) + 1
+                return str(out)
+            if isinstance(out, int):
+                counted = "answered" if dt <= timeout else "unanswered"
+                st[counted] += 1
+                if out == 0:
+                    st["success"] += 1
+                    if not case.parses:
+                        st["bad_success"] += 1
+                        return "bad_success"
+                return counted
+            if out == "not_negotiated":
+                st["not_negotiated"] += 1
+                return out
+            counted = out if dt <= timeout else "unanswered"
+            st[counted] += 1
+            return counted
+
+
+def dataset_worker(t: Target, proc: Receiver, q: queue.Queue, contexts, timeout: float, failures: Failures,
+                   errors: list) -> None:
+    """C-STORE the dataset cases on one association, reused until it breaks."""
+    sender = None
+    while (case := q.get()) is not None:
+        try:
+            if errors:
+                continue
+            proc.ensure_alive()
+            if sender is None:
+                sender = DatasetSender(proc.port, t.aet, contexts, timeout)
+            t0 = time.monotonic()
+            out = sender.send(case.path, case.sop, case.ts)
+            dt = time.monotonic() - t0
+            counted = t.count(case, out, dt, timeout)
+            if counted in ("unanswered", "refused", "bad_success"):
+                failures.record(case, t.name, counted, dt, [])
+            if isinstance(out, str) and out not in ("refused", "not_negotiated"):
+                sender.close()
+                sender = None
+        except BaseException as exc:  # a receiver that cannot be restarted: stop the run
+            errors.append(exc)
+        finally:
+            case.done()
+    if sender is not None:
+        sender.close()
+
+
+def pdu_worker(t: Target, proc: Receiver, q: queue.Queue, timeout: float, failures: Failures,
+               errors: list) -> None:
+    while (case := q.get()) is not None:
+        try:
+            if errors:
+                continue
+            proc.ensure_alive()
+            chunks = case.chunks
+            if case.assoc_first:  # called AE must match each receiver
+                chunks = [associate_rq(called=t.aet)] + chunks[1:]
+            t0 = time.monotonic()
+            out = run_pdu_case(proc.port, chunks, case.assoc_first, timeout)
+            dt = time.monotonic() - t0
+            if t.count(case, out, dt, timeout) in ("unanswered", "refused"):
+                failures.record(case, t.name, out, dt, chunks)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            case.done()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10000)
@@ -324,8 +480,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-mb", type=float, default=1.0, help="use real files up to this size")
     ap.add_argument("--case-timeout", type=float, default=5.0)
+    ap.add_argument("--dataset-workers", type=int, default=2,
+                    help="associations per receiver sending the dataset cases at the same time")
+    ap.add_argument("--pdu-workers", type=int, default=6,
+                    help="connections per receiver running the PDU cases at the same time")
+    ap.add_argument("--only", choices=("echonode", "storescp"), default="",
+                    help="run the cases against one receiver (the cases stay those of the seed)")
+    ap.add_argument("--keep-failures", default="", metavar="DIR",
+                    help="write each unanswered, refused or bad-Success case there, as sent")
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
+    quiet_libraries()  # headers are read as `echonode serve` reads them (no value validation)
 
     from pynetdicom.dsutils import split_dataset
 
@@ -335,6 +500,7 @@ def main() -> int:
         raise SystemExit(f"no DICOM files under {clips}")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-fuzz-"))
     work.mkdir(parents=True, exist_ok=True)
+    (work / "cases").mkdir(exist_ok=True)
     srcs = []
     contexts: set[tuple[str, str]] = set()
     for f in files:
@@ -345,80 +511,81 @@ def main() -> int:
         except Exception:
             continue
     rng = random.Random(args.seed)
-    receivers = [EchoNode("echonode", "ECHONODE", work), StoreSCP("storescp", "STORESCP", work)]
-    stats = {r.name: {"cases": 0, "answered": 0, "aborted": 0, "unanswered": 0, "refused": 0, "success": 0,
-                      "bad_success": 0, "not_negotiated": 0,
-                      "slowest_s": 0.0, "by_kind": {}} for r in receivers}
+    nd, npdu = max(1, args.dataset_workers), max(1, args.pdu_workers)
+    targets = [Target("echonode", "ECHONODE", [EchoNode("echonode", "ECHONODE", work)]),
+               Target("storescp", "STORESCP",
+                      [StoreSCP(f"storescp{k}", "STORESCP", work) for k in range(nd + npdu)])]
+    targets = [t for t in targets if args.only in ("", t.name)]
+    procs = [p for t in targets for p in t.procs]
+    failures = Failures(args.keep_failures)
+    errors: list[BaseException] = []
     kinds: dict[str, int] = {}
-    case_file = work / "case.dcm"
     t_start = time.monotonic()
     try:
-        for r in receivers:
-            r.start()
-        senders = {r.name: DatasetSender(r.port, r.aet, contexts, args.case_timeout) for r in receivers}
+        for p in procs:
+            p.start()
+        threads, queues = [], []
+        for t in targets:
+            dq: queue.Queue = queue.Queue(maxsize=2 * nd)
+            pq: queue.Queue = queue.Queue(maxsize=2 * npdu)
+            queues.append((t, dq, pq))
+            for k in range(nd):
+                threads.append(threading.Thread(target=dataset_worker, daemon=True,
+                                                args=(t, t.proc(npdu + k), dq, contexts, args.case_timeout,
+                                                      failures, errors)))
+            for k in range(npdu):
+                threads.append(threading.Thread(target=pdu_worker, daemon=True,
+                                                args=(t, t.proc(k), pq, args.case_timeout, failures, errors)))
+        for th in threads:
+            th.start()
         for i in range(args.n):
+            if errors:
+                break
             if i % 2 == 0:
                 blob, off, sop, ts = srcs[rng.randrange(len(srcs))]
-                case_file.write_bytes(blob[:off] + _mutate(blob[off:], rng))
-                parses = header_parses(case_file)
-                kinds["dataset"] = kinds.get("dataset", 0) + 1
-                for r in receivers:
-                    r.ensure_alive()
-                    t0 = time.monotonic()
-                    out = senders[r.name].send(case_file, sop, ts)
-                    dt = time.monotonic() - t0
-                    st = stats[r.name]
-                    st["cases"] += 1
-                    st["slowest_s"] = max(st["slowest_s"], round(dt, 3))
-                    if isinstance(out, int):
-                        st["answered" if dt <= args.case_timeout else "unanswered"] += 1
-                        if out == 0:
-                            st["success"] += 1
-                            if not parses:
-                                st["bad_success"] += 1
-                    elif out == "not_negotiated":
-                        st["not_negotiated"] += 1
-                    else:
-                        st[out if dt <= args.case_timeout else "unanswered"] += 1
-                        if out != "refused":
-                            senders[r.name].close()
-                            senders[r.name] = DatasetSender(r.port, r.aet, contexts, args.case_timeout)
+                path = work / "cases" / f"{i}.dcm"
+                path.write_bytes(blob[:off] + _mutate(blob[off:], rng))
+                case = Case(i, "dataset", len(targets), path=path, sop=sop, ts=ts, parses=header_parses(path))
             else:
                 kind, chunks, assoc_first = pdu_case(rng)
-                kinds[kind] = kinds.get(kind, 0) + 1
-                for r in receivers:
-                    r.ensure_alive()
-                    if assoc_first:  # called AE must match each receiver
-                        chunks = [associate_rq(called=r.aet)] + chunks[1:]
-                    t0 = time.monotonic()
-                    out = run_pdu_case(r.port, chunks, assoc_first, args.case_timeout)
-                    st = stats[r.name]
-                    st["cases"] += 1
-                    st["slowest_s"] = max(st["slowest_s"], round(time.monotonic() - t0, 3))
-                    st[out] += 1
-                    bk = st["by_kind"].setdefault(kind, {})
-                    bk[out] = bk.get(out, 0) + 1
-            if i % 50 == 0:
-                for r in receivers:
-                    r.sample()
-                print(f"fuzz: {i}/{args.n} cases, {time.monotonic() - t_start:.0f} s", file=sys.stderr, flush=True)
-        for s in senders.values():
-            s.close()
-        for r in receivers:
-            r.sample()
-            alive = r.proc is not None and r.proc.poll() is None and echo_ok(r.port, r.aet)
-            st = stats[r.name]
-            st.update({"peak_rss_mb": r.peak_mb, "alive": alive, "restarts": r.restarts,
+                case = Case(i, kind, len(targets), chunks=chunks, assoc_first=assoc_first)
+            kinds[case.kind] = kinds.get(case.kind, 0) + 1
+            for t, dq, pq in queues:
+                (dq if case.path is not None else pq).put(case)
+            if i % 100 == 0:
+                for p in procs:
+                    p.sample()
+                done = min(t.stats["cases"] for t in targets)
+                print(f"fuzz: {i}/{args.n} cases generated, {done} done, {time.monotonic() - t_start:.0f} s",
+                      file=sys.stderr, flush=True)
+        for t, dq, pq in queues:
+            for _ in range(nd):
+                dq.put(None)
+            for _ in range(npdu):
+                pq.put(None)
+        for th in threads:
+            th.join()
+        if errors:
+            raise SystemExit(f"fuzz stopped: {errors[0]}")
+        for t in targets:
+            for p in t.procs:
+                p.sample()
+            alive = all(p.proc is not None and p.proc.poll() is None and echo_ok(p.port, t.aet) for p in t.procs)
+            st = t.stats
+            st.update({"peak_rss_mb": max(p.peak_mb for p in t.procs), "alive": alive,
+                       "restarts": sum(p.restarts for p in t.procs), "processes": len(t.procs),
                        "all_within_timeout": st["unanswered"] == 0 and st["refused"] == 0})
-            print(json.dumps({"bench": "fuzz", "receiver": r.name, **st}), flush=True)
+            print(json.dumps({"bench": "fuzz", "receiver": t.name, **st}), flush=True)
+        node = next((t.stats for t in targets if t.name == "echonode"), None)
         print(json.dumps({"bench": "fuzz", "summary": True, "n": args.n, "seed": args.seed,
                           "clips": len(srcs), "case_timeout_s": args.case_timeout, "kinds": kinds,
+                          "workers": {"dataset": nd, "pdu": npdu},
                           "seconds": round(time.monotonic() - t_start, 1),
-                          "echonode_ok": stats["echonode"]["bad_success"] == 0
-                          and stats["echonode"]["all_within_timeout"] and stats["echonode"]["alive"]}), flush=True)
+                          "echonode_ok": None if node is None else
+                          node["bad_success"] == 0 and node["all_within_timeout"] and node["alive"]}), flush=True)
     finally:
-        for r in receivers:
-            r.stop()
+        for p in procs:
+            p.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -141,6 +141,34 @@ def test_pdu_lengths_claimed_by_peer(node, tmp_path):
     w.legit()
 
 
+def _uid_item(item_type: int, uid: str) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(uid)) + uid.encode()
+
+
+def test_associate_rq_with_item_that_cannot_be_read(node_factory, tmp_path):
+    """bench/fuzz.py --seed 7, case 9219: an A-ASSOCIATE-RQ whose User Information holds a
+    presentation context item with context ID 0 decodes as a PDU but cannot become a
+    request; pynetdicom's reactor died on it and the peer heard nothing until the request
+    timeout. It is aborted at once (request timeout set to 60 s here, bound 10 s), as
+    DCMTK storescp does."""
+    n = node_factory({"node": {"request_timeout_s": 60, "acse_timeout_s": 60}}).start()
+    w = Watch(n, tmp_path)
+    sub = _uid_item(0x30, "1.2.840.10008.1.1") + _uid_item(0x40, "1.2.840.10008.1.2")
+    items = (_uid_item(0x10, "1.2.840.10008.3.1.1.1") + struct.pack(">BBHBBBB", 0x20, 0, 4 + len(sub), 1, 0, 0, 0)
+             + sub)
+    ui = struct.pack(">BBHBBBB", 0x20, 0, 4, 0, 0, 0x6B, 0x40) + _uid_item(0x52, "1.2.826.0.1.3680043.9.9999")
+    items += struct.pack(">BBH", 0x50, 0, len(ui)) + ui
+    body = struct.pack(">HH", 1, 0) + b"ECHONODE".ljust(16) + b"FUZZ".ljust(16) + b"\x00" * 32 + items
+    for _ in range(3):  # the node keeps answering it
+        s = socket.create_connection(("127.0.0.1", n.port), timeout=10)
+        s.sendall(struct.pack(">BBL", 0x01, 0, len(body)) + body)
+        _, first = closed_or_aborted(s, 10)
+        s.close()
+        assert first[:1] == b"\x07", first[:8]  # A-ABORT, not silence until a timeout
+    assert "cannot be read as a request" in n.log_text()
+    w.legit()
+
+
 # --------------------------------------------------------------------------- 2. streaming, limits, Deflate
 
 def deflate_bomb(path: Path, inflated_mb: int = 1024) -> Path:
@@ -260,6 +288,33 @@ def test_streamed_receive_limits_and_deflate_bomb(node_factory, tmp_path):
         time.sleep(0.1)
     assert not list(incoming.glob("*.part")), "partial temp file left behind after the sender died"
     w2.legit()
+
+
+def test_cut_deflate_stream_is_quarantined(node, realworld_dir, tmp_path):
+    """A Deflated dataset cut inside its deflate stream (bench/fuzz.py --seed 5, case 668:
+    the dcm4che SR cut to 417 of 1678 bytes) inflates to a prefix whose header parses, UIDs
+    included, but the file can never be read whole: answered 0xC210 and quarantined with
+    the exact bytes received; the whole dataset is still stored."""
+    from pynetdicom.dsutils import split_dataset
+
+    w = Watch(node, tmp_path)
+    src = realworld_dir / "sr" / "dcm4che__report_dfl.dcm"
+    meta, off = split_dataset(src)
+    assert str(meta.TransferSyntaxUID) == DEFLATED
+    blob = src.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(blob[:off + 417])
+    t0 = time.monotonic()
+    assert send_raw(node.port, [cut]) == [0xC210]
+    assert time.monotonic() - t0 < 10
+    q = list((node.data_dir / "quarantine").glob("*.dcm"))
+    assert len(q) == 1 and q[0].read_bytes().endswith(blob[off:off + 417])
+    assert "deflate stream ends before its final block" in q[0].with_suffix(".txt").read_text()
+    assert not list((node.data_dir / "instances").rglob("*.dcm"))
+
+    assert send_raw(node.port, [src]) == [0]
+    assert len(list((node.data_dir / "instances").rglob("*.dcm"))) == 1
+    w.legit()
 
 
 # --------------------------------------------------------------------------- 3. TLS

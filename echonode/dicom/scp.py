@@ -160,6 +160,17 @@ def _install_transport_guards() -> None:
             LOG.warning("undecodable PDU of type 0x%02X: %s", pdu_type, type(exc).__name__)
             self.event_queue.put("Evt19")
             return
+        if pdu_type in (0x01, 0x02):
+            # The state machine turns an A-ASSOCIATE PDU into a request outside any handler:
+            # an item that decodes but is invalid there (a context ID of 0) killed the
+            # reactor and left the peer unanswered. Rare and small: try it here once.
+            try:
+                pdu.to_primitive()
+            except Exception as exc:
+                LOG.warning("A-ASSOCIATE PDU of type 0x%02X cannot be read as a request: %s: aborting",
+                            pdu_type, type(exc).__name__)
+                self.event_queue.put("Evt19")
+                return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 

@@ -553,7 +553,9 @@ class Spool:
     def _inflated_copy(self, tmp: Path, meta_len: int, size: int) -> Path:
         """Deflated input: inflate into a second temp file (Explicit VR LE meta) with a
         bound on the inflated size, so parsing never holds the inflated dataset in memory.
-        Raises ValueError beyond min(max_inflate_ratio x compressed, max_instance_mb)."""
+        Raises ValueError beyond min(max_inflate_ratio x compressed, max_instance_mb), and
+        when the deflate stream is cut short (bytes after its end are ignored, as in a
+        full read: a pad byte may follow it)."""
         limit = min(self.max_instance, self.max_ratio * max(size - meta_len, 1))
         out = self.incoming / f"{secrets.token_hex(12)}.part"
         d = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -579,6 +581,10 @@ class Spool:
                     total += len(rest)
                     if total > limit:
                         raise LimitExceeded(f"Deflated dataset inflates beyond {limit} bytes")
+                    if not d.eof:
+                        # a cut stream still inflates to a header that parses, but the stored
+                        # file would be unreadable (a full read of it fails at the cut)
+                        raise ValueError("Deflated dataset: the deflate stream ends before its final block")
                     dst.write(rest)
                 except BaseException:
                     dst.close()
