@@ -447,7 +447,9 @@ def test_k8s_workloads():
         for var in ("ECHONODE_DATABASE_URL", "ECHONODE_QUEUE__BROKER_URL"):
             ref = env[var]["valueFrom"]["secretKeyRef"]
             assert ref["key"] in secrets[ref["name"]]["stringData"], var
-        if name != "echonode-worker-deliver":        # analysis and the dispatcher's model check
+        if name != "echonode-worker-gpu":   # receivers learn of the model from the workers' rows
+            assert cfg["model"]["models_dir"] not in mounts and not pod.get("initContainers"), name
+        else:
             models = mounted(cfg["model"]["models_dir"])
             assert "emptyDir" in models and mounts[cfg["model"]["models_dir"]].get("readOnly") is True
             (init,) = pod["initContainers"]

@@ -80,10 +80,10 @@ def _no_instance_files(data_dir) -> bool:
 @pytest.mark.redis
 def test_s3_receive_analyse_on_a_separate_worker_deliver(pg_url, redis_url, s3, node_factory, worker_factory,
                                                          orthanc, tiny_bundle, phantom_factory):
-    cfg = _cfg(orthanc, tiny_bundle, redis_url)
-    node = node_factory(cfg, database_url=pg_url, env=s3.env(), name="receiver").start()
-    # the worker's machine: same database, broker and bucket; a data directory of its own
-    host = node_factory(cfg, database_url=pg_url, env=s3.env(), name="gpuhost")
+    # the receiver has no model bundle: the worker's machine has it (same database, broker and
+    # bucket; a data directory of its own)
+    node = node_factory(_cfg(orthanc, None, redis_url), database_url=pg_url, env=s3.env(), name="receiver").start()
+    host = node_factory(_cfg(orthanc, tiny_bundle, redis_url), database_url=pg_url, env=s3.env(), name="gpuhost")
     worker = worker_factory(host).start()
     study, files = phantom_factory(patient_id="S3E2E", study_date="20240105", seed=31)
     node.storescu(files, storescu_ts_flag(files[0]), check=True)
@@ -105,6 +105,10 @@ def test_s3_receive_analyse_on_a_separate_worker_deliver(pg_url, redis_url, s3, 
     inst, jobs = _rows(pg_url)
     assert {p for p, _ in inst.values()} == {k[len(PREFIX):] for k in inst_keys}, "rows name the keys"
     assert jobs == [(study, "done")]
+    assert "analysis model available:" in node.log_text() and "(worker echonode-worker-" in node.log_text()
+    status = node.status()
+    assert [w["queues"] for w in status["workers"]] == ["analyze,deliver"]
+    assert status["storage"].startswith("s3://echonode/echonode at http://127.0.0.1:")
     worker.stop()
     assert node.stop() == 0
 

@@ -99,5 +99,10 @@ def run(args) -> int:
         loglevel=settings.log_level.upper(), without_gossip=True, without_mingle=True, without_heartbeat=True,
         optimization="fair", quiet=True,
     )
-    worker.start()
+    from echonode.pipeline.tasks import Presence
+    presence = Presence(rt, queues, device).start()   # the dispatcher sees this worker and its model
+    try:
+        worker.start()
+    finally:
+        presence.stop()
     return int(worker.exitcode or 0)

@@ -54,13 +54,28 @@ class Dispatcher:
         now = time.monotonic()
         if force or self._model_ok is None or now - self._model_checked_at > self.MODEL_CHECK_S:
             from echonode.pipeline.modelsel import choose_models
+            from echonode.pipeline.tasks import presence_window_s
+            from echonode.store import workers
+            from echonode.store.db import describe_error
+
             choice = choose_models(self.settings, verify=False)
-            if choice.available != self._model_ok:
-                if choice.available:
-                    log.info("analysis model available: %s", choice.message)
+            available, message = choice.available, choice.message
+            if not available:
+                # a receiver without the bundles: a live analysis worker that holds a model will do
+                try:
+                    with self.Session() as s:
+                        remote = workers.analysis_model(s, presence_window_s(self.settings))
+                except Exception as exc:  # the database: the next tick asks again
+                    log.warning("workers not readable: %s", describe_error(exc))
+                    remote = None
+                if remote:
+                    available, message = True, remote
+            if available != self._model_ok:
+                if available:
+                    log.info("analysis model available: %s", message)
                 else:
-                    log.warning("%s", choice.message)
-            self._model_ok, self._model_msg = choice.available, choice.message
+                    log.warning("%s", message)
+            self._model_ok, self._model_msg = available, message
             self._model_checked_at = now
         return bool(self._model_ok)
 

@@ -6,13 +6,19 @@ from echonode.config import Settings
 
 
 def pipeline_status(settings: Settings, session, *, recent: int = 10) -> dict:
-    """Keys added to the status dict: ``queue``, ``waiting_model``, ``recent_results``, ``failed_jobs``."""
+    """Keys added to the status dict: ``queue``, ``workers`` (alive), ``waiting_model``,
+    ``recent_results``, ``failed_jobs``, ``delivery``."""
     from echonode.pipeline.celery_app import broker_kind, queue_depths
+    from echonode.pipeline.tasks import presence_window_s
     from echonode.store import status as queries
+    from echonode.store import workers
 
     depths = queue_depths(settings)
     return {
         "queue": {"broker": broker_kind(settings.broker), **depths},
+        "workers": [{"worker": w.worker_id, "queues": w.queues, "device": w.device, "model": w.model,
+                     "last_seen": w.last_seen.isoformat(timespec="seconds")}
+                    for w in workers.live(session, presence_window_s(settings))],
         "waiting_model": queries.waiting_model_message(session),
         "recent_results": queries.recent_results(session, limit=recent),
         "failed_jobs": queries.failed_jobs(session, limit=recent),
@@ -26,6 +32,9 @@ def format_pipeline(status: dict) -> list[str]:
     q = status.get("queue") or {}
     depth = "  ".join(f"{k} {'?' if q.get(k) is None else q.get(k)}" for k in ("analyze", "deliver"))
     lines.append(f"queue ({q.get('broker', '?')}): {depth}")
+    ws = status.get("workers") or []
+    lines.append(f"workers alive: {len(ws)}" + "".join(
+        f"\n  {w['worker']}  {w['queues']}  {w['device']}  {w['model'] or '-'}" for w in ws))
     d = status.get("delivery")
     if d is not None:
         age = "-" if d.get("oldest_undelivered_s") is None else f"{d['oldest_undelivered_s']:.0f} s"

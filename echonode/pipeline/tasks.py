@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -307,6 +307,49 @@ def deliver_due(settings: Settings, session_factory):
     if summary.claimed:
         log.info("delivery: %s", {k: v for k, v in summary.as_dict().items() if v})
     return summary
+
+
+def presence_window_s(settings: Settings) -> float:
+    """How long a worker's row counts as alive after its last beat."""
+    return max(30.0, 3 * float(settings.queue.heartbeat_s))
+
+
+class Presence:
+    """The worker's row in ``workers`` (echonode.store.workers), refreshed every
+    ``queue.heartbeat_s``: alive, its queues, and whether it holds a model (what
+    :func:`echonode.pipeline.modelsel.choose_models` finds on its own disk)."""
+
+    def __init__(self, rt: WorkerRuntime, queues: Sequence[str], device: str) -> None:
+        self.rt, self.queues, self.device = rt, ",".join(queues), device
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="presence", daemon=True)
+
+    def beat(self) -> None:
+        from echonode.pipeline.modelsel import choose_models
+        from echonode.store import workers
+
+        choice = choose_models(self.rt.settings, verify=False) if "analyze" in self.queues else None
+        with self.rt.Session.begin() as s:
+            workers.beat(s, self.rt.worker_id, queues=self.queues, device=self.device,
+                         model_available=bool(choice and choice.available), model=choice.message if choice else "")
+
+    def _run(self) -> None:
+        every = max(0.2, float(self.rt.settings.queue.heartbeat_s))
+        while True:
+            try:
+                self.beat()
+            except Exception as exc:  # the next beat retries
+                log.warning("worker presence not recorded: %s", describe_error(exc))
+            if self._stop.wait(every):
+                return
+
+    def start(self) -> "Presence":
+        self._t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- registration

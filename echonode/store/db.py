@@ -26,7 +26,7 @@ from echonode.store.base import Base
 
 for _mod in ("echonode.store.models", "echonode.store.outbox", "echonode.store.interpretations",
              "echonode.store.jobs", "echonode.store.audit",
-             "echonode.store.priors"):
+             "echonode.store.priors", "echonode.store.workers"):
     importlib.import_module(_mod)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
