@@ -525,7 +525,9 @@ class Spool:
             err = ""
         except (UIDError, ValueError, TypeError) as exc:
             meta, err = b"", str(exc)[:200]
-        return Incoming(self.incoming, meta, self.max_instance, uid_error=err, early_sync=self._early_sync)
+        # object storage: the acknowledged PUT is the durability, the temp file needs no fsync
+        return Incoming(self.incoming, meta, self.max_instance, uid_error=err,
+                        early_sync=self._early_sync if self.objects.needs_synced_source else None)
 
     # ------------------------------------------------------------------ main entry
     def store(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
@@ -604,7 +606,7 @@ class Spool:
         if fd is None:
             tmp.unlink(missing_ok=True)
             return StoreResult(PROCESSING_FAILURE, "incoming file already closed", sop_instance_uid)
-        synced: Future = self._io.submit(self._fsync_close, fd)
+        synced: Future = self._io.submit(self._fsync_close if self.objects.needs_synced_source else os.close, fd)
         try:
             if inc.uid_error:
                 _wait_quietly(synced)
