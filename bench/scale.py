@@ -180,7 +180,7 @@ def first_bottleneck(p: Profile, c: Costs, nic: str = "10GbE", max_k: float = 10
     """For each shared part: the smallest multiple of ``p``'s load at which it passes its
     limit (None: not before ``max_k``), sorted, first = the bottleneck."""
     out = []
-    limits = SHARED_LIMITS + (("Redis commands/s (one core)", "redis_commands_per_s", c.redis_ops_s),)
+    limits = SHARED_LIMITS + (("Redis commands/s (one core, limit assumed)", "redis_commands_per_s", c.redis_ops_s),)
     for name, key, limit in limits:
         k, found = 1.0, None
         while k <= max_k:
@@ -637,29 +637,30 @@ def table_rows(p: Profile, c: Costs, scale: float, nic: str, measured: dict,
     a, b = plan(p, c, nic), plan(p.times(scale), c, nic)
     gpu = {"measured": "measured", "given": "measured elsewhere (--gpu-clips-s)", "assumed": "ASSUMED"}[c.gpu_basis]
     rows = [
-        ("Studies a day / carts", f"{a['studies_per_day']:,.0f} / {a['carts']}",
-         f"{b['studies_per_day']:,.0f} / {b['carts']}", "assumed (site)"),
+        ("Studies a day / carts", f"{a['studies_per_day']:,.0f} / {a['carts']:,}",
+         f"{b['studies_per_day']:,.0f} / {b['carts']:,}", "assumed (site)"),
         ("Peak hour (studies)", a["peak_studies_per_hour"], b["peak_studies_per_hour"],
          f"assumed: {p.peak_fraction:.0%} of a day's studies"),
         ("Study", f"{p.instances_per_study} × {p.instance_mb:g} MB, {p.a4c_per_study} A4C analysed", "same",
          "assumed (TTE)"),
         ("Peak ingest (MB/s)", a["peak_ingest_mb_s"], b["peak_ingest_mb_s"], "derived"),
         (f"Receivers (`serve`, S3, {nic})", a["receivers"], b["receivers"],
-         f"measured {c.receiver_mb_s:.0f} MB/s per receiver, one association; limit: {a['receiver_limit']}"),
+         f"measured {c.receiver_mb_s:.0f} MB/s per receiver writing through to S3, one association; "
+         f"limit: {a['receiver_limit']}"),
         ("Receivers if every cart sends at once", a["receivers_if_all_carts_send_at_once"],
-         b["receivers_if_all_carts_send_at_once"], f"node.max_associations = {MAX_ASSOCIATIONS}"),
+         b["receivers_if_all_carts_send_at_once"], f"node.max_associations = {MAX_ASSOCIATIONS} (configurable)"),
         ("Peak analysis (clips/s)", a["peak_clips_per_s"], b["peak_clips_per_s"], "derived"),
         ("CPU workers", a["cpu_workers"], b["cpu_workers"], f"measured {c.cpu_clips_s:.3g} clips/s per CPU worker"),
         ("or GPU workers (one per GPU)", a["gpu_workers"], b["gpu_workers"],
          f"{gpu}: {c.gpu_clips_s:.3g} clips/s per GPU worker{gpu_note}"),
         ("Delivery workers", a["delivery_workers"], b["delivery_workers"],
          f"measured {c.delivery_s_per_study:.2g} s per study (loopback PACS)"),
-        ("Object storage per day / year (TB)", f"{a['objects_tb_per_day']} / {a['objects_tb_per_year']}",
-         f"{b['objects_tb_per_day']:.1f} / {b['objects_tb_per_year']:,.0f}",
+        ("Object storage per day / year (TB)", f"{a['objects_tb_per_day']:.2f} / {a['objects_tb_per_year']:,.0f}",
+         f"{b['objects_tb_per_day']:,.0f} / {b['objects_tb_per_year']:,.0f}",
          f"assumed instances + measured results {c.result_bytes_per_study / 1e6:.2f} MB/study; "
          f"{p.days_per_year} days/year"),
-        ("PostgreSQL per day / year (GB)", f"{a['sql_gb_per_day']} / {a['sql_gb_per_year']}",
-         f"{b['sql_gb_per_day']:.1f} / {b['sql_gb_per_year']:,.0f}",
+        ("PostgreSQL per day / year (GB)", f"{a['sql_gb_per_day']:.2f} / {a['sql_gb_per_year']:,.0f}",
+         f"{b['sql_gb_per_day']:,.0f} / {b['sql_gb_per_year']:,.0f}",
          f"measured {measured['sql_kb_per_study']:.0f} kB per study of {p.instances_per_study} instances "
          "(tables, indexes, TOAST; audit included)"),
         ("PostgreSQL rows/s at peak", a["sql_rows_per_s_peak"], b["sql_rows_per_s_peak"],
@@ -669,8 +670,8 @@ def table_rows(p: Profile, c: Costs, scale: float, nic: str, measured: dict,
          f"{POOL_PER_PROCESS} per process (SQLAlchemy pool 5 + overflow 10) × receivers + GPU + delivery workers"),
         ("PostgreSQL connections, as seen here", a["pg_connections_seen_gpu"], b["pg_connections_seen_gpu"],
          f"measured peak {c.pg_conn_serve:g} per serve, {c.pg_conn_worker:g} per worker, at this bench's load"),
-        ("Redis messages/s (commands/s)", f"{a['redis_messages_per_s']} ({a['redis_commands_per_s']})",
-         f"{b['redis_messages_per_s']} ({b['redis_commands_per_s']:,})",
+        ("Redis messages/s (commands/s)", f"{a['redis_messages_per_s']:.2g} ({a['redis_commands_per_s']:.2g})",
+         f"{b['redis_messages_per_s']:,.0f} ({b['redis_commands_per_s']:,.0f})",
          f"measured {c.redis_messages_per_study:g} messages, {c.redis_commands_per_study:.0f} commands/study"),
         (f"S3 PUT/s (limit {S3_PUT_PER_PREFIX_S}/prefix)", a["s3_put_per_s"], b["s3_put_per_s"],
          f"measured {c.puts_per_instance:g} per instance, {c.result_objects_per_study:g} results/study"),
@@ -682,16 +683,22 @@ def table_rows(p: Profile, c: Costs, scale: float, nic: str, measured: dict,
     return rows, first_bottleneck(p, c, nic)
 
 
+def _fmt(v) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:,.0f}" if float(v).is_integer() or abs(v) >= 100 else f"{v:,.3g}"
+    return str(v)
+
+
 def markdown(rows, bottlenecks, scale: float) -> str:
     lines = [f"| | one hospital | ×{scale:g} | basis |", "|---|---:|---:|---|"]
-    lines += [f"| {name} | {a} | {b} | {basis} |" for name, a, b, basis in rows]
+    lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} | {basis} |" for name, a, b, basis in rows]
     first = bottlenecks[0]
     lines.append("")
-    lines.append("Shared part reached first as load grows: " + "; ".join(
-        f"{r['part']} at ×{r['at_x_load']}" if r["at_x_load"] is not None else f"{r['part']}: not before ×10,000"
-        for r in bottlenecks) + ".")
+    lines.append("Shared parts, in the order load passes their limit: " + "; ".join(
+        f"{r['part']}: limit {r['limit']:,.0f}, passed at ×{r['at_x_load']:,.1f}" if r["at_x_load"] is not None
+        else f"{r['part']}: limit {r['limit']:,.0f}, not passed before ×10,000" for r in bottlenecks) + ".")
     if first["at_x_load"] is not None:
-        lines.append(f"First: **{first['part']}** (limit {first['limit']:,}) at ×{first['at_x_load']} of one hospital.")
+        lines.append(f"First: **{first['part']}** at ×{first['at_x_load']:,.1f} of one hospital.")
     return "\n".join(lines)
 
 
