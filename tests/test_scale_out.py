@@ -116,31 +116,14 @@ def test_s3_receive_analyse_on_a_separate_worker_deliver(pg_url, redis_url, s3, 
 def test_s3_down_during_a_send_nothing_acknowledged_is_lost(s3, node_factory, phantom_factory, tmp_path):
     node = node_factory(_cfg(), env=s3.env()).start()
     study, files = phantom_factory(patient_id="S3DOWN", study_date="20240203", seed=41, n_clips=8, n_frames=12)
-    statuses: list = []
     stopped = threading.Event()
 
-    def send():
-        # one association; the server goes away after the second acknowledgement
-        from pynetdicom import AE
-        from pynetdicom.dsutils import split_dataset
+    def outage(i):   # one association; the server goes away after the second acknowledgement
+        if i == 2:
+            s3.stop()
+            stopped.set()
 
-        ae = AE(ae_title="CART")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        meta = split_dataset(files[0])[0]
-        ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        for i, f in enumerate(files):
-            if i == 2:
-                s3.stop()
-                stopped.set()
-            rsp = assoc.send_c_store(f)
-            statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
-        assoc.release()
-
-    t = threading.Thread(target=send)
-    t.start()
-    t.join(300)
+    statuses = send_raw(node.port, files, ae_title=node.ae_title, timeout=60, before_each=outage)
     assert stopped.is_set() and len(statuses) == len(files), statuses
     assert statuses[:2] == [0, 0], statuses
     assert all(s == 0xA700 for s in statuses[2:]), [hex(s or 0) for s in statuses]
@@ -206,25 +189,8 @@ def test_two_nodes_one_study_one_job_one_sr_and_kill9(pg_url, redis_url, s3, nod
     acked: list[str] = []
 
     def cart():
-        from pynetdicom import AE
-        from pynetdicom.dsutils import split_dataset
-
-        ae = AE(ae_title="CART")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        meta = split_dataset(files2[0])[0]
-        ae.add_requested_context(str(meta.MediaStorageSOPClassUID), [str(meta.TransferSyntaxUID)])
-        assoc = ae.associate("127.0.0.1", a.port, ae_title=a.ae_title)
-        for f in files2:
-            if not assoc.is_established:
-                break
-            try:
-                rsp = assoc.send_c_store(f)
-            except Exception:
-                break
-            if rsp is not None and "Status" in rsp and int(rsp.Status) == 0:
-                acked.append(str(meta_of(f)))
-        if assoc.is_established:
-            assoc.release()
+        send_raw(a.port, files2, ae_title=a.ae_title, timeout=30,
+                 on_status=lambda i, st: acked.append(str(meta_of(files2[i]))) if st == 0 else None)
 
     t = threading.Thread(target=cart)
     t.start()
