@@ -42,6 +42,11 @@ class GroupCommit:
         # for the log and the tests: jobs done, transactions that committed them, largest batch
         self.jobs = self.commits = self.largest = 0
 
+    def waiting(self) -> int:
+        """Jobs queued or being committed now."""
+        with self._cond:
+            return len(self._queue)
+
     def summary(self) -> str:
         return f"{self.jobs} writes in {self.commits} commits (largest group {self.largest})"
 
