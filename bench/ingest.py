@@ -8,8 +8,9 @@ associations (4 storescu processes, a quarter of the files each), to
 * DCMTK ``storescp`` (reference; started with ``TCP_NODELAY=1``; ``--fork`` for the
   parallel case; writes files, no fsync), and
 * ``echonode serve`` (each dataset streams to its temp file as PDUs arrive; then fsync →
-  rename → fsync dir → SQL commit per instance before Success; SQLite by default or
-  ``--database-url``).
+  link into place → fsync dir → SQL COMMIT of the index row, then of the audit row, before
+  Success: two COMMITs per instance on one association, shared with the rows of parallel
+  associations written at the same moment; SQLite by default or ``--database-url``).
 
 Runs alternate (``--rounds``, default 2) and the best round of each is compared. A third,
 diagnostic receiver (``pynetdicom-null``, one association only: the same pynetdicom
@@ -213,7 +214,8 @@ def main() -> int:
         summary = {"bench": "ingest", "summary": True, "files": len(files),
                    "mb_per_file": round(total / len(files) / 1e6, 2), "target_ratio_one_association": 0.5,
                    "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
-                   "echonode_durable": "streamed temp file, fsync file + dir, SQL commit per instance",
+                   "echonode_durable": "streamed temp file, fsync file + dir, SQL commit (grouped across "
+                                       "associations) before Success",
                    "storescp_durable": "no fsync", "cpus": os.cpu_count()}
         for par in modes:
             ref, ours = total / best[("storescp", par)] / 1e6, total / best[("echonode", par)] / 1e6
