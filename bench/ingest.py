@@ -8,8 +8,10 @@ associations (4 storescu processes, a quarter of the files each), to
 * DCMTK ``storescp`` (reference; started with ``TCP_NODELAY=1``; ``--fork`` for the
   parallel case; writes files, no fsync), and
 * ``echonode serve`` (each dataset streams to its temp file as PDUs arrive; then fsync →
-  rename → fsync dir → SQL commit per instance before Success; SQLite by default or
-  ``--database-url``).
+  link into place → fsync dir → SQL COMMIT of the index row, then of the audit row, before
+  Success: two COMMITs per instance on one association, shared with the rows of parallel
+  associations written at the same moment; SQLite by default, or ``--database-url``, where
+  each PostgreSQL run gets a new schema of that database, dropped afterwards).
 
 Runs alternate (``--rounds``, default 2) and the best round of each is compared. A third,
 diagnostic receiver (``pynetdicom-null``, one association only: the same pynetdicom
@@ -124,7 +126,41 @@ def run_storescp(files, work: Path, env, parallel: int = 1) -> float:
     return dt
 
 
+def fresh_schema(database_url: str):
+    """A context giving ``database_url`` in a new, empty PostgreSQL schema (dropped afterwards),
+    so that every echonode run indexes new instances (not second versions of the last run's)
+    and nothing already in that database is touched."""
+    import contextlib
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    @contextlib.contextmanager
+    def ctx():
+        schema = f"echonode_bench_{os.getpid()}_{time.monotonic_ns()}"
+        admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as c:
+                c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+            try:
+                yield make_url(database_url).update_query_dict(
+                    {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+            finally:
+                with admin.connect() as c:
+                    c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        finally:
+            admin.dispose()
+    return ctx()
+
+
 def run_echonode(files, work: Path, env, database_url: str, parallel: int = 1) -> float:
+    if database_url.startswith("postgresql"):
+        with fresh_schema(database_url) as url:
+            return _run_echonode(files, work, env, url, parallel)
+    return _run_echonode(files, work, env, database_url, parallel)
+
+
+def _run_echonode(files, work: Path, env, database_url: str, parallel: int = 1) -> float:
     data = work / "echonode-data"
     shutil.rmtree(data, ignore_errors=True)
     port = free_port()
@@ -185,7 +221,8 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=4, help="associations in the parallel case (storescp --fork)")
-    ap.add_argument("--database-url", default="", help="default: SQLite under the data dir")
+    ap.add_argument("--database-url", default="",
+                    help="default: SQLite under the data dir; PostgreSQL: each run in a new schema, dropped after")
     ap.add_argument("--workdir", default="", help="default: a temporary directory (removed afterwards)")
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-bench-"))
@@ -213,7 +250,8 @@ def main() -> int:
         summary = {"bench": "ingest", "summary": True, "files": len(files),
                    "mb_per_file": round(total / len(files) / 1e6, 2), "target_ratio_one_association": 0.5,
                    "database": "postgresql" if args.database_url.startswith("postgresql") else "sqlite",
-                   "echonode_durable": "streamed temp file, fsync file + dir, SQL commit per instance",
+                   "echonode_durable": "streamed temp file, fsync file + dir, SQL commit (grouped across "
+                                       "associations) before Success",
                    "storescp_durable": "no fsync", "cpus": os.cpu_count()}
         for par in modes:
             ref, ours = total / best[("storescp", par)] / 1e6, total / best[("echonode", par)] / 1e6

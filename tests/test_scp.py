@@ -552,3 +552,30 @@ def test_tls_mutual(node_factory, tmp_path, realworld_dir):
     assert n.storescu([f], "-xe", *trusted).returncode == 0
     assert n.storescu([f], "-xe", *untrusted).returncode != 0
     assert str(header(f).SOPInstanceUID) in instances_by_uid(n)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_parallel_associations_all_stored(node_factory, tmp_path, backend, request):
+    """Four storescu processes store into one study at once (several instances per series, the
+    series spread over the associations): every C-STORE is answered Success, every instance has
+    its row and its file with the indexed sha256, and rows written at the same moment shared
+    COMMITs (the group commit's count in the log at stop)."""
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else ""
+    node = node_factory(database_url=url).start()
+    study, series = generate_uid(), [generate_uid() for _ in range(6)]
+    src = tmp_path / "clips"
+    src.mkdir()
+    files = [_small_clip(i, study, series[i % len(series)], src / f"{i:03d}.dcm") for i in range(60)]
+    procs = [subprocess.Popen([dcmtk("storescu"), "-v", "-R", "-xe", "-aet", "STORESCU", "-aec", "ECHONODE",
+                               "-to", "20", "-ta", "20", "-td", "20", "127.0.0.1", str(node.port),
+                               *map(str, files[k::4])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in range(4)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert [o.count("Received Store Response (Success)") for o in outs] == [15] * 4
+    found = check_index(node, files, exact_bytes=True)
+    assert len(found["rows"]) == len(files) and found["history"] == []
+    assert len({r.series_pk for r in found["rows"].values()}) == len(series)
+    assert node.stop() == 0
+    m = re.search(r"index and audit rows: (\d+) writes in (\d+) commits", node.log_text())
+    assert m is not None and int(m[2]) < int(m[1]), m and m[0]

@@ -257,3 +257,122 @@ def test_status_cli(spool, ingest_settings, tmp_path):
     res = subprocess.run([sys.executable, "-m", "echonode", "status", "--config", str(tmp_path / "missing.toml")],
                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120)
     assert res.returncode == 3 and "not found" in res.stderr
+
+
+def _record(study: str, series: str, **changes):
+    from echonode.store.index import InstanceRecord
+
+    rec = InstanceRecord(sop_instance_uid=generate_uid(), study_instance_uid=study, series_instance_uid=series,
+                         sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                         path="", size=100, sha256="ab" * 32, calling_ae="TEST", decision="skip", reason="test",
+                         attrs={"patient_id": "GROUP", "modality": "US"})
+    for k, v in changes.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def test_group_commit_one_bad_record_fails_only_itself(db_url):
+    """Records queued at once are committed together; in a group with a record the database
+    refuses, one whose file step fails and one whose directory fsync fails, those three get
+    their own errors and every other record is committed, each after its own wait."""
+    import errno
+
+    from echonode.store.group import group_commit
+    from echonode.store.index import record_instance
+
+    engine = db.make_engine(db_url)
+    sessions = db.session_factory(engine)
+    group = group_commit(sessions)
+    study, series = generate_uid(), generate_uid()
+    gate, leading = threading.Event(), threading.Event()
+    places: dict[str, int] = {}
+    waited: set[str] = set()
+    places_lock = threading.Lock()
+
+    def place_file_for(rec, how: str = ""):
+        def wait():
+            if how == "wait":
+                raise OSError(errno.EIO, "injected fsync failure")
+            waited.add(rec.sop_instance_uid)
+
+        def place_file(versioned, reuse):
+            with places_lock:
+                places[rec.sop_instance_uid] = places.get(rec.sop_instance_uid, 0) + 1
+            if how == "hold":  # the first caller leads alone and holds the line until the others queue
+                leading.set()
+                assert gate.wait(60)
+            if how == "place":
+                raise OSError(errno.ENOSPC, "injected: no space")
+            return f"instances/{study}/{series}/{rec.sop_instance_uid}.dcm", wait
+        return place_file
+
+    def run(rec, how=""):
+        try:
+            outcomes[rec.sop_instance_uid] = record_instance(sessions, rec, place_file_for(rec, how))
+        except Exception as exc:  # noqa: BLE001 - the test looks at which error each record got
+            outcomes[rec.sop_instance_uid] = exc
+
+    try:
+        outcomes: dict = {}
+        first = _record(study, series)
+        good = [_record(study, series) for _ in range(4)]
+        bad_sql = _record(study, series, sop_class_uid=None)  # NOT NULL: refused by the database
+        bad_place, bad_wait = _record(study, series), _record(study, series)
+        holder = threading.Thread(target=run, args=(first, "hold"))
+        holder.start()
+        assert leading.wait(60)
+        threads = [threading.Thread(target=run, args=(r, how)) for r, how in
+                   [(good[0], ""), (bad_sql, ""), (good[1], ""), (bad_place, "place"), (good[2], ""),
+                    (bad_wait, "wait"), (good[3], "")]]
+        for t in threads:
+            t.start()
+        while group.waiting() < 1 + len(threads):  # all queued behind the holder
+            assert all(t.is_alive() for t in threads)
+            threading.Event().wait(0.01)
+        gate.set()
+        for t in [holder, *threads]:
+            t.join(120)
+        assert group.largest >= len(threads)  # the seven were one group
+
+        from sqlalchemy.exc import IntegrityError
+        assert isinstance(outcomes[bad_sql.sop_instance_uid], IntegrityError)
+        assert isinstance(outcomes[bad_place.sop_instance_uid], OSError)
+        assert outcomes[bad_place.sop_instance_uid].errno == errno.ENOSPC
+        assert isinstance(outcomes[bad_wait.sop_instance_uid], OSError)
+        assert outcomes[bad_wait.sop_instance_uid].errno == errno.EIO
+        # a failed file step is that record's answer: never tried again
+        assert places[bad_place.sop_instance_uid] == 1 and places[bad_wait.sop_instance_uid] == 1
+        ok = [first, *good]
+        for r in ok:
+            out = outcomes[r.sop_instance_uid]
+            assert not isinstance(out, Exception), out
+            assert out.path.endswith(f"{r.sop_instance_uid}.dcm") and not out.duplicate
+            assert r.sop_instance_uid in waited
+        with sessions() as s:
+            stored = set(s.scalars(select(Instance.sop_instance_uid)))
+            assert len(s.scalars(select(Series)).all()) == 1
+        assert stored == {r.sop_instance_uid for r in ok}
+
+        # a group without a bad record: one COMMIT for all of it
+        gate.clear()
+        leading.clear()
+        again = [_record(study, series) for _ in range(5)]
+        holder = threading.Thread(target=run, args=(_record(study, series), "hold"))
+        holder.start()
+        assert leading.wait(60)
+        before = (group.jobs, group.commits)
+        threads = [threading.Thread(target=run, args=(r,)) for r in again]
+        for t in threads:
+            t.start()
+        while group.waiting() < 1 + len(threads):
+            threading.Event().wait(0.01)
+        gate.set()
+        for t in [holder, *threads]:
+            t.join(120)
+        assert all(not isinstance(outcomes[r.sop_instance_uid], Exception) for r in again)
+        assert (group.jobs - before[0], group.commits - before[1]) == (1 + len(again), 2)
+        with sessions() as s:
+            assert {r.sop_instance_uid for r in again} <= set(s.scalars(select(Instance.sop_instance_uid)))
+    finally:
+        gate.set()
+        engine.dispose()

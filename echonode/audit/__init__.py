@@ -70,10 +70,7 @@ def record(target: Any, event: Any) -> Optional[int]:
             return None
         if hasattr(target, "db_url"):  # Settings: one-shot commands that hold no session
             target = _factory_for(target)
-        with target() as s:
-            row = store.insert(s, **fields)
-            s.commit()
-            rid = row.id
+        rid = store.record(target, **fields)
         _wake()
         return rid
     except Exception as exc:  # never fail the audited work because of its audit record

@@ -51,6 +51,7 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     from echonode.pipeline.stable import StableScheduler
     from echonode.storage import open_checked
     from echonode.store import db
+    from echonode.store.group import group_commit
 
     from echonode.files import ensure_dir
 
@@ -75,6 +76,8 @@ def start_services(settings, *, drain_s: float = 10.0) -> tuple[ServeContext, li
     ctx.pipeline = start_for_serve(settings, scp=ctx.scp, scheduler=ctx.scheduler)
     services.append(ctx.pipeline)
     services.append(_Stop(lambda: audit.stop(sessions, audit_sender), "audit"))
+    services.append(_Stop(lambda: LOG.info("index and audit rows: %s", group_commit(sessions).summary()),
+                          "group commit"))
     services.append(_Stop(engine.dispose, "database"))
     return ctx, services
 

@@ -18,9 +18,11 @@ import json
 from typing import Optional, Sequence
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, delete, exists, select
+from sqlalchemy import insert as insert_stmt
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
+from echonode.store.group import group_commit
 from echonode.store.models import utcnow
 
 
@@ -57,15 +59,47 @@ class AuditSentRow(Base):
     sent_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
-def insert(session: Session, *, occurred_at: dt.datetime, event: str, event_id: str, action: str, outcome: int,
-           message: str, study_uid: str = "", patient_key: str = "", summary: Optional[dict] = None) -> AuditEventRow:
-    """Add one event to ``session`` (the caller commits, so it can share a transaction)."""
-    row = AuditEventRow(occurred_at=occurred_at, recorded_at=utcnow(), event=event[:40], event_id=event_id,
-                        action=action, outcome=int(outcome), study_instance_uid=(study_uid or None),
-                        patient_key=(patient_key or None),
-                        summary=json.dumps(summary or {}, sort_keys=True, default=str), message=message)
+def _values(*, occurred_at: dt.datetime, event: str, event_id: str, action: str, outcome: int, message: str,
+            study_uid: str = "", patient_key: str = "", summary: Optional[dict] = None) -> dict:
+    return dict(occurred_at=occurred_at, recorded_at=utcnow(), event=event[:40], event_id=event_id,
+                action=action, outcome=int(outcome), study_instance_uid=(study_uid or None),
+                patient_key=(patient_key or None),
+                summary=json.dumps(summary or {}, sort_keys=True, default=str), message=message)
+
+
+def insert(session: Session, **fields) -> AuditEventRow:
+    """Add one event to ``session`` (the caller commits, so it can share a transaction).
+    ``fields``: occurred_at, event, event_id, action, outcome, message, and optionally
+    study_uid, patient_key, summary."""
+    row = AuditEventRow(**_values(**fields))
     session.add(row)
     return row
+
+
+_ADD_EVENT = insert_stmt(AuditEventRow.__table__)
+
+
+class _EventJob:
+    """One event committed on its own or in a group commit (``echonode.store.group``)."""
+
+    final_error = None
+
+    def __init__(self, sessions, values: dict):
+        self.sessions, self.values = sessions, values
+
+    def statements(self, session):
+        return session.connection().execute(_ADD_EVENT, self.values).inserted_primary_key[0], None
+
+    def alone(self) -> int:
+        with self.sessions() as session, session.begin():
+            return self.statements(session)[0]
+
+
+def record(sessions, **fields) -> int:
+    """Insert one event and commit it; returns its id. Events written at the same moment by
+    several threads (one per association) share one COMMIT with each other and with the
+    instances being indexed (``echonode.store.group``). ``fields`` as for :func:`insert`."""
+    return group_commit(sessions).run(_EventJob(sessions, _values(**fields)))
 
 
 def pending(session: Session, limit: int = 200, after_id: int = 0) -> list[tuple[int, str, dt.datetime]]:

@@ -1,8 +1,12 @@
 """SQL side of receiving an instance: patient/study/series/instance upserts, history.
 
 Called by ``echonode.dicom.spool`` (which owns files and DICOM parsing); this module
-owns the SQL. One transaction per instance; ``place_file`` runs inside it, after the
-duplicate check and before the commit, so a committed row always names a durable file.
+owns the SQL. Each instance is recorded inside a transaction; ``place_file`` runs inside
+it, after the duplicate check, and its ``wait`` is awaited before the commit, so a
+committed row always names a durable file. Instances recorded at the same moment by
+several associations share one transaction and one COMMIT (:class:`GroupCommit`); none
+is answered before that COMMIT, and one that fails there is retried alone
+(``echonode.store.group``).
 A different object with a stored SOP Instance UID never replaces a file: it gets a file
 of its own and an ``instance_history`` row naming both (see ``docs/durability.md``).
 """
@@ -13,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from sqlalchemy import case, select, update
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from echonode.store.group import group_commit
 from echonode.store.models import (STUDY_RECEIVING, VERSION_CURRENT_NEW, VERSION_CURRENT_OLD, Instance,
                                    InstanceHistory, Patient, Series, Study, utcnow)
 
@@ -68,16 +73,84 @@ def record_instance(sessions, rec: InstanceRecord, place_file: PlaceFile, *,
 
     ``place_file`` runs inside the transaction after the duplicate check (see
     :data:`PlaceFile`). ``adopt``: the file is already at ``rec.path`` (the reconciler);
-    it never changes which version is current."""
-    last: Exception | None = None
-    for attempt in range(retries):
-        try:
-            return _record_once(sessions, rec, place_file, exists, on_conflict, adopt)
-        except (IntegrityError, OperationalError) as exc:
-            last = exc
-            time.sleep(0.05 * (attempt + 1))
-    assert last is not None
-    raise last
+    it never changes which version is current.
+
+    Concurrent calls on one ``sessions`` (several associations) share a transaction and
+    its COMMIT (:class:`echonode.store.group.GroupCommit`); the outcome is returned only after that COMMIT."""
+    return group_commit(sessions).run(_RecordJob(sessions, rec, place_file, exists, retries, on_conflict, adopt))
+
+
+class _RecordJob:
+    """One :func:`record_instance` call as a group-commit job (``echonode.store.group``)."""
+
+    def __init__(self, sessions, rec, place_file, exists, retries, on_conflict, adopt):
+        self.sessions, self.rec, self.place_file, self.exists = sessions, rec, place_file, exists
+        self.retries, self.on_conflict, self.adopt = retries, on_conflict, adopt
+        self.final_error: Optional[BaseException] = None
+
+    def statements(self, session):
+        """The statements inside a shared transaction: (outcome, wait or None). An error of
+        the file steps (``place_file`` or its ``wait``) is this record's answer, never
+        retried: a failed fsync is not tried again as if the first had not happened."""
+        def place(versioned: bool, reuse: Optional[str]):
+            try:
+                path, wait = self.place_file(versioned, reuse)
+            except BaseException as exc:
+                self.final_error = exc
+                raise
+            if wait is None:
+                return path, None
+
+            def checked_wait() -> None:
+                try:
+                    wait()
+                except BaseException as exc:
+                    self.final_error = exc
+                    raise
+            return path, checked_wait
+
+        return _record_statements(session, self.rec, place, self.exists, self.on_conflict, self.adopt)
+
+    def alone(self) -> RecordOutcome:
+        """A transaction of its own, with retries on unique-key races and busy databases."""
+        last: Exception | None = None
+        for attempt in range(self.retries):
+            try:
+                with self.sessions() as session, session.begin():
+                    outcome, wait = _record_statements(session, self.rec, self.place_file, self.exists,
+                                                       self.on_conflict, self.adopt)
+                    if wait:
+                        wait()
+                    return outcome
+            except (IntegrityError, OperationalError) as exc:
+                last = exc
+                time.sleep(0.05 * (attempt + 1))
+        assert last is not None
+        raise last
+
+
+_I, _S, _ST, _P, _H = (m.__table__ for m in (Instance, Series, Study, Patient, InstanceHistory))
+# Built once: a statement built per call costs more Python than the database spends on it.
+# Parameters are bound at execution (the names are prefixed where SET clauses reserve them).
+_FIND_INSTANCE = select(_I.c.sha256, _I.c.path, _I.c.size, _I.c.received_at, _I.c.calling_ae,
+                        _I.c.replaced_count).where(_I.c.sop_instance_uid == bindparam("b_sop"))
+_ADD_INSTANCE = insert(_I)
+_REPLACE_INSTANCE = update(_I).where(_I.c.sop_instance_uid == bindparam("b_sop"))
+_ADD_HISTORY = insert(_H)
+_FIND_SERIES = select(_S.c.id, _S.c.study_pk).where(_S.c.series_instance_uid == bindparam("b_uid"))
+_ADD_SERIES = insert(_S)
+_FIND_STUDY = select(_ST.c.id).where(_ST.c.study_instance_uid == bindparam("b_uid"))
+_ADD_STUDY = insert(_ST)
+# One atomic statement: if a scheduler just made the study stable/queued, the row lock
+# serialises us behind it and the version moves on, so a new job follows later.
+_TOUCH_STUDY = update(_ST).where(_ST.c.id == bindparam("b_pk")).values(
+    last_received_at=bindparam("b_now"),
+    version=case((_ST.c.state == STUDY_RECEIVING, _ST.c.version), else_=_ST.c.version + 1),
+    state=STUDY_RECEIVING)
+_FIND_PATIENT = select(_P.c.id, _P.c.birth_date, _P.c.sex).where(_P.c.patient_id == bindparam("b_pid"),
+                                                                 _P.c.issuer == bindparam("b_issuer"))
+_ADD_PATIENT = insert(_P)
+_FILL_PATIENT = update(_P).where(_P.c.id == bindparam("b_pk"))
 
 
 def _path_known(session, path: str) -> bool:
@@ -98,53 +171,47 @@ def _known_version(session, sop: str, sha: str, exists: Callable[[str], bool]) -
     return None
 
 
-def _record_once(sessions, rec: InstanceRecord, place_file: PlaceFile, exists, on_conflict: str,
-                 adopt: bool) -> RecordOutcome:
+def _record_statements(session, rec: InstanceRecord, place_file: PlaceFile, exists, on_conflict: str,
+                       adopt: bool) -> tuple[RecordOutcome, Optional[Callable[[], None]]]:
+    """The statements recording one instance, in the caller's transaction: (outcome, the
+    ``wait`` of ``place_file`` to await before COMMIT, or None). Core statements, not ORM
+    units of work: they run once per received instance."""
     a = rec.attrs
-    with sessions() as session, session.begin():
-        existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).first()
-        if adopt and _path_known(session, rec.path):
-            return RecordOutcome(duplicate=True, path=rec.path, known_path=True)
-        if existing is not None and existing.sha256 == rec.sha256 and exists(existing.path):
-            return RecordOutcome(duplicate=True, path=existing.path)
-        keep_old = adopt or on_conflict == ON_CONFLICT_KEEP_FIRST
-        reuse = None
-        if existing is not None:
-            reuse = _known_version(session, rec.sop_instance_uid, rec.sha256, exists)
-            if reuse is not None and keep_old:
-                return RecordOutcome(duplicate=True, path=reuse)
-        path, wait = place_file(existing is not None, reuse)
-        now = utcnow()
-        values = dict(sop_class_uid=rec.sop_class_uid,
-                      transfer_syntax_uid=rec.transfer_syntax_uid, path=path, size=rec.size,
-                      sha256=rec.sha256, received_at=now, calling_ae=rec.calling_ae, decision=rec.decision,
-                      reason=rec.reason, view_code=rec.view_code, view_name=rec.view_name,
-                      **{k: a.get(k) for k in _INSTANCE_ATTRS})
-        if existing is None:
-            study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
-            session.add(Instance(sop_instance_uid=rec.sop_instance_uid, replaced_count=0,
-                                 series_pk=series_pk, study_pk=study_pk, **values))
-            session.flush()
-            if wait:
-                wait()
-            return RecordOutcome(path=path)
-        old_path = existing.path
-        session.add(InstanceHistory(
-            sop_instance_uid=rec.sop_instance_uid, old_sha256=existing.sha256, new_sha256=rec.sha256,
-            old_size=existing.size, old_received_at=existing.received_at, old_calling_ae=existing.calling_ae,
-            replaced_at=now, calling_ae=rec.calling_ae, old_path=old_path, new_path=path, new_size=rec.size,
-            current=VERSION_CURRENT_OLD if keep_old else VERSION_CURRENT_NEW))
-        if not keep_old:
-            # the study's content changed: a new study version (and so a new analysis)
-            study_pk, series_pk = _upsert_hierarchy(session, a, rec.study_instance_uid, rec.series_instance_uid)
-            for k, v in values.items():
-                setattr(existing, k, v)
-            existing.series_pk, existing.study_pk = series_pk, study_pk
-            existing.replaced_count = (existing.replaced_count or 0) + 1
-        session.flush()
-        if wait:
-            wait()
-        return RecordOutcome(replaced=not keep_old, kept_first=keep_old, path=path, old_path=old_path)
+    conn = session.connection()
+    existing = conn.execute(_FIND_INSTANCE, {"b_sop": rec.sop_instance_uid}).first()
+    if adopt and _path_known(session, rec.path):
+        return RecordOutcome(duplicate=True, path=rec.path, known_path=True), None
+    if existing is not None and existing.sha256 == rec.sha256 and exists(existing.path):
+        return RecordOutcome(duplicate=True, path=existing.path), None
+    keep_old = adopt or on_conflict == ON_CONFLICT_KEEP_FIRST
+    reuse = None
+    if existing is not None:
+        reuse = _known_version(session, rec.sop_instance_uid, rec.sha256, exists)
+        if reuse is not None and keep_old:
+            return RecordOutcome(duplicate=True, path=reuse), None
+    path, wait = place_file(existing is not None, reuse)
+    now = utcnow()
+    values = dict(sop_class_uid=rec.sop_class_uid,
+                  transfer_syntax_uid=rec.transfer_syntax_uid, path=path, size=rec.size,
+                  sha256=rec.sha256, received_at=now, calling_ae=rec.calling_ae, decision=rec.decision,
+                  reason=rec.reason, view_code=rec.view_code, view_name=rec.view_name,
+                  **{k: a.get(k) for k in _INSTANCE_ATTRS})
+    if existing is None:
+        study_pk, series_pk = _upsert_hierarchy(conn, a, rec.study_instance_uid, rec.series_instance_uid, now)
+        conn.execute(_ADD_INSTANCE, dict(values, sop_instance_uid=rec.sop_instance_uid, replaced_count=0,
+                                         series_pk=series_pk, study_pk=study_pk))
+        return RecordOutcome(path=path), wait
+    conn.execute(_ADD_HISTORY, dict(
+        sop_instance_uid=rec.sop_instance_uid, old_sha256=existing.sha256, new_sha256=rec.sha256,
+        old_size=existing.size, old_received_at=existing.received_at, old_calling_ae=existing.calling_ae,
+        replaced_at=now, calling_ae=rec.calling_ae, old_path=existing.path, new_path=path, new_size=rec.size,
+        current=VERSION_CURRENT_OLD if keep_old else VERSION_CURRENT_NEW))
+    if not keep_old:
+        # the study's content changed: a new study version (and so a new analysis)
+        study_pk, series_pk = _upsert_hierarchy(conn, a, rec.study_instance_uid, rec.series_instance_uid, now)
+        conn.execute(_REPLACE_INSTANCE, dict(values, b_sop=rec.sop_instance_uid, series_pk=series_pk,
+                                             study_pk=study_pk, replaced_count=(existing.replaced_count or 0) + 1))
+    return RecordOutcome(replaced=not keep_old, kept_first=keep_old, path=path, old_path=existing.path), wait
 
 
 # --------------------------------------------------------------------------- reconciler / retention
@@ -199,52 +266,38 @@ def expire_instance_history(sessions, older_than, *, apply: bool) -> tuple[int, 
     return len(ids), paths
 
 
-def _touch_study(session, study_pk: int, now) -> None:
-    # One atomic statement: if a scheduler just made the study stable/queued, the row lock
-    # serialises us behind it and the version moves on, so a new job follows later.
-    session.execute(
-        update(Study).where(Study.id == study_pk).values(
-            last_received_at=now,
-            version=case((Study.state == STUDY_RECEIVING, Study.version), else_=Study.version + 1),
-            state=STUDY_RECEIVING,
-        ).execution_options(synchronize_session=False))
-
-
-def _upsert_hierarchy(session, a: dict, study_uid: str, series_uid: str) -> tuple[int, int]:
-    now = utcnow()
+def _upsert_hierarchy(conn, a: dict, study_uid: str, series_uid: str, now) -> tuple[int, int]:
     # fast path: a known series (the common case, every instance after a series' first)
-    row = session.execute(select(Series.id, Series.study_pk).where(Series.series_instance_uid == series_uid)).first()
+    row = conn.execute(_FIND_SERIES, {"b_uid": series_uid}).first()
     if row is not None:
-        _touch_study(session, row[1], now)
+        conn.execute(_TOUCH_STUDY, {"b_pk": row[1], "b_now": now})
         return row[1], row[0]
-    study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    study_pk = conn.execute(_FIND_STUDY, {"b_uid": study_uid}).scalar()
     if study_pk is None:
         pid, issuer = (a.get("patient_id") or "")[:64], (a.get("issuer") or "")[:64]
-        patient = session.scalars(select(Patient).where(Patient.patient_id == pid, Patient.issuer == issuer)).first()
+        patient = conn.execute(_FIND_PATIENT, {"b_pid": pid, "b_issuer": issuer}).first()
         if patient is None:
-            patient = Patient(patient_id=pid, issuer=issuer, birth_date=a.get("birth_date"), sex=a.get("sex"),
-                              created_at=now)
-            session.add(patient)
-            session.flush()
+            patient_pk = conn.execute(_ADD_PATIENT, dict(
+                patient_id=pid, issuer=issuer, birth_date=a.get("birth_date"), sex=a.get("sex"),
+                created_at=now)).inserted_primary_key[0]
         else:
-            if a.get("birth_date") and not patient.birth_date:
-                patient.birth_date = a["birth_date"]
-            if a.get("sex") and not patient.sex:
-                patient.sex = a["sex"]
-        study = Study(study_instance_uid=study_uid, patient_pk=patient.id, study_date=a.get("study_date"),
-                      study_time=a.get("study_time"), accession_number=a.get("accession_number"),
-                      study_id=a.get("study_id"), study_description=a.get("study_description"),
-                      state=STUDY_RECEIVING, version=1, first_received_at=now, last_received_at=now)
-        session.add(study)
-        session.flush()
-        study_pk = study.id
+            patient_pk = patient.id
+            fill = {k: a[k] for k in ("birth_date", "sex") if a.get(k) and not getattr(patient, k)}
+            if fill:
+                conn.execute(_FILL_PATIENT, dict(fill, b_pk=patient_pk))
+        study_pk = conn.execute(_ADD_STUDY, dict(
+            study_instance_uid=study_uid, patient_pk=patient_pk, study_date=a.get("study_date"),
+            study_time=a.get("study_time"), accession_number=a.get("accession_number"),
+            study_id=a.get("study_id"), study_description=a.get("study_description"),
+            state=STUDY_RECEIVING, version=1, first_received_at=now,
+            last_received_at=now)).inserted_primary_key[0]
     else:
-        _touch_study(session, study_pk, now)
-    series = Series(series_instance_uid=series_uid, study_pk=study_pk, modality=a.get("modality"),
-                    series_number=a.get("series_number"), series_description=a.get("series_description"))
-    session.add(series)
-    session.flush()
-    return study_pk, series.id
+        conn.execute(_TOUCH_STUDY, {"b_pk": study_pk, "b_now": now})
+    series_pk = conn.execute(_ADD_SERIES, dict(
+        series_instance_uid=series_uid, study_pk=study_pk, modality=a.get("modality"),
+        series_number=a.get("series_number"),
+        series_description=a.get("series_description"))).inserted_primary_key[0]
+    return study_pk, series_pk
 
 
 # --------------------------------------------------------------------------- stable studies
