@@ -54,7 +54,10 @@ def setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
     )
     # pynetdicom logs dataset contents at DEBUG; keep it at WARNING so no PHI reaches logs.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # botocore at DEBUG logs every request (the Authorization header with the access key ID,
+    # object URLs with UIDs) and response bodies (bucket listings).
+    for name in ("pynetdicom", "botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -249,3 +249,136 @@ def test_serve_and_worker_refuse_a_missing_bucket_or_a_wrong_key(s3, node_factor
             res = _echonode([*cmd, "--config", str(node.settings_path)], env, timeout=120)
             assert res.returncode == 3, (cmd, res.stderr[-2000:])
             assert why in res.stderr, res.stderr[-2000:]
+
+
+def test_fsck_repair_indexes_an_object_whose_commit_was_lost(s3, tmp_path, monkeypatch):
+    """A receiver killed between its PUT and its COMMIT leaves an object without a row:
+    `fsck --repair` (the reconciler) indexes it from the fetched copy, by its key's name,
+    and does not move it to orphans/."""
+    from echonode.config import load_settings
+    from echonode.dicom.reconcile import reconcile
+    from echonode.dicom.spool import SUCCESS, Spool
+    from echonode.storage import INSTANCES, open_storage
+    from echonode.store import db
+    from tests.fixtures.ingest import store, us_dataset
+
+    for k, v in s3.env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+
+    def settings(name):
+        url = f"sqlite:///{tmp_path / name}.sqlite3"
+        db.migrate(url)
+        return load_settings(None, env={}, overrides={
+            "data_dir": str(tmp_path / name), "database_url": url, "node": {"min_free_mb": 1},
+            "storage": {"url": f"s3://{s3.bucket}/fsck", "endpoint": s3.endpoint}})
+
+    received, fresh = settings("receiver"), settings("fsck")
+    eng_a, eng_b = db.make_engine(received.db_url), db.make_engine(fresh.db_url)
+    try:
+        ds = us_dataset()
+        assert store(Spool(received, db.session_factory(eng_a)), ds).status == SUCCESS
+        [obj] = list(open_storage(fresh).list(INSTANCES))   # in the bucket; no row in `fsck`'s database
+        rep = reconcile(fresh, db.session_factory(eng_b), Spool(fresh, db.session_factory(eng_b)),
+                        repair=True, verify=True)
+        assert rep.indexed == [obj.key] and rep.orphaned == [] and rep.sha_mismatch == [], rep
+        with db.session_factory(eng_b)() as s:
+            from echonode.store.models import Instance
+            assert [(i.sop_instance_uid, i.path) for i in s.query(Instance)] == [(str(ds.SOPInstanceUID), obj.key)]
+    finally:
+        eng_a.dispose(), eng_b.dispose()
+
+
+def test_s3_timeouts_are_storage_unavailable(tmp_path):
+    """A store that accepts the connection and then goes silent (before its answer, or in the
+    middle of an object's body) is unavailable, like one that refuses the connection:
+    botocore's timeouts subclass OSError and must not pass for the local file's errors
+    (0xC211 on a C-STORE, a clip skipped as damaged in an analysis)."""
+    import socket
+
+    from echonode.storage import StorageUnavailable
+    from echonode.storage.s3 import S3Storage
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list = []
+    stop = threading.Event()
+
+    def peer():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            held.append(c)
+            c.settimeout(5)
+            try:
+                req = c.recv(65536)
+            except OSError:
+                continue
+            if req.startswith(b"GET"):   # headers and part of the body, then silence
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+
+    t = threading.Thread(target=peer, daemon=True)
+    t.start()
+    try:
+        store = S3Storage("bucket", "p", endpoint=f"http://127.0.0.1:{srv.getsockname()[1]}", access_key="a",
+                          secret_key="b", tmp_dir=tmp_path / "fetch", timeout_s=0.5)
+        src = tmp_path / "x.dcm"
+        src.write_bytes(b"DICM" * 256)
+        key = "instances/1.2/3.4/5.6.dcm"
+        with pytest.raises(StorageUnavailable):
+            store.put_new(key, src, hashlib.sha256(src.read_bytes()).hexdigest())
+        with pytest.raises(StorageUnavailable):
+            store.put("results/1.2/5.6.dcm", src)
+        with pytest.raises(StorageUnavailable):
+            with store.fetch(key):
+                pass
+        assert not any((tmp_path / "fetch").iterdir()), "no partial copy left behind"
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        srv.close()
+
+
+def test_debug_logging_keeps_the_access_key_and_uids_out(tmp_path):
+    """log_level = "debug": botocore would log each request's Authorization header (the access
+    key ID) and its URL (the instance's UIDs); the node's logging setup keeps it quiet."""
+    import logging
+    import socket
+
+    from echonode.cli import setup_logging
+    from echonode.storage.s3 import S3Storage
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        c.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root = logging.getLogger()
+    old_level = root.level
+    setup_logging("DEBUG")
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        store = S3Storage("bucket", "p", endpoint=f"http://127.0.0.1:{srv.getsockname()[1]}",
+                          access_key="AKIDNOTINLOGS", secret_key="b", tmp_dir=tmp_path, timeout_s=5)
+        assert store.size("instances/1.2.840.777/3.4/5.6.dcm") is None
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        srv.close()
+    text = buf.getvalue()
+    assert "AKIDNOTINLOGS" not in text and "1.2.840.777" not in text, text[-2000:]

@@ -740,7 +740,7 @@ class Spool:
         size = path.stat().st_size
         sha = file_sha256(path)
         study_uid, series_uid, attrs, decision = self._parse(path, meta_len, size, sop_class, sop, ts)
-        if rel.parent != Path("instances") / study_uid / series_uid or not version_name_ok(path.name, sop):
+        if rel.parent != Path("instances") / study_uid / series_uid or not version_name_ok(rel.name, sop):
             raise ValueError("file is not at the place its header names")
         with self._locks[hash(sop) % len(self._locks)]:
             return self._commit(None, None, rel, sha, size, attrs, decision, study_uid, series_uid, sop,

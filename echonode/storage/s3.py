@@ -92,6 +92,15 @@ class S3Storage(Storage):
             return StorageConfigError(f"object store refused {what}: {code}")
         return StorageUnavailable(f"object store unavailable ({what}): {type(exc).__name__}{' ' + code if code else ''}")
 
+    @staticmethod
+    def _local(exc: OSError) -> bool:
+        """An error of the local file (read the source, write the copy), not of the store:
+        botocore's timeouts, TLS and proxy errors subclass OSError too (through its vendored
+        requests exceptions), and those are the store's, so transient."""
+        from botocore.exceptions import BotoCoreError
+
+        return not isinstance(exc, BotoCoreError)
+
     # ------------------------------------------------------------------ interface
     def check(self) -> None:
         """Raises StorageConfigError (operator must act) or StorageUnavailable (try later)."""
@@ -108,8 +117,10 @@ class S3Storage(Storage):
             with open(src, "rb") as fh:
                 self.client.put_object(Bucket=self.bucket, Key=name, Body=fh, IfNoneMatch="*",
                                        Metadata={"sha256": sha256}, ContentType="application/dicom")
-        except OSError:
-            raise
+        except OSError as exc:
+            if self._local(exc):
+                raise
+            raise self._fail(exc, "a PUT") from None
         except Exception as exc:  # noqa: BLE001
             if self._code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 raise FileExistsError(key) from None
@@ -123,8 +134,10 @@ class S3Storage(Storage):
             with open(src, "rb") as fh:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=fh,
                                        Metadata={"sha256": file_sha256(Path(src))})
-        except OSError:
-            raise
+        except OSError as exc:
+            if self._local(exc):
+                raise
+            raise self._fail(exc, "a PUT") from None
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "a PUT") from None
         if move:
@@ -177,8 +190,10 @@ class S3Storage(Storage):
                     for chunk in obj["Body"].iter_chunks(_CHUNK):
                         got += len(chunk)
                         fh.write(chunk)
-            except OSError:
-                raise
+            except OSError as exc:
+                if self._local(exc):
+                    raise
+                raise self._fail(exc, "a GET") from None
             except Exception as exc:  # noqa: BLE001 - a connection dropped mid-body
                 raise self._fail(exc, "a GET") from None
             if expected >= 0 and got != expected:
