@@ -181,28 +181,33 @@ def load_clips(settings: Settings, clips: Sequence[ClipSource]) -> tuple[list, l
     import contextlib
 
     from echonode.dicom.frames import FrameDecodeError
-    from echonode.storage import StorageUnavailable, open_storage
+    from echonode.storage import open_storage
 
     store = open_storage(settings) if any(c.key for c in clips) else None
     inputs, headers, warnings = [], [], []
     for src in clips:
         name = src.sop_instance_uid or Path(src.path).name
-        try:
-            with (store.fetch(src.key) if store is not None and src.key
-                  else contextlib.nullcontext(Path(src.path))) as path:
-                ci, header = _load_clip(settings, src, path)
-        except StorageUnavailable:
-            raise  # the store is down, not the clip: the job is tried again later
-        except FrameDecodeError as exc:
-            reason = logged = exc.reason
-        except Exception as exc:  # any damage in a peer's file: struct.error, ValueError, KeyError, ...
-            # the message may quote a header value: the log gets the error class only
-            reason, logged = f"{type(exc).__name__}: {exc}", type(exc).__name__
-        else:
-            inputs.append(ci)
-            if header is not None:
-                headers.append(header)
-            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                # only a missing object is this clip's fault; any other error of the store
+                # (down, refused, a local disk full) is the job's, which is tried again later
+                path = stack.enter_context(store.fetch(src.key)) if store is not None and src.key \
+                    else Path(src.path)
+            except FileNotFoundError:
+                reason = logged = "the instance is missing from the node's store"
+            else:
+                try:
+                    ci, header = _load_clip(settings, src, path)
+                except FrameDecodeError as exc:
+                    reason = logged = exc.reason
+                except Exception as exc:  # any damage in a peer's file: struct.error, ValueError, KeyError, ...
+                    # the message may quote a header value: the log gets the error class only
+                    reason, logged = f"{type(exc).__name__}: {exc}", type(exc).__name__
+                else:
+                    inputs.append(ci)
+                    if header is not None:
+                        headers.append(header)
+                    continue
         # the reason names the defect, not where the node keeps its files (the SR goes to the PACS)
         reason = reason.replace(str(src.path), Path(src.path).name)
         log.warning("clip %s not analysed: %s", name, logged.replace(str(src.path), Path(src.path).name))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import threading
 import time
 
@@ -382,3 +384,44 @@ def test_debug_logging_keeps_the_access_key_and_uids_out(tmp_path):
         srv.close()
     text = buf.getvalue()
     assert "AKIDNOTINLOGS" not in text and "1.2.840.777" not in text, text[-2000:]
+
+
+def test_fsck_repair_on_object_storage_keeps_the_age_guard(s3, node_factory):
+    """No lock spans receivers: `fsck --repair` on a bucket refuses to touch objects younger
+    than 600 s (another node may be between its PUT and its COMMIT)."""
+    node = node_factory()
+    env = {**node.env, **s3.env()}
+    res = _echonode(["fsck", "--repair", "--min-age", "0", "--config", str(node.settings_path)], env)
+    assert res.returncode == 2 and "--min-age 0 refused" in res.stderr, res.stderr
+    res = _echonode(["fsck", "--repair", "--json", "--config", str(node.settings_path)], env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"] == 0
+
+
+def test_stale_fetch_copies_of_dead_processes_are_removed_at_start(s3, tmp_path):
+    """A worker killed in the middle of a fetch leaves a copy of an instance (patient data) in
+    its data directory: the next process that opens the store removes it, and never the
+    copies of a process still running (several workers may share a data directory)."""
+    import subprocess
+    import sys
+
+    from echonode.config import load_settings
+    from echonode.storage import open_checked
+
+    settings = load_settings(None, env={}, overrides={"data_dir": str(tmp_path / "w"), "storage": {
+        "url": f"s3://{s3.bucket}/x", "endpoint": s3.endpoint}})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    folder = tmp_path / "w" / ".fetch"
+    folder.mkdir(parents=True)
+    (folder / f"{dead}-0123abcd.part").write_bytes(b"PHI")
+    (folder / f"{os.getpid()}-4567ef01.part").write_bytes(b"in use")
+    env = {k: v for k, v in s3.env().items() if k.startswith("AWS_")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        open_checked(settings)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{os.getpid()}-4567ef01.part"]

@@ -100,23 +100,6 @@ def write_results(store: "Storage", datasets: Iterable[Dataset]) -> list[ob.Outb
     return out
 
 
-def fetch_results(store: "Storage", rows, stack: contextlib.ExitStack):
-    """Local files for the rows' objects, open until ``stack`` closes: ``(files by row id,
-    rows whose object is gone, (row, reason) for rows the store could not give now)``."""
-    from echonode.storage import StorageUnavailable
-
-    files: dict[int, Path] = {}
-    missing, unavailable = [], []
-    for row in rows:
-        try:
-            files[row.id] = stack.enter_context(store.fetch(row.path))
-        except FileNotFoundError:
-            missing.append(row)
-        except (StorageUnavailable, ValueError) as exc:
-            unavailable.append((row, str(exc)))
-    return files, missing, unavailable
-
-
 def _object_from_path(path: Union[str, Path]) -> ob.OutboxObject:
     p = Path(path)
     try:
@@ -252,18 +235,27 @@ class _Delivery:
             self.failed(row, error)
 
     def files_present(self, rows: list[ob.OutboxRow], stack: contextlib.ExitStack) -> list[ob.OutboxRow]:
-        """The rows whose object the store gives (``self.files``: their local files). A missing
-        object cannot come back, so its row is dead at once; a store that cannot answer now
+        """The rows whose object the store gives; ``self.files`` holds their local files until
+        ``stack`` closes (C-STORE and STOW-RS both send from them). A missing object, or a
+        row naming no object of the store (a path written by an older version beside another
+        store), cannot come back: that row is dead at once. A store that cannot answer now
         is a failure like a PACS that cannot: retried."""
-        from echonode.storage import open_storage
+        from echonode.storage import StorageUnavailable, open_storage
 
-        self.files, missing, unavailable = fetch_results(open_storage(self.settings), rows, stack)
-        for row in missing:
-            ob.mark_failed(self.session, row.id, f"result file missing: {row.path}", None, now=self.now_fn(),
-                           max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0, retry_for_s=0)
-            self.summary.dead += 1
-        for row, why in unavailable:
-            self.failed(row, why)
+        store = open_storage(self.settings)
+        self.files = {}
+        for row in rows:
+            try:
+                self.files[row.id] = stack.enter_context(store.fetch(row.path))
+            except (FileNotFoundError, ValueError) as exc:
+                why = f"result file missing: {row.path}" if isinstance(exc, FileNotFoundError) else \
+                    f"result not in the node's store ({exc})"
+                ob.mark_failed(self.session, row.id, why, None, now=self.now_fn(), max_attempts=row.attempts + 1,
+                               backoff_initial_s=0, backoff_max_s=0, retry_for_s=0)
+                self.summary.dead += 1
+                log.error("outbox %d to %s is dead: %s", row.id, self.dest.name, why)
+            except StorageUnavailable as exc:
+                self.failed(row, str(exc))
         return [row for row in rows if row.id in self.files]
 
     def associate(self, rows: list[ob.OutboxRow], commitment_handler):
@@ -376,10 +368,10 @@ def _deliver_to(settings: Settings, dest: Destination, rows: list[ob.OutboxRow],
                 summary: DeliverySummary, now_fn: Callable[[], dt.datetime],
                 commitment_handler=None) -> None:
     """Send ``rows`` to ``dest`` on one association and record every outcome."""
-    if dest.kind == "dicomweb":  # STOW-RS, same outbox transitions (echonode.dicom.web)
-        from echonode.dicom import web
-        return web.stow_rows(settings, dest, rows, session, summary, now_fn)
     run = _Delivery(settings, dest, session, summary, now_fn)
+    if dest.kind == "dicomweb":  # STOW-RS, the same outbox transitions (echonode.dicom.web)
+        from echonode.dicom import web
+        return web.stow_rows(run, rows)
     with contextlib.ExitStack() as stack:
         sendable = run.files_present(rows, stack)
         if not sendable:

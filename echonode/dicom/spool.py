@@ -511,6 +511,7 @@ class Spool:
         random, never DICOM-derived. Returns where it went (a key for object storage)."""
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(6)
         key = f"{QUARANTINE}/{name}.dcm"
+        ours = tmp is None   # a temp file made here is removed here, whatever happens
         try:
             if tmp is None:
                 tmp = self.incoming / f"{name}.part"
@@ -524,6 +525,8 @@ class Spool:
             self.objects.put_bytes(f"{QUARANTINE}/{name}.txt", (reason + "\n").encode("utf-8"))
         except OSError as exc:
             LOG.error("could not write quarantine copy: %s", exc.strerror or exc)
+            if ours and tmp is not None:
+                tmp.unlink(missing_ok=True)
             return None
         local = self.objects.local_path(key)
         return local if local is not None else Path(key)

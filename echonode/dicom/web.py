@@ -27,7 +27,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 log = logging.getLogger("echonode.dicomweb")
 
@@ -379,39 +379,19 @@ def values(obj: dict, tag: str, limit: int = 64) -> list[str]:
 
 # --------------------------------------------------------------------------- delivery
 
-def stow_rows(settings, dest, rows, session, summary, now_fn: Callable) -> None:
+def stow_rows(run, rows) -> None:
     """Deliver outbox rows to a ``kind = "dicomweb"`` destination by STOW-RS, grouped by
-    study (one request per study). Same outbox transitions as the C-STORE path."""
-    from echonode.dicom.scu import fetch_results
-    from echonode.storage import open_storage
+    study (one request per study). ``run``: the C-STORE path's delivery run
+    (``echonode.dicom.scu._Delivery``), whose fetch and failure bookkeeping both share."""
     from echonode.store import outbox as ob
 
-    d = settings.delivery
-    fail_kw = dict(max_attempts=d.max_attempts, backoff_initial_s=d.backoff_initial_s,
-                   backoff_max_s=d.backoff_max_s)
-
-    def failed(row, error, status=None):
-        state = ob.mark_failed(session, row.id, error, status, now=now_fn(), **fail_kw)
-        if state == ob.DEAD:
-            summary.dead += 1
-            log.error("outbox %d (%s to %s) is dead after %d attempts: %s", row.id, row.kind or "object",
-                      dest.name, d.max_attempts, error)
-        else:
-            summary.retrying += 1
-            log.warning("outbox %d to %s failed (%s); will retry", row.id, dest.name, error)
-
+    dest, session, summary, now_fn = run.dest, run.session, run.summary, run.now_fn
+    failed = run.failed
     with contextlib.ExitStack() as stack:
-        files, missing, unavailable = fetch_results(open_storage(settings), rows, stack)
-        for row in missing:
-            ob.mark_failed(session, row.id, f"result file missing: {row.path}", None, now=now_fn(),
-                           max_attempts=row.attempts + 1, backoff_initial_s=0, backoff_max_s=0)
-            summary.dead += 1
-        for row, why in unavailable:
-            failed(row, why)
         by_study: dict[str, list] = {}
-        for row in rows:
-            if row.id in files:
-                by_study.setdefault(row.study_instance_uid or "", []).append(row)
+        for row in run.files_present(rows, stack):
+            by_study.setdefault(row.study_instance_uid or "", []).append(row)
+        files = run.files
         client = DicomWebClient(WebTarget.of(dest))
         for study, group in by_study.items():
             try:

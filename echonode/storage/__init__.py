@@ -110,6 +110,13 @@ class Storage:
         """Every object whose key starts with ``prefix/``."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """At a process's start: raise when the store cannot be used as configured."""
+
+    def clean_stale(self) -> int:
+        """At a process's start: remove temp copies that dead processes left; how many."""
+        return 0
+
     def local_path(self, key: str) -> Optional[Path]:
         """The file of ``key`` when objects are local files (local backend), else ``None``."""
         return None
@@ -156,9 +163,8 @@ def open_checked(settings: "Settings") -> Storage:
     log = logging.getLogger("echonode.storage")
     try:
         store = open_storage(settings)
-        check = getattr(store, "check", None)
-        if check is not None:
-            check()
+        store.clean_stale()   # copies of instances a killed process left behind
+        store.check()
     except StorageUnavailable as exc:
         log.warning("%s; instances are refused (0xA700) and jobs wait until it answers", exc)
         return open_storage(settings)

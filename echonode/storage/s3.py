@@ -84,13 +84,18 @@ class S3Storage(Storage):
         resp = getattr(exc, "response", None) or {}
         return str(resp.get("Error", {}).get("Code", "")) or str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
+    _REFUSED = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+
     def _fail(self, exc: Exception, what: str) -> Exception:
+        """Every failure of the store while running is transient (0xA700, re-queue, retry),
+        refusals included: a key rotated or a policy changed is fixed by an operator, and
+        nothing acknowledged may be dropped meanwhile. Only :meth:`check` at start turns a
+        refusal into a configuration error."""
         from botocore.exceptions import ClientError
 
         code = self._code(exc) if isinstance(exc, ClientError) else ""
-        if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-            return StorageConfigError(f"object store refused {what}: {code}")
-        return StorageUnavailable(f"object store unavailable ({what}): {type(exc).__name__}{' ' + code if code else ''}")
+        verb = "refused" if code in self._REFUSED else "unavailable"
+        return StorageUnavailable(f"object store {verb} ({what}): {type(exc).__name__}{' ' + code if code else ''}")
 
     @staticmethod
     def _local(exc: OSError) -> bool:
@@ -101,14 +106,37 @@ class S3Storage(Storage):
 
         return not isinstance(exc, BotoCoreError)
 
+    def clean_stale(self) -> int:
+        """Remove temp copies left by processes that died (kill -9 in a fetch): each name
+        starts with its process id, so a running process's copies are never touched, even
+        when several workers share the data directory. Returns how many were removed."""
+        removed = 0
+        if not self.tmp_dir.is_dir():
+            return 0
+        for p in self.tmp_dir.glob("*.part"):
+            pid = p.name.split("-", 1)[0]
+            try:
+                os.kill(int(pid), 0)
+                continue   # alive (or not ours to signal): leave it
+            except ProcessLookupError:
+                pass
+            except (ValueError, PermissionError, OverflowError):
+                continue
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     # ------------------------------------------------------------------ interface
     def check(self) -> None:
         """Raises StorageConfigError (operator must act) or StorageUnavailable (try later)."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:  # noqa: BLE001 - botocore raises many types
-            if self._code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            code = self._code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageConfigError(f"bucket {self.bucket!r} does not exist") from None
+            if code in self._REFUSED:
+                raise StorageConfigError(f"object store refused the bucket check: {code}") from None
             raise self._fail(exc, "the bucket check") from None
 
     def put_new(self, key: str, src: Path, sha256: str) -> Optional[Callable[[], None]]:
@@ -145,7 +173,7 @@ class S3Storage(Storage):
 
     def write(self, key: str, write: Callable[[BinaryIO], None]) -> None:
         ensure_dir(self.tmp_dir)
-        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.part"
+        tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(12)}.part"
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
                 write(fh)
@@ -175,7 +203,7 @@ class S3Storage(Storage):
     @contextlib.contextmanager
     def fetch(self, key: str) -> Iterator[Path]:
         ensure_dir(self.tmp_dir)
-        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.part"
+        tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(12)}.part"
         try:
             try:
                 obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
