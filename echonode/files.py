@@ -2,8 +2,9 @@
 
 Everything under the data directory (results, the SQLite database, models, caches) holds
 patient data or what was derived from it, so directories are created ``0750`` and files
-``0640``: the service account and its group, nobody else. The spool's received
-instances and quarantine have their own writer (``echonode.dicom.spool``).
+``0640``: the service account and its group, nobody else. Received instances, results
+and quarantine go through the node's store (``echonode.storage``), whose local backend
+writes with the helpers here.
 
 An atomic write is temp file in the same directory, fsync, rename, fsync of the
 directory: a reader (the delivery, a PACS fetching a file, a restarted worker) sees the
@@ -17,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
-__all__ = ["DIR_MODE", "FILE_MODE", "ensure_dir", "fsync_dir", "atomic_write", "atomic_write_bytes", "restrict"]
+__all__ = ["DIR_MODE", "FILE_MODE", "ensure_dir", "make_dirs", "fsync_dir", "create_new", "atomic_write",
+           "atomic_write_bytes", "restrict"]
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -39,18 +41,53 @@ def ensure_dir(path: Union[str, Path]) -> Path:
     return p
 
 
-def fsync_dir(path: Union[str, Path]) -> None:
-    """Make a rename or a new file in ``path`` durable (best effort where directories cannot be opened)."""
+def make_dirs(path: Union[str, Path], base: Union[str, Path]) -> list[Path]:
+    """mkdir -p with DIR_MODE on every level below ``base`` (``base`` too when missing).
+    Returns the directories it created below ``base``: their parents need an fsync for
+    them to last (the spool's placement waits for those before the SQL commit)."""
+    path, base = Path(path), Path(base)
+    if path.is_dir():
+        return []
+    if not base.is_dir():
+        ensure_dir(base)
+    missing = []
+    p = path
+    while p != base and not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+            os.chmod(d, DIR_MODE)
+            created.append(d)
+        except FileExistsError:
+            pass
+    return created
+
+
+def fsync_dir(path: Union[str, Path], *, strict: bool = False) -> None:
+    """Make a rename or a new file in ``path`` durable. ``strict``: an error is raised (the
+    spool's acknowledgement depends on it); otherwise best effort where directories cannot
+    be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
+
+
+def create_new(path: Union[str, Path]) -> BinaryIO:
+    """A new file opened for writing, ``0640``, never over an existing one (``FileExistsError``)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> Path:

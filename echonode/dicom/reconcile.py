@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from echonode.dicom.spool import FILE_MODE, Spool
+from echonode.dicom.spool import Spool
+from echonode.files import FILE_MODE
 from echonode.storage import INSTANCES, Storage, StorageUnavailable, open_storage
 from echonode.storage.local import file_sha256
 from echonode.store.index import indexed_files

@@ -48,11 +48,12 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from echonode import __version__
-from echonode.storage import QUARANTINE, Storage, StorageUnavailable, open_storage
-from echonode.storage.local import file_sha256
 from echonode.config import Settings
 from echonode.dicom import select as selection
 from echonode.dicom.uids import UIDError, check_uid, is_valid_uid
+from echonode.files import DIR_MODE, FILE_MODE, create_new, fsync_dir
+from echonode.storage import QUARANTINE, Storage, StorageUnavailable, open_storage
+from echonode.storage.local import file_sha256
 from echonode.store.index import InstanceRecord, record_instance
 from echonode.store.db import describe_error
 
@@ -71,8 +72,6 @@ IMPLEMENTATION_VERSION = ("ECHONODE_" + __version__.replace(".", ""))[:16]
 _CHUNK = 1 << 20
 DEFLATED = "1.2.840.10008.1.2.1.99"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DIR_MODE = 0o750
-FILE_MODE = 0o640
 # while a dataset streams in, start writeback every this many bytes (sync_file_range,
 # asynchronous) so that the final fsync before Success has little left to write
 _EARLY_SYNC = 1 << 20
@@ -343,14 +342,6 @@ def _wait_quietly(fut: Future) -> None:
         pass
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
     """Preamble + 'DICM' + File Meta Information group for a received dataset."""
     meta = FileMetaDataset()
@@ -479,7 +470,7 @@ class Spool:
             os.chmod(d, DIR_MODE)  # also tightens directories made by older versions
         # the entries of these directories (and of data_dir) must last too, not only the files in them
         for d in {self.storage, self.quarantine_dir, self.root, self.root.parent}:
-            _fsync_dir(d)
+            fsync_dir(d, strict=True)
         if clean_incoming:  # not for `fsck` beside a running node: those files are in flight
             self._clean_incoming()
 
@@ -515,7 +506,7 @@ class Spool:
         try:
             if tmp is None:
                 tmp = self.incoming / f"{name}.part"
-                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
+                with create_new(tmp) as fh:
                     fh.write(meta)
                     fh.write(data)
                     if self.objects.needs_synced_source:
@@ -601,7 +592,7 @@ class Spool:
         total = 0
         with open(tmp, "rb") as src:
             meta = src.read(meta_len)
-            with os.fdopen(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as dst:
+            with create_new(out) as dst:
                 try:
                     dst.write(_explicit_meta(meta))
                     while True:

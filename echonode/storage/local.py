@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from echonode.files import DIR_MODE, FILE_MODE, atomic_write, ensure_dir, fsync_dir
+from echonode.files import FILE_MODE, atomic_write, fsync_dir, make_dirs
 from echonode.storage import Storage, StoredObject, check_key
 
 _CHUNK = 1 << 20
@@ -27,29 +27,6 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def make_dirs(path: Path, base: Path) -> list[Path]:
-    """mkdir -p with DIR_MODE on every level below ``base`` (Path.mkdir gives parents 0777&umask).
-    Returns the directories it created (their parents need an fsync for them to last)."""
-    if path.is_dir():
-        return []
-    if not base.is_dir():
-        ensure_dir(base)
-    missing = []
-    p = path
-    while p != base and not p.is_dir():
-        missing.append(p)
-        p = p.parent
-    created = []
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=DIR_MODE)
-            os.chmod(d, DIR_MODE)
-            created.append(d)
-        except FileExistsError:
-            pass
-    return created
 
 
 class LocalStorage(Storage):
@@ -101,15 +78,9 @@ class LocalStorage(Storage):
             for d in {final.parent, *(c.parent for c in created)}:
                 fsync_dir(d)
             return
-        tmp = final.parent / f".tmp-{secrets.token_hex(8)}{final.suffix}"
-        with open(src, "rb") as fin, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE),
-                                              "wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, final)
-        for d in {final.parent, *(c.parent for c in created)}:
+        with open(src, "rb") as fin:
+            atomic_write(final, lambda fout: shutil.copyfileobj(fin, fout, _CHUNK))
+        for d in {c.parent for c in created}:
             fsync_dir(d)
 
     def write(self, key: str, write: Callable[[BinaryIO], None]) -> None:

@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional
 
-from echonode.files import FILE_MODE, ensure_dir
+from echonode.files import create_new, ensure_dir
 from echonode.storage import Storage, StorageUnavailable, StoredObject, check_key
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class S3Storage(Storage):
         ensure_dir(self.tmp_dir)
         tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(12)}.part"
         try:
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
+            with create_new(tmp) as fh:
                 write(fh)
             self.put(key, tmp)   # one PUT: readers see the whole object or none
         finally:
@@ -214,7 +214,7 @@ class S3Storage(Storage):
             expected = int(obj.get("ContentLength", -1))
             got = 0
             try:
-                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as fh:
+                with create_new(tmp) as fh:
                     for chunk in obj["Body"].iter_chunks(_CHUNK):
                         got += len(chunk)
                         fh.write(chunk)
