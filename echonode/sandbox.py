@@ -1,10 +1,12 @@
 """A local node to try things on: free ports, a config file, a throw-away Orthanc as the
-PACS, a tiny cart (C-ECHO, C-STORE). Used by ``echonode demo`` and the benchmarks, which
+PACS, SeaweedFS as the object store, a private Redis, a PostgreSQL database of its own, a
+tiny cart (C-ECHO, C-STORE). Used by ``echonode demo``, the benchmarks and the tests, which
 start a real ``echonode serve`` against it; nothing here is used by the node itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,8 +15,9 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
@@ -59,6 +62,84 @@ def write_toml(path: Path, cfg: dict) -> None:
             lines.append(f"\n[{k}]")
             lines += [f"{kk} = {_toml(vv)}" for kk, vv in v.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def clean_env(extra: Optional[dict] = None) -> dict:
+    """Environment for a child ``python -m echonode``: this one without ``ECHONODE_*`` (the
+    child reads its own config file), importing this copy of echonode, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str, tag: str) -> Iterator[str]:
+    """A new PostgreSQL database on ``admin_url``'s server (``echonode_<tag>_<random>``); its
+    URL, with ``admin_url``'s credentials. Dropped afterwards, its sessions ended."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"echonode_{tag}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as c:
+                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+class LocalRedis:
+    """A private ``redis-server`` on a free loopback port, without persistence (a restart
+    loses every queued message), so its command counts are ours. ``stop()`` and ``start()``
+    keep the port."""
+
+    def __init__(self, folder: Path):
+        self.exe = shutil.which("redis-server")
+        if not self.exe:
+            raise SystemExit("redis-server not found (apt-get install redis-server)")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    def start(self, timeout: float = 20.0) -> None:
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", str(self.folder)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client().ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start; see {self.folder / 'redis.log'}")
+                time.sleep(0.1)
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+
+    def commands(self) -> dict[str, int]:
+        """Calls per command since the server started (INFO commandstats)."""
+        stats = self.client().info("commandstats")
+        return {k[len("cmdstat_"):]: int(v["calls"]) for k, v in stats.items()}
+
+    def stop(self) -> None:
+        from echonode.pipeline.service import terminate
+        if self.proc is not None:
+            terminate(self.proc, 20)
+            self.proc = None
 
 
 class LocalOrthanc:
