@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,10 +138,7 @@ def main() -> int:
     ap.add_argument("--work", default="")
     args = ap.parse_args()
 
-    import sqlalchemy
-
-    from echonode.pipeline.modelsel import DEMO_MODEL_DIR
-    from echonode.sandbox import LocalOrthanc, echo, find_orthanc, free_port, write_toml
+    from echonode.sandbox import find_orthanc, fresh_database
 
     rng = random.Random(args.seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="echonode-chaos-"))
@@ -151,16 +147,21 @@ def main() -> int:
     if not exe or not redis_exe:
         emit(bench="chaos", error="Orthanc and redis-server are needed")
         return 1
-    db_name = "echonode_chaos_" + uuid.uuid4().hex[:10]
-    admin = sqlalchemy.create_engine(args.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{db_name}"')
-    db_url = args.pg_admin.rsplit("/", 1)[0] + "/" + db_name
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    redis_port, node_port = free_port(), free_port()
-    redis = Proc("redis", [redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--dir", str(work)], work / "redis.log", env).start()
+    try:
+        with fresh_database(args.pg_admin, "chaos") as db_url:
+            return run(args, rng, work, exe, db_url)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, rng: random.Random, work: Path, exe: str, db_url: str) -> int:
+    from echonode.pipeline.modelsel import DEMO_MODEL_DIR
+    from echonode.sandbox import LocalOrthanc, LocalRedis, clean_env, echo, free_port, write_toml
+
+    env = clean_env()
+    node_port = free_port()
+    redis = LocalRedis(work / "redis")
     orthanc = LocalOrthanc(exe, work / "orthanc", "ECHONODE", node_port)
     cfg = {"data_dir": str(work / "node"), "database_url": db_url, "log_level": "INFO",
            "node": {"host": "127.0.0.1", "port": node_port, "min_free_mb": 64},
@@ -168,7 +169,7 @@ def main() -> int:
            "model": {"clip_model": str(DEMO_MODEL_DIR), "allow_demo_model": True,
                      "r_model": str(work / "no-r-model"), "promptcam_tasks": [], "device": "cpu"},
            "metrics": {"enabled": False},
-           "queue": {"embedded_worker": False, "broker_url": f"redis://127.0.0.1:{redis_port}/0",
+           "queue": {"embedded_worker": False, "broker_url": redis.url,
                      "lease_s": 8.0, "heartbeat_s": 1.0, "max_attempts": 20, "visibility_timeout_s": 60},
            "delivery": {"backoff_initial_s": 0.5, "backoff_max_s": 3.0, "destinations": [
                {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]}}
@@ -239,12 +240,6 @@ def main() -> int:
             p.stop()
         orthanc.stop()
         redis.stop()
-        with admin.connect() as c:
-            c.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db_name,))
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db_name}"')
-        admin.dispose()
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def converge(db_url: str, orthanc, acked: dict, work: Path, settle: float) -> dict:

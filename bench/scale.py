@@ -38,7 +38,6 @@ JSON lines go to stdout; the capacity table as markdown to stderr (and ``--markd
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -56,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ingest import make_clips, send as storescu_send, stop as stop_proc, wait_echo  # noqa: E402
 from bench.pipeline import build_bundle, emit  # noqa: E402
+from echonode.sandbox import LocalRedis, clean_env, fresh_database  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 S3_PREFIX = "echonode"          # LocalS3.env(): s3://<bucket>/echonode
@@ -195,26 +195,6 @@ def first_bottleneck(p: Profile, c: Costs, nic: str = "10GbE", max_k: float = 10
 
 # --------------------------------------------------------------------------- servers
 
-@contextlib.contextmanager
-def fresh_database(admin_url: str, tag: str):
-    """A new PostgreSQL database on ``admin_url``'s server, dropped afterwards."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    name = f"echonode_scale_{tag}_{os.getpid()}_{time.monotonic_ns() % 10**9}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.exec_driver_sql(f"CREATE DATABASE {name}")
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as c:
-                c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        admin.dispose()
-
-
 def with_app_name(url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
     return make_url(url).update_query_dict({"application_name": name}).render_as_string(hide_password=False)
@@ -279,52 +259,9 @@ class ConnectionWatch:
         self.engine.dispose()
 
 
-class LocalRedis:
-    """A private ``redis-server`` on a free port (no persistence), so its command counts are ours."""
-
-    def __init__(self, folder: Path):
-        from echonode.sandbox import free_port
-
-        exe = shutil.which("redis-server")
-        if not exe:
-            raise SystemExit("redis-server not found (apt-get install redis-server)")
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(folder)],
-                                     stdout=open(folder / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        import redis
-        self.client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.client.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.1)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def commands(self) -> dict[str, int]:
-        stats = self.client.info("commandstats")
-        return {k[len("cmdstat_"):]: int(v["calls"]) for k, v in stats.items()}
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 def serve(cfg_path: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)], env=env,
                             cwd=str(ROOT), stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-
-def clean_env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra or {})
-    return env
 
 
 def wait_until(fn, timeout: float, what: str, procs=()):
@@ -396,7 +333,7 @@ def run_ingest(args, work: Path, files: list[Path]) -> dict:
     try:
         for r in range(args.rounds):
             for store in ("s3", "local"):
-                with fresh_database(args.database_url, "ingest") as url:
+                with fresh_database(args.database_url, "scale_ingest") as url:
                     got = ingest_once(files, work, store, url, s3 if store == "s3" else None, tag=f"r{r}")
                 best[store] = min(best.get(store, float("inf")), got["seconds"])
                 if store == "s3" and per_instance is None:
@@ -496,7 +433,7 @@ def run_studies(args, work: Path, studies: list[tuple[str, list[Path]]]) -> dict
     try:
         if not orthanc.wait():
             raise SystemExit("Orthanc did not start")
-        with fresh_database(args.database_url, "study") as url, \
+        with fresh_database(args.database_url, "scale_study") as url, \
                 ConnectionWatch(args.database_url, make_url(url).database) as conns:
             base = {"log_level": "INFO", "metrics": {"enabled": False},
                     "stable": {"delay_s": 1.0, "poll_s": 0.25},

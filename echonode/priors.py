@@ -294,22 +294,31 @@ def _wado_frames(settings: Settings, client, study: str, series: str, sop: str, 
     return web.instance_from_frames(md, files, ts, folder / f"{sop}.dcm")
 
 
-def _local_copies(settings: Settings, keys: dict[str, str], folder: Path) -> list[Path]:
+def _local_copies(settings: Settings, keys: dict[str, str], folder: Path) -> tuple[list[Path], int]:
     """Files for instances the node holds (moved in by C-MOVE): the instance files of a local
-    store as they are, copies in ``folder`` from object storage."""
+    store as they are, copies in ``folder`` from object storage; and how many of the
+    instances are missing from the store (skipped: the prior is embedded from the others).
+    A store that cannot be reached raises StorageUnavailable (transient)."""
     from echonode.storage import open_storage
 
     store = open_storage(settings)
-    files = []
+    files, missing = [], 0
     for sop, key in keys.items():
         local = store.local_path(key)
-        if local is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            local = folder / f"{check_uid(sop, 'SOP Instance UID', strict=False)}.dcm"
-            with store.fetch(key) as tmp:
-                shutil.move(tmp, local)
+        try:
+            if local is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                local = folder / f"{check_uid(sop, 'SOP Instance UID', strict=False)}.dcm"
+                with store.fetch(key) as tmp:
+                    shutil.move(tmp, local)
+            elif not local.is_file():
+                raise FileNotFoundError(key)
+        except FileNotFoundError:
+            log.warning("priors: a moved instance is missing from the store")
+            missing += 1
+            continue
         files.append(local)
-    return files
+    return files, missing
 
 
 def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], folder: Path,
@@ -355,7 +364,10 @@ def _retrieve(settings: Settings, sessions, cand: Candidate, clips: list[Clip], 
             missing = len(clips) - len(paths)
             if missing:
                 statements.append(f"{src.name}: {missing} moved instance(s) did not arrive")
-            return _local_copies(settings, paths, folder), folder, statements
+            files, gone = _local_copies(settings, paths, folder)
+            if gone:
+                statements.append(f"{src.name}: {gone} moved instance(s) missing from the store")
+            return files, folder, statements
         except qr.MoveRefused as exc:
             statements.append(f"{src.name}: C-MOVE refused, retrieved by C-GET instead")
             log.warning("priors: %s; falling back to C-GET", exc)

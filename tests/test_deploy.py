@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ import yaml
 
 from echonode.cli import build_parser
 from echonode.config import ConfigError, load_settings
-from tests.fixtures.node import _free_port
+from echonode.sandbox import LocalS3
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -161,12 +160,6 @@ def test_compose_shares_no_volume():
         assert cfg["services"][name]["environment"]["ECHONODE_DATA_DIR"] == "/var/lib/echonode"
 
 
-def _weed_flags(command: list[str], replace: dict[str, str]) -> list[str]:
-    """The compose command with some `-name=value` flags replaced (paths and ports of this machine)."""
-    kept = [a for a in command if a.lstrip("-").split("=", 1)[0] not in replace]
-    return kept + [f"-{k}={v}" for k, v in replace.items()]
-
-
 def _run_group(argv: list[str], input: str | None = None, env: dict | None = None,
                timeout: float = 180) -> tuple[int, str]:
     """Run in its own process group, killed whole on timeout (a shell's subshells included)."""
@@ -204,31 +197,16 @@ def test_compose_s3_server_grants_the_key_to_the_bucket_only(tmp_path, monkeypat
     sw = cfg["seaweedfs"]
     assert sw["entrypoint"] == ["/bin/sh", "/etc/seaweedfs/start.sh"]
     assert cfg["s3-bucket"]["entrypoint"] == ["/bin/sh", "/etc/seaweedfs/create-bucket.sh"]
-    ports = {k: _free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                                       "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")}
-    (tmp_path / "data").mkdir()
-    flags = _weed_flags(list(sw["command"]), {"dir": str(tmp_path / "data"), "ip": "127.0.0.1",
-                                              "ip.bind": "127.0.0.1", **{k: str(v) for k, v in ports.items()}})
+    # the compose command's flags, less the paths and ports LocalS3 sets for this machine
+    flags = [a for a in sw["command"] if a.lstrip("-").split("=", 1)[0] not in LocalS3.FLAGS]
     env = {**os.environ, **{k: str(v) for k, v in sw["environment"].items()},
            "S3_IDENTITY_FILE": str(tmp_path / "s3.json")}
-    log = (tmp_path / "weed.log").open("wb")
-    proc = subprocess.Popen(["sh", str(DEPLOY / "seaweedfs" / "start.sh"), *flags], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    # host:port.grpcport: the gRPC ports are not the default port+10000 here
-    master = f"127.0.0.1:{ports['master.port']}.{ports['master.port.grpc']}"
-    filer = f"127.0.0.1:{ports['filer.port']}.{ports['filer.port.grpc']}"
+    bucket = sw["environment"]["S3_BUCKET"]
+    server = LocalS3(tmp_path / "s3", bucket, launcher=["sh", str(DEPLOY / "seaweedfs" / "start.sh"), *flags],
+                     env=env, keys=(sw["environment"]["S3_ACCESS_KEY"], sw["environment"]["S3_SECRET_KEY"]),
+                     create_bucket=False)
+    endpoint, master, filer = server.endpoint, server.master, server.filer
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "weed.log").read_text(errors="replace")[-3000:]
-            try:
-                if urllib.request.urlopen(f"{endpoint}/healthz", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "S3 server did not come up"
-            time.sleep(0.5)
         assert oct((tmp_path / "s3.json").stat().st_mode & 0o777) == "0o600", "the identity file holds the secret"
 
         bucket_env = {**os.environ, **{k: str(v) for k, v in cfg["s3-bucket"]["environment"].items()},
@@ -236,7 +214,6 @@ def test_compose_s3_server_grants_the_key_to_the_bucket_only(tmp_path, monkeypat
         for _ in range(2):       # a second `up` runs it again
             rc, text = _run_group(["sh", str(DEPLOY / "seaweedfs" / "create-bucket.sh")], env=bucket_env)
             assert rc == 0, text
-        bucket = sw["environment"]["S3_BUCKET"]
         conf = _weed_shell("fs.configure", master, filer)
         loc = next(x for x in json.loads(conf[conf.index("{"):])["locations"]
                    if x["locationPrefix"] == f"/buckets/{bucket}/")
@@ -283,13 +260,7 @@ def test_compose_s3_server_grants_the_key_to_the_bucket_only(tmp_path, monkeypat
         store.delete(key)
         assert not store.exists(key)
     finally:
-        # a throw-away server: no graceful shutdown (it takes SeaweedFS half a minute)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
-        for port in ports.values():     # its gRPC unix sockets, named by port
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
+        server.stop()
 
 
 def test_seaweedfs_start_refuses_keys_it_cannot_quote(tmp_path):

@@ -49,6 +49,10 @@ def test_demo_end_to_end(tmp_path, demo_bundle):
         kinds = {o["sop_class_uid"] for o in st["in_pacs"]}
         assert "1.2.840.10008.5.1.4.1.1.88.34" in kinds, st["in_pacs"]   # SR back in the same study
         assert any(k.startswith("1.2.840.10008.5.1.4.1.1.7") for k in kinds)  # overlay
+        # the results, listed as keys of the node's store
+        keys = st["result_keys"]
+        assert keys and all(k.startswith(f"results/{st['study_instance_uid']}/") for k in keys), keys
+        assert all((tmp_path / "demo" / "node" / k).is_file() for k in keys)   # the local store: data_dir/<key>
     # the second study is the same patient a year later
     assert report["studies"][0]["patient"] == report["studies"][1]["patient"]
     # SR and overlays say DEMO MODEL too

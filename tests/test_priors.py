@@ -484,3 +484,64 @@ def test_partial_answers_are_said(world, interpreter_for):
     out = _run(settings, world["sessions"], interpreter_for(settings))
     assert any("partial study list (more than 1 answers" in s for s in out.statements), out.statements
     assert len(out.used) + sum("no A4C clip" in s for s in out.statements) == 1
+
+
+def _moved(store, tmp_path, n: int) -> dict[str, str]:
+    """``n`` instances placed in the node's store as a C-MOVE through its SCP places them."""
+    import hashlib
+
+    keys = {}
+    for i in range(n):
+        sop = f"2.25.{700 + i}"
+        src = tmp_path / f"src-{i}.dcm"
+        src.write_bytes(b"DICM" * 100 + bytes([i]))
+        key = f"instances/2.25.1/2.25.2/{sop}.dcm"
+        wait = store.put_new(key, src, hashlib.sha256(src.read_bytes()).hexdigest())
+        if wait is not None:
+            wait()
+        keys[sop] = key
+    return keys
+
+
+def test_moved_instance_missing_from_the_local_store_is_skipped(tmp_path):
+    """One moved instance gone from the data directory: the others are used, the count said."""
+    from echonode.config import load_settings
+    from echonode.priors import _local_copies
+    from echonode.storage import open_storage
+
+    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path / "node")})
+    store = open_storage(settings)
+    keys = _moved(store, tmp_path, 3)
+    store.delete(keys["2.25.701"])
+    files, missing = _local_copies(settings, keys, tmp_path / "fetch")
+    assert missing == 1
+    assert files == [store.local_path(keys["2.25.700"]), store.local_path(keys["2.25.702"])]
+
+
+def test_moved_instance_missing_from_object_storage_is_skipped(tmp_path, monkeypatch):
+    """Real SeaweedFS: a missing object is skipped and counted; a store that cannot be reached
+    is StorageUnavailable (transient), not a missing instance."""
+    from echonode.config import load_settings
+    from echonode.priors import _local_copies
+    from echonode.sandbox import LocalS3
+    from echonode.storage import StorageUnavailable, open_storage
+
+    s3 = LocalS3(tmp_path / "s3")
+    try:
+        env = s3.env()
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"):
+            monkeypatch.setenv(var, env[var])
+        settings = load_settings(env={**env, "ECHONODE_STORAGE__TIMEOUT_S": "5"},
+                                 overrides={"data_dir": str(tmp_path / "node")})
+        store = open_storage(settings)
+        keys = _moved(store, tmp_path, 3)
+        store.delete(keys["2.25.701"])
+        files, missing = _local_copies(settings, keys, tmp_path / "fetch")
+        assert missing == 1
+        assert [f.name for f in files] == ["2.25.700.dcm", "2.25.702.dcm"]
+        assert files[1].read_bytes() == (tmp_path / "src-2.dcm").read_bytes()
+        s3.stop()
+        with pytest.raises(StorageUnavailable):
+            _local_copies(settings, keys, tmp_path / "fetch2")
+    finally:
+        s3.stop()

@@ -192,7 +192,7 @@ def test_two_nodes_one_study_one_job_one_sr_and_kill9(pg_url, redis_url, s3, nod
 
     def cart():
         send_raw(a.port, files2, ae_title=a.ae_title, timeout=30,
-                 on_status=lambda i, st: acked.append(str(meta_of(files2[i]))) if st == 0 else None)
+                 on_status=lambda i, st: acked.append(sop_of(files2[i])) if st == 0 else None)
 
     t = threading.Thread(target=cart)
     t.start()
@@ -206,17 +206,17 @@ def test_two_nodes_one_study_one_job_one_sr_and_kill9(pg_url, redis_url, s3, nod
         assert sop in inst, "acknowledged, so indexed"
         assert PREFIX + inst[sop][0] in keys, "acknowledged, so in the bucket"
     # the cart's retry goes to the node still up: the study completes, analysed once
-    rest = [f for f in files2 if str(meta_of(f)) not in acked]
+    rest = [f for f in files2 if sop_of(f) not in acked]
     assert send_raw(b.port, rest, ae_title=b.ae_title, timeout=30) == [0] * len(rest)
     wait_for(lambda: _srs(orthanc, study2), 180, f"the second study's SR\n{w1.log_text()[-2000:]}")
     inst, jobs = _rows(pg_url)
-    assert sum(1 for s in inst if s in {str(meta_of(f)) for f in files2}) == len(files2)
+    assert sum(1 for s in inst if s in {sop_of(f) for f in files2}) == len(files2)
     w1.stop(), w2.stop()
     assert b.stop() == 0
 
 
-def meta_of(path) -> str:
-    return pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+def sop_of(path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _echonode(args, env, timeout=60):

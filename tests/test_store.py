@@ -376,3 +376,34 @@ def test_group_commit_one_bad_record_fails_only_itself(db_url):
     finally:
         gate.set()
         engine.dispose()
+
+
+def test_worker_rows_not_seen_for_a_day_are_deleted_by_a_beat(db_url):
+    """Worker ids change with every start (host:pid): a beat deletes the rows not seen for a
+    day and keeps the others; a worker whose own row is that old writes it again."""
+    import datetime as dt
+
+    from echonode.store import workers
+
+    engine = db.make_engine(db_url)
+    Session = db.session_factory(engine)
+    now = dt.datetime(2026, 1, 2, 12, 0, 0)
+    beat = dict(queues="analyze", device="cpu", model_available=True, model="m")
+
+    def seen():
+        with Session() as s:
+            return {w.worker_id: w.last_seen for w in s.scalars(select(workers.WorkerRow))}
+
+    try:
+        for wid, ago in (("worker@a:3", 23), ("worker@a:2", 25), ("worker@a:1", 72)):   # newest first
+            with Session.begin() as s:
+                workers.beat(s, wid, now=now - dt.timedelta(hours=ago), **beat)
+        assert len(seen()) == 3
+        with Session.begin() as s:
+            workers.beat(s, "worker@a:4", now=now, **beat)
+        assert seen() == {"worker@a:3": now - dt.timedelta(hours=23), "worker@a:4": now}
+        with Session.begin() as s:   # worker@a:3 beats again two days later
+            workers.beat(s, "worker@a:3", now=now + dt.timedelta(days=2), **beat)
+        assert seen() == {"worker@a:3": now + dt.timedelta(days=2)}
+    finally:
+        engine.dispose()

@@ -14,7 +14,6 @@ demo is the only place where ``model.allow_demo_model`` is switched on by echono
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from echonode.sandbox import LocalOrthanc, echo, find_orthanc, free_port, send, write_toml
+from echonode.sandbox import LocalOrthanc, clean_env, echo, find_orthanc, free_port, send, write_toml
 
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 US_MULTIFRAME_CLASS = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -177,7 +176,7 @@ def _write_config(work: Path, base, args, node_port: int, orthanc: Optional[Loca
 
 def _start_node(work: Path, cfg_path: Path, node_port: int) -> subprocess.Popen:
     """``echonode serve`` with the demo's configuration only; returns once it answers C-ECHO."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHONODE_")}
+    env = clean_env()
     log = open(work / "node.log", "ab")
     node = subprocess.Popen([sys.executable, "-m", "echonode", "serve", "--config", str(cfg_path)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -226,23 +225,25 @@ def _wait_until_through(settings, studies: list[dict], orthanc, node, work: Path
 
 def _collect_report(settings, studies: list[dict], orthanc, choice) -> dict:
     """What came back for each study, next to the phantom's truth."""
+    from echonode.storage import RESULTS, describe, open_storage
     from echonode.store import db, interpretations, status
 
     Session = db.session_factory(db.get_engine(settings.db_url))
+    store = open_storage(settings)
     report = {"model": choice.message, "demo": choice.demo, "pacs": "orthanc" if orthanc else None,
-              "results_dir": str(settings.results_path), "studies": []}
+              "results_store": describe(settings), "studies": []}
     for st in studies:
         uid = st["study_uid"]
         with Session() as s:
             interp = interpretations.latest_interpretation(s, uid)
             state, err = status.study_jobs(s, [uid]).get(uid, (None, None))
         back = orthanc.study_objects(uid) if orthanc else []
-        folder = settings.results_path / uid
-        files = sorted(p.name for p in folder.glob("*.dcm")) if folder.is_dir() else []
+        # keys in the node's store (local directory or object storage alike)
+        files = sorted(o.key for o in store.list(f"{RESULTS}/{uid}"))
         report["studies"].append({
             "study_instance_uid": uid, "patient": st["patient"], "study_date": st["date"],
             "state": state, "error": err, "truth": _truth_line(st["truth"]),
-            "interpretation": interp, "results_files": files,
+            "interpretation": interp, "result_keys": files,
             "in_pacs": [o for o in back if not o["sop_class_uid"].startswith(US_MULTIFRAME_CLASS)],
         })
     return report
@@ -284,8 +285,10 @@ def _print_report(report: dict) -> None:
                 k = "SR" if o["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.") else "overlay"
                 kinds[k] = kinds.get(k, 0) + 1
             print("  back in the PACS (same study): " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
-        elif st["results_files"]:
-            print(f"  results written: {len(st['results_files'])} file(s) in {report['results_dir']}")
+        elif st["result_keys"]:
+            print(f"  results written: {len(st['result_keys'])} object(s) in {report['results_store']}:")
+            for key in st["result_keys"]:
+                print(f"    {key}")
         if banner:
             print(f"  {DEMO_BANNER}")
     print(f"\n{len(report['studies'])} of {len(report['studies'])} phantom studies through the loop; "

@@ -162,8 +162,10 @@ def release_owners(session: Session, owners: list[str], reason: str) -> int:
 
 
 def instance_paths(session: Session, sop_uids: list[str]) -> dict[str, str]:
-    """Where the node's index stored these instances (paths relative to data_dir): the
-    instances a C-MOVE brought in through the node's own C-STORE SCP."""
+    """``{SOP Instance UID: key}``: where the node's index stored these instances, as keys in
+    the node's store (``instances/<study>/<series>/<sop>.dcm``, docs/scale-out.md; read them
+    through :func:`echonode.storage.open_storage`): the instances a C-MOVE brought in through
+    the node's own C-STORE SCP."""
     from echonode.store.models import Instance
 
     if not sop_uids:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-from sqlalchemy import Boolean, DateTime, String, select
+from sqlalchemy import Boolean, DateTime, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from echonode.store.base import Base
@@ -29,10 +29,18 @@ class WorkerRow(Base):
     last_seen: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
 
 
+#: a row not refreshed for this long is deleted by the next beat of any worker: worker ids
+#: change with every start (host and pid), so rows would pile up otherwise
+FORGET_AFTER = dt.timedelta(days=1)
+
+
 def beat(session: Session, worker_id: str, *, queues: str, device: str, model_available: bool, model: str,
          now: Optional[dt.datetime] = None) -> None:
-    """Insert or refresh the worker's row (the caller commits)."""
+    """Insert or refresh the worker's row, and delete the rows of workers gone for
+    :data:`FORGET_AFTER` (one indexed DELETE; the caller commits)."""
     now = now or utcnow()
+    session.execute(delete(WorkerRow).where(WorkerRow.last_seen < now - FORGET_AFTER)
+                    .execution_options(synchronize_session=False))
     row = session.get(WorkerRow, worker_id[:128])
     if row is None:
         session.add(WorkerRow(worker_id=worker_id[:128], queues=queues[:64], device=device[:32],
