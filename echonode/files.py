@@ -1,6 +1,6 @@
 """Where echonode's own files go and how they are written: private directories, atomic writes.
 
-Everything under the data directory (results, the SQLite database, models, caches) holds
+Everything under the data directory (the local store's objects, the SQLite database, models, caches) holds
 patient data or what was derived from it, so directories are created ``0750`` and files
 ``0640``: the service account and its group, nobody else. Received instances, results
 and quarantine go through the node's store (``echonode.storage``), whose local backend

@@ -1,4 +1,4 @@
-"""Durable receive: temp file → fsync → link into place → fsync dirs → SQL commit → Success.
+"""Durable receive: temp file → the object durable in the node's store → SQL commit → Success.
 
 The dataset bytes are stored exactly as received on the wire (never decoded and
 re-encoded, never transcoded), preceded by a File Meta Information group that we
@@ -6,13 +6,16 @@ write ourselves (PS3.10 §7.1: DIMSE carries no file meta). The file meta is
 deterministic (SOP class, SOP instance, transfer syntax, our implementation UID), so
 the same object received twice gives the same file and the same sha256.
 
-Layout::
+Keys in the node's store (``echonode.storage``; the local store keeps them as paths under
+``<data_dir>/``: temp file fsynced, hard-linked into place, directories fsynced; object
+storage: one conditional PUT)::
 
-    <data_dir>/instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    <data_dir>/instances/<Study>/<Series>/<SOPInstanceUID>.<sha256[:16]>.dcm  (a later, different
+    instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    instances/<Study>/<Series>/<SOPInstanceUID>.<sha256[:16]>.dcm  (a later, different
                                                        object with the same SOP Instance UID)
-    <data_dir>/instances/.incoming/<random>.part       (in-flight, same file system)
-    <data_dir>/quarantine/<UTC timestamp>-<random>.dcm (rejected input, never DICOM-derived)
+    quarantine/<UTC timestamp>-<random>.dcm            (rejected input, never DICOM-derived)
+
+and, always on the local disk, ``<data_dir>/instances/.incoming/<random>.part`` (in flight).
 
 Received datasets are streamed: the SCP hands each P-DATA fragment to an
 :class:`Incoming` file (file meta first, then the dataset bytes, hashed as they
@@ -20,7 +23,8 @@ arrive), so an instance is never held whole in memory and the write overlaps the
 receive. ``Spool.store`` (bytes already in memory) goes through the same path.
 
 Statuses (PS3.4 Annex B.2.3 and GG.4): 0x0000 Success; 0xA700 Out of Resources
-(free-space floor, disk full, instance above ``node.max_instance_mb``); 0xA900 Data Set does not match SOP Class (missing or
+(free-space floor, disk full, instance above ``node.max_instance_mb``, object store
+unreachable); 0xA900 Data Set does not match SOP Class (missing or
 invalid UIDs, UIDs that disagree with the command); 0xC210 Cannot understand
 (unparseable dataset, Deflated data inflating beyond its bound); 0xC211 processing failure (I/O or database error).
 """
