@@ -35,8 +35,9 @@ def dcmtk(tool: str) -> str:
     raise SystemExit(f"DCMTK {tool} not found (apt-get install dcmtk)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port free now (TCP, or UDP with ``kind=socket.SOCK_DGRAM``)."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

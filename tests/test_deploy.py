@@ -518,6 +518,5 @@ def test_dockerfiles():
         assert re.search(r"^USER echonode$", text, re.M), "never run the node as root"
         assert f"ARG TORCH_VERSION={torch_pin}" in text, "same torch as CI"
         m = re.search(r"^CMD (\[.*\])$", text, re.M)
-        import json
         assert json.loads(m.group(1)) == cmd
         _parses(cmd)
