@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from echonode.sandbox import dcmtk, free_port  # noqa: E402
+from echonode.sandbox import dcmtk, free_port, fresh_database  # noqa: E402
 
 
 def make_clips(out: Path, n: int, mb: float) -> list[Path]:
@@ -126,36 +126,11 @@ def run_storescp(files, work: Path, env, parallel: int = 1) -> float:
     return dt
 
 
-def fresh_schema(database_url: str):
-    """A context giving ``database_url`` in a new, empty PostgreSQL schema (dropped afterwards),
-    so that every echonode run indexes new instances (not second versions of the last run's)
-    and nothing already in that database is touched."""
-    import contextlib
-
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    @contextlib.contextmanager
-    def ctx():
-        schema = f"echonode_bench_{os.getpid()}_{time.monotonic_ns()}"
-        admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as c:
-                c.exec_driver_sql(f"CREATE SCHEMA {schema}")
-            try:
-                yield make_url(database_url).update_query_dict(
-                    {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-            finally:
-                with admin.connect() as c:
-                    c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        finally:
-            admin.dispose()
-    return ctx()
-
-
 def run_echonode(files, work: Path, env, database_url: str, parallel: int = 1) -> float:
     if database_url.startswith("postgresql"):
-        with fresh_schema(database_url) as url:
+        # a new database per run: every run indexes new instances, not second versions of
+        # the last run's, and nothing already in the given database is touched
+        with fresh_database(database_url, "ingest") as url:
             return _run_echonode(files, work, env, url, parallel)
     return _run_echonode(files, work, env, database_url, parallel)
 
