@@ -11,7 +11,7 @@ associations (4 storescu processes, a quarter of the files each), to
   link into place → fsync dir → SQL COMMIT of the index row, then of the audit row, before
   Success: two COMMITs per instance on one association, shared with the rows of parallel
   associations written at the same moment; SQLite by default, or ``--database-url``, where
-  each PostgreSQL run gets a new schema of that database, dropped afterwards).
+  each PostgreSQL run gets a new database on that server, dropped afterwards).
 
 Runs alternate (``--rounds``, default 2) and the best round of each is compared. A third,
 diagnostic receiver (``pynetdicom-null``, one association only: the same pynetdicom
@@ -197,7 +197,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=4, help="associations in the parallel case (storescp --fork)")
     ap.add_argument("--database-url", default="",
-                    help="default: SQLite under the data dir; PostgreSQL: each run in a new schema, dropped after")
+                    help="default: SQLite under the data dir; PostgreSQL: each run in a new database on that server, dropped after")
     ap.add_argument("--workdir", default="", help="default: a temporary directory (removed afterwards)")
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echonode-bench-"))
