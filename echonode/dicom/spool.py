@@ -79,7 +79,6 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # while a dataset streams in, start writeback every this many bytes (sync_file_range,
 # asynchronous) so that the final fsync before Success has little left to write
 _EARLY_SYNC = 1 << 20
-_HASH_BATCH = 1 << 20   # bytes hashed per hand-off to another thread
 
 
 def _load_sync_file_range():
@@ -190,8 +189,7 @@ class Incoming(io.BytesIO):
     """
 
     def __init__(self, directory: Path, meta: bytes, max_bytes: int, *, uid_error: str = "",
-                 early_sync: Optional[Callable[[int], None]] = None,
-                 offload: Optional[Callable[..., Future]] = None):
+                 early_sync: Optional[Callable[[int], None]] = None):
         super().__init__()
         self.path = directory / f"{secrets.token_hex(12)}.part"
         self.meta_len = len(meta)
@@ -202,12 +200,6 @@ class Incoming(io.BytesIO):
         self.finished = False
         self.write_error: Optional[OSError] = None
         self._sha = hashlib.sha256()
-        # sha256 of each MiB runs on another thread while the next MiB arrives (hashlib
-        # releases the GIL); at most one batch in flight, so memory stays bounded by it
-        self._offload = offload
-        self._batch: list[bytes] = []
-        self._batch_n = 0
-        self._hashing: Optional[Future] = None
         self._early_sync = early_sync
         self._next_sync = _EARLY_SYNC
         self.fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -229,7 +221,7 @@ class Incoming(io.BytesIO):
             os.ftruncate(self.fd, 0)  # nothing of it will be kept: free the disk now
             return n
         view = memoryview(data)
-        self._hash(data)
+        self._sha.update(view)
         try:
             while view:
                 view = view[os.write(self.fd, view):]
@@ -248,26 +240,6 @@ class Incoming(io.BytesIO):
                 self._early_sync(self.fd)
         return n
 
-    def _hash(self, data) -> None:
-        if self._offload is None:
-            self._sha.update(data)
-            return
-        self._batch.append(data if isinstance(data, bytes) else bytes(data))
-        self._batch_n += len(data)
-        if self._batch_n >= _HASH_BATCH:
-            self._flush_hash()
-
-    def _flush_hash(self) -> None:
-        batch, self._batch, self._batch_n = self._batch, [], 0
-        if self._hashing is not None:
-            self._hashing.result()   # one batch in flight; the order of updates is kept
-        sha = self._sha
-
-        def update() -> None:
-            for chunk in batch:
-                sha.update(chunk)
-        self._hashing = self._offload(update) if batch else None
-
     def getvalue(self) -> bytes:  # never the data: it is on disk
         return b""
 
@@ -279,11 +251,6 @@ class Incoming(io.BytesIO):
 
     @property
     def sha256(self) -> str:
-        if self._batch or self._hashing is not None:
-            self._flush_hash()
-            if self._hashing is not None:
-                self._hashing.result()
-                self._hashing = None
         return self._sha.hexdigest()
 
     def release_fd(self) -> int:
@@ -558,8 +525,7 @@ class Spool:
             meta, err = b"", str(exc)[:200]
         # object storage: the acknowledged PUT is the durability, the temp file needs no fsync
         return Incoming(self.incoming, meta, self.max_instance, uid_error=err,
-                        early_sync=self._early_sync if self.objects.needs_synced_source else None,
-                        offload=self._io.submit)
+                        early_sync=self._early_sync if self.objects.needs_synced_source else None)
 
     # ------------------------------------------------------------------ main entry
     def store(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
