@@ -16,8 +16,8 @@ def pipeline_status(settings: Settings, session, *, recent: int = 10) -> dict:
     depths = queue_depths(settings)
     return {
         "queue": {"broker": broker_kind(settings.broker), **depths},
-        "workers": [{"worker": w.worker_id, "queues": w.queues, "device": w.device, "model": w.model,
-                     "last_seen": w.last_seen.isoformat(timespec="seconds")}
+        "workers": [{"worker": w.worker_id, "queues": w.queues, "device": w.device,
+                     "model": w.model if w.model_available else "", "last_seen": w.last_seen.isoformat(timespec="seconds")}
                     for w in workers.live(session, presence_window_s(settings))],
         "waiting_model": queries.waiting_model_message(session),
         "recent_results": queries.recent_results(session, limit=recent),
@@ -34,7 +34,7 @@ def format_pipeline(status: dict) -> list[str]:
     lines.append(f"queue ({q.get('broker', '?')}): {depth}")
     ws = status.get("workers") or []
     lines.append(f"workers alive: {len(ws)}" + "".join(
-        f"\n  {w['worker']}  {w['queues']}  {w['device']}  {w['model'] or '-'}" for w in ws))
+        f"\n  {w['worker']}  {w['queues']}  {w['device']}  {w['model'] or 'no model'}" for w in ws))
     d = status.get("delivery")
     if d is not None:
         age = "-" if d.get("oldest_undelivered_s") is None else f"{d['oldest_undelivered_s']:.0f} s"
