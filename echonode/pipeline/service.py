@@ -147,7 +147,8 @@ class Dispatcher:
         with self.Session.begin() as s:
             jobs.reset_dispatch(s, stale)
         for jid in stale:
-            log.warning("job %d: its message is no longer queued and the job never started; sending it again", jid)
+            log.warning("job %d: its message is no longer queued and the job never started; it is sent again "
+                        "unless a worker starts it first", jid)
 
     def _kick_delivery(self) -> None:
         """Ask for a delivery run when outbox rows are due (retries after backoff)."""
