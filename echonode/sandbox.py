@@ -273,6 +273,7 @@ class LocalS3:
         self.start()
         if create_bucket:
             self.client().create_bucket(Bucket=bucket)
+            self._wait_ready(60.0)
 
     @property
     def master(self) -> str:
@@ -303,12 +304,37 @@ class LocalS3:
                 self.stop()
                 raise RuntimeError(f"weed exited; see {self.folder / 'weed.log'}:\n{tail}")
             try:
-                self.client().list_buckets()
-                return
+                if self._ready():
+                    return
             except Exception:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         self.stop()
         raise RuntimeError("SeaweedFS S3 did not come up")
+
+    def _ready(self) -> bool:
+        """The S3 API answers and, once the bucket exists, objects can be written and read:
+        the S3 gateway is up before its volume server is, and a GET then answers InternalError."""
+        c = self.client()
+        if self.bucket not in {b["Name"] for b in c.list_buckets().get("Buckets", [])}:
+            return True   # nothing to probe before the bucket is made
+        c.put_object(Bucket=self.bucket, Key=".ready-probe", Body=b"ok")
+        ok = c.get_object(Bucket=self.bucket, Key=".ready-probe")["Body"].read() == b"ok"
+        c.delete_object(Bucket=self.bucket, Key=".ready-probe")
+        return ok
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._ready():
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise RuntimeError("SeaweedFS S3 does not store objects")
+            time.sleep(0.3)
 
     def client(self):
         import boto3
